@@ -1,0 +1,58 @@
+// CPU kernels used by the forward pass. Each has a scalar reference (namespace ref) that tests
+// compare the SIMD version (Highway, runtime dispatch) against.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "gguf/gguf.h"
+#include "kvcrunch/status.h"
+
+namespace kvc::cpu {
+
+// A weight matrix ready for MatMul. Logical shape [n_out, n_in] (row r = output feature r),
+// i.e. the GGUF tensor with ne = {n_in, n_out}. May hold a repacked copy of the GGUF bytes
+// (a layout friendlier to SIMD), or point into the mapping.
+class Weight {
+ public:
+  virtual ~Weight() = default;
+  virtual int64_t n_in() const = 0;
+  virtual int64_t n_out() const = 0;
+  virtual gguf::GgmlType type() const = 0;
+  virtual size_t bytes() const = 0;  // bytes held by this object (0 if it only points into the mapping)
+  // Row r dequantized to f32: dst [n_in].
+  virtual void DequantizeRow(int64_t r, float* dst) const = 0;
+};
+
+// UNIMPLEMENTED naming the tensor and type if the type has no kernel.
+StatusOr<std::unique_ptr<Weight>> PrepareWeight(const gguf::TensorInfo& t);
+
+// y [n_tokens, n_out] f32 = x [n_tokens, n_in] f32 · Wᵀ. Multithreaded (OpenMP, threads as set
+// by SetNumThreads). n_tokens == 1 is the decode path (matrix-vector).
+void MatMul(const Weight& w, const float* x, int64_t n_tokens, float* y);
+
+void SetNumThreads(int n);
+int NumThreads();
+
+// y[i] = x[i] * w[i] / sqrt(mean(x^2) + eps), per row: x, y [n_rows, n] f32; w [n] f32.
+void RmsNorm(const float* x, const float* w, int64_t n_rows, int64_t n, float eps, float* y);
+// out[i] = silu(gate[i]) * up[i]; all [n] f32.
+void SwiGlu(const float* gate, const float* up, int64_t n, float* out);
+// dot product of two f32 vectors [n].
+float Dot(const float* a, const float* b, int64_t n);
+// y[i] += a * x[i]; [n] f32.
+void Axpy(float a, const float* x, int64_t n, float* y);
+// in-place softmax over [n] f32; returns nothing; max-subtracted, sums in double-free f32.
+void Softmax(float* x, int64_t n);
+
+namespace ref {
+void MatMul(const Weight& w, const float* x, int64_t n_tokens, float* y);  // dequantize + f64 sums
+void RmsNorm(const float* x, const float* w, int64_t n_rows, int64_t n, float eps, float* y);
+void SwiGlu(const float* gate, const float* up, int64_t n, float* out);
+float Dot(const float* a, const float* b, int64_t n);
+void Axpy(float a, const float* x, int64_t n, float* y);
+void Softmax(float* x, int64_t n);
+}  // namespace ref
+
+}  // namespace kvc::cpu
