@@ -1,0 +1,234 @@
+// Attention over the cache (KvCache::Attend). Two ways to read a stream, same result:
+//   - fused: the codec scores q·k on its packed blocks and accumulates p·v from them (decode
+//     steps: few query rows, so reading packed bytes once is what matters);
+//   - tiled: decode the stream to f32 once, then GEMM (prefill: many query rows; pre-RoPE keys).
+// Both are exact up to float rounding; tests check them against each other.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "cpu/ops.h"
+#include "kv/cache.h"
+#include "kv/cache_internal.h"
+#include "util/check.h"
+
+namespace kvc::kv {
+namespace {
+
+constexpr int kRowTileTokens = 64;   // query tokens per task in the tiled path
+constexpr int kFusedMaxTokens = 4;   // up to this many query tokens use the fused path
+
+// Rows of one task: query tokens [t0, t1) of the call, times the g heads of the group.
+struct HeadPlan {
+  const HeadCache* hc = nullptr;
+  bool tiled = false;
+  std::vector<float> k_tile;   // [n, head_dim] decoded keys (post-RoPE), tiled path
+  std::vector<float> v_tile;   // [n, dv]
+  std::vector<int64_t> rope_pos;  // [n] key RoPE positions as attention sees them
+};
+
+}  // namespace
+
+void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out) {
+  const int nkv = shape_.n_head_kv, nh = shape_.n_head, g = nh / nkv;
+  const int hd = shape_.head_dim, dv = shape_.DimV();
+  const float scale = shape_.attn_scale > 0 ? shape_.attn_scale : 1.0f / std::sqrt(float(hd));
+  auto& heads = impl_->layers[layer];
+  const Rope& rope = *impl_->rope;
+  const bool in_cache = cfg_.position_mode == PositionMode::kInCache;
+  const bool want_tiled = n_q > kFusedMaxTokens;
+
+  std::vector<HeadPlan> plans(nkv);
+  // Phase 1 (parallel over heads): decode tiles where needed.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int h = 0; h < nkv; ++h) {
+    HeadPlan& p = plans[h];
+    const HeadCache& hc = heads[h];
+    p.hc = &hc;
+    const int64_t n = hc.n();
+    p.rope_pos = hc.pos;
+    if (in_cache) std::iota(p.rope_pos.begin(), p.rope_pos.end(), 0);
+    bool any_pre = false;
+    for (const auto& seg : hc.segs) any_pre = any_pre || seg.k.pre_rope;
+    p.tiled = want_tiled || any_pre;
+    if (p.tiled) {
+      p.k_tile.resize(size_t(n) * hd);
+      p.v_tile.resize(size_t(n) * dv);
+      DecodeKeys(layer, h, p.k_tile.data());
+      DecodeValues(layer, h, p.v_tile.data());
+    }
+  }
+
+  // Tasks: (head, query token tile).
+  const int n_tiles = (n_q + kRowTileTokens - 1) / kRowTileTokens;
+  const int n_tasks = nkv * n_tiles;
+  std::vector<std::vector<float>> acc_part(n_tasks), obs_part(n_tasks);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int task = 0; task < n_tasks; ++task) {
+    const int h = task / n_tiles, tile = task % n_tiles;
+    const HeadPlan& p = plans[h];
+    const HeadCache& hc = *p.hc;
+    const int t0 = tile * kRowTileTokens, t1 = std::min(n_q, t0 + kRowTileTokens);
+    const int nt = t1 - t0, rows = nt * g;
+    // Keys visible to any row of this tile (cells are in seq order).
+    const int64_t max_seq = q_seq[t1 - 1];
+    const int64_t n_eff =
+        std::upper_bound(hc.seq.begin(), hc.seq.end(), max_seq) - hc.seq.begin();
+
+    // Q rows of this tile: [rows, hd], row r = (token t0 + r / g, head h*g + r % g), RoPE'd.
+    std::vector<float> qh(size_t(rows) * hd);
+    for (int i = 0; i < nt; ++i) {
+      int64_t qpos;
+      if (in_cache) {
+        qpos = std::lower_bound(hc.seq.begin(), hc.seq.end(), q_seq[t0 + i]) - hc.seq.begin();
+      } else {
+        qpos = q_seq[t0 + i] - hc.shift;
+      }
+      for (int j = 0; j < g; ++j) {
+        float* dst = &qh[size_t(i * g + j) * hd];
+        std::memcpy(dst, q + (int64_t(t0 + i) * nh + h * g + j) * hd, hd * sizeof(float));
+        rope.ApplySame(dst, 1, hd, qpos);
+      }
+    }
+
+    std::vector<float> s(size_t(rows) * std::max<int64_t>(n_eff, 1));
+    std::vector<float> o(size_t(rows) * dv, 0.f);
+    if (n_eff > 0) {
+      // ---- scores
+      if (p.tiled) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_eff), hd, 1.0f, qh.data(),
+                    hd, p.k_tile.data(), hd, 0.0f, s.data(), int(n_eff));
+      } else {
+        int64_t off = 0;
+        for (const auto& seg : hc.segs) {
+          const Stream& st = seg.k;
+          const int64_t n_seg = st.n();
+          if (off >= n_eff || n_seg == 0) { off += n_seg; continue; }
+          std::vector<float> qf;
+          const float* qsrc = qh.data();
+          if (st.transform) {
+            qf.resize(size_t(rows) * st.dim);
+            st.transform->FoldQuery(qh.data(), rows, qf.data());
+            qsrc = qf.data();
+          }
+          const int pqd = st.codec->PreparedQueryDim();
+          std::vector<float> qp(size_t(rows) * pqd);
+          st.codec->PrepareQuery(qsrc, rows, qp.data());
+          const int bt = st.block_tokens();
+          const size_t bb = st.block_bytes();
+          std::vector<float> tmp(size_t(rows) * bt);
+          for (int64_t b = 0; b < st.n_packed / bt && off + b * bt < n_eff; ++b) {
+            st.codec->Score(qp.data(), rows, st.packed.data() + b * bb, tmp.data());
+            for (int r = 0; r < rows; ++r) {
+              for (int t = 0; t < bt; ++t) {
+                const int64_t c = off + b * bt + t;
+                if (c < n_eff) s[size_t(r) * n_eff + c] = tmp[size_t(r) * bt + t];
+              }
+            }
+          }
+          std::vector<float> row(st.dim);
+          for (int64_t t = 0; t < st.n_tail; ++t) {
+            const int64_t c = off + st.n_packed + t;
+            if (c >= n_eff) break;
+            Fp16ToFp32Row(st.tail.data() + t * st.dim, st.dim, row.data());
+            for (int r = 0; r < rows; ++r) {
+              s[size_t(r) * n_eff + c] = cpu::Dot(qsrc + size_t(r) * st.dim, row.data(), st.dim);
+            }
+          }
+          off += n_seg;
+        }
+      }
+      // ---- scale, causal mask, softmax, statistics
+      const float neg_inf = -std::numeric_limits<float>::infinity();
+      for (int r = 0; r < rows; ++r) {
+        const int64_t qs = q_seq[t0 + r / g];
+        float* sr = &s[size_t(r) * n_eff];
+        for (int64_t c = 0; c < n_eff; ++c) sr[c] = hc.seq[c] <= qs ? sr[c] * scale : neg_inf;
+        cpu::Softmax(sr, n_eff);
+      }
+      if (stats_.accumulate) {
+        auto& a = acc_part[task];
+        a.assign(n_eff, 0.f);
+        for (int r = 0; r < rows; ++r) cpu::Axpy(1.0f / g, &s[size_t(r) * n_eff], n_eff, a.data());
+      }
+      if (stats_.obs_window > 0) {
+        auto& ob = obs_part[task];
+        ob.assign(n_eff, 0.f);
+        for (int r = 0; r < rows; ++r) {
+          if (t0 + r / g >= n_q - stats_.obs_window) {
+            cpu::Axpy(1.0f / g, &s[size_t(r) * n_eff], n_eff, ob.data());
+          }
+        }
+      }
+      // ---- values
+      if (p.tiled) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_eff), 1.0f,
+                    s.data(), int(n_eff), p.v_tile.data(), dv, 0.0f, o.data(), dv);
+      } else {
+        int64_t off = 0;
+        for (const auto& seg : hc.segs) {
+          const Stream& st = seg.v;
+          const int64_t n_seg = st.n();
+          if (off >= n_eff || n_seg == 0) { off += n_seg; continue; }
+          std::vector<float> acc(size_t(rows) * st.dim, 0.f);
+          const int bt = st.block_tokens();
+          const size_t bb = st.block_bytes();
+          std::vector<float> pb(size_t(rows) * bt);
+          for (int64_t b = 0; b < st.n_packed / bt && off + b * bt < n_eff; ++b) {
+            for (int r = 0; r < rows; ++r) {
+              for (int t = 0; t < bt; ++t) {
+                const int64_t c = off + b * bt + t;
+                pb[size_t(r) * bt + t] = c < n_eff ? s[size_t(r) * n_eff + c] : 0.f;
+              }
+            }
+            st.codec->AccumulateWeighted(pb.data(), rows, st.packed.data() + b * bb, acc.data());
+          }
+          std::vector<float> row(st.dim);
+          for (int64_t t = 0; t < st.n_tail; ++t) {
+            const int64_t c = off + st.n_packed + t;
+            if (c >= n_eff) break;
+            Fp16ToFp32Row(st.tail.data() + t * st.dim, st.dim, row.data());
+            for (int r = 0; r < rows; ++r) {
+              cpu::Axpy(s[size_t(r) * n_eff + c], row.data(), st.dim, &acc[size_t(r) * st.dim]);
+            }
+          }
+          if (st.transform) {
+            std::vector<float> rec(size_t(rows) * dv);
+            st.transform->Reconstruct(acc.data(), rows, rec.data());
+            for (size_t i = 0; i < rec.size(); ++i) o[i] += rec[i];
+          } else {
+            for (size_t i = 0; i < acc.size(); ++i) o[i] += acc[i];
+          }
+          off += n_seg;
+        }
+      }
+    }
+    for (int i = 0; i < nt; ++i) {
+      for (int j = 0; j < g; ++j) {
+        std::memcpy(out + (int64_t(t0 + i) * nh + h * g + j) * dv, &o[size_t(i * g + j) * dv],
+                    dv * sizeof(float));
+      }
+    }
+  }
+
+  // Merge statistics (serial, deterministic order).
+  if (stats_.accumulate || stats_.obs_window > 0) {
+    for (int h = 0; h < nkv; ++h) {
+      HeadCache& hc = heads[h];
+      if (stats_.accumulate) hc.acc.resize(hc.seq.size(), 0.f);
+      if (stats_.obs_window > 0) hc.obs.assign(hc.seq.size(), 0.f);
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int task = h * n_tiles + tile;
+        for (size_t c = 0; c < acc_part[task].size(); ++c) hc.acc[c] += acc_part[task][c];
+        for (size_t c = 0; c < obs_part[task].size(); ++c) hc.obs[c] += obs_part[task][c];
+      }
+    }
+  }
+}
+
+}  // namespace kvc::kv

@@ -1,0 +1,526 @@
+#include "kv/cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include <fmt/format.h>
+
+#include "gguf/types.h"
+#include "kv/cache_internal.h"
+#include "util/check.h"
+
+namespace kvc::kv {
+
+uint16_t Fp32ToFp16Sat(float f) {
+  if (f > 65504.f) f = 65504.f;
+  if (f < -65504.f) f = -65504.f;
+  return gguf::Fp32ToFp16(f);
+}
+void Fp16ToFp32Row(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
+}
+void Fp32ToFp16SatRow(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToFp16Sat(x[i]);
+}
+
+const char* PositionModeName(PositionMode m) {
+  switch (m) {
+    case PositionMode::kOriginal: return "original";
+    case PositionMode::kInCache: return "in-cache";
+    case PositionMode::kRerotateOnce: return "rerotate";
+  }
+  return "?";
+}
+
+StatusOr<PositionMode> ParsePositionMode(const std::string& s) {
+  if (s == "original" || s == "gaps") return PositionMode::kOriginal;
+  if (s == "in-cache" || s == "incache") return PositionMode::kInCache;
+  if (s == "rerotate" || s == "rerotate-once") return PositionMode::kRerotateOnce;
+  return InvalidArgument(fmt::format("unknown position mode '{}' (original, in-cache, rerotate)", s));
+}
+
+// ---------------------------------------------------------------- Stream
+
+static int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+void Stream::ReservePacked(int64_t tokens) {
+  const int64_t bt = block_tokens();
+  const int64_t step = RoundUp(std::max<int64_t>(grow_tokens, 1), bt);
+  const size_t need = size_t(RoundUp(tokens, bt) / bt) * block_bytes();
+  if (need <= packed.capacity()) return;
+  const size_t want = size_t(RoundUp(tokens, step) / bt) * block_bytes();
+  packed.reserve(want);  // exact-size reserve; growth never doubles
+}
+
+void Stream::EncodeBlocks(const float* x, int64_t n_tokens) {
+  const int64_t bt = block_tokens();
+  KVC_CHECK(n_tokens % bt == 0);
+  ReservePacked(n_packed + n_tokens);
+  const size_t bb = block_bytes();
+  const size_t old = packed.size();
+  packed.resize(old + size_t(n_tokens / bt) * bb);
+  for (int64_t b = 0; b < n_tokens / bt; ++b) {
+    codec->Encode(x + b * bt * dim, packed.data() + old + b * bb);
+  }
+  n_packed += n_tokens;
+}
+
+void Stream::Append(const float* y, int64_t n) {
+  const int64_t bt = block_tokens();
+  const int64_t r = codec->residual_tokens();
+  const int64_t q = codec->flush_quantum();
+  int64_t start = 0;
+  // Per-token formats with no residual window encode straight from f32.
+  if (r == 0 && q == bt && n_tail == 0) {
+    const int64_t direct = n / bt * bt;
+    if (direct > 0) EncodeBlocks(y, direct);
+    start = direct;
+  }
+  if (start == n) return;
+  // Everything else passes through the fp16 tail.
+  const int64_t add = n - start;
+  if (int64_t(tail.capacity()) < (n_tail + add) * dim) {
+    tail.reserve(size_t(RoundUp(n_tail + add, std::max(grow_tokens, 1)) * dim));
+  }
+  tail.resize(size_t((n_tail + add) * dim));
+  Fp32ToFp16SatRow(y + start * dim, add * dim, tail.data() + n_tail * dim);
+  n_tail += add;
+  if (n_tail - r >= q) {
+    const int64_t cnt = (n_tail - r) / q * q;
+    std::vector<float> tmp(size_t(cnt * dim));
+    Fp16ToFp32Row(tail.data(), cnt * dim, tmp.data());
+    EncodeBlocks(tmp.data(), cnt);
+    tail.erase(tail.begin(), tail.begin() + cnt * dim);
+    n_tail -= cnt;
+  }
+}
+
+void Stream::DecodeAll(float* out) const {
+  const int64_t bt = block_tokens();
+  const size_t bb = block_bytes();
+  for (int64_t b = 0; b < n_packed / bt; ++b) codec->Decode(packed.data() + b * bb, out + b * bt * dim);
+  Fp16ToFp32Row(tail.data(), n_tail * dim, out + n_packed * dim);
+}
+
+void Stream::Rebuild(const float* y, int64_t n) {
+  packed.clear();
+  packed.shrink_to_fit();
+  tail.clear();
+  tail.shrink_to_fit();
+  n_packed = n_tail = 0;
+  if (n > 0) Append(y, n);
+}
+
+// ---------------------------------------------------------------- MemoryReport
+
+size_t MemoryReport::PackedBytes() const {
+  size_t s = 0;
+  for (auto& l : layers) s += l.k_packed + l.v_packed;
+  return s;
+}
+size_t MemoryReport::TailBytes() const {
+  size_t s = 0;
+  for (auto& l : layers) s += l.k_tail + l.v_tail;
+  return s;
+}
+size_t MemoryReport::KvBytes() const { return PackedBytes() + TailBytes(); }
+size_t MemoryReport::TotalBytes() const {
+  size_t s = KvBytes();
+  for (auto& l : layers) s += l.cells + l.transform;
+  return s;
+}
+int64_t MemoryReport::Cells() const {
+  int64_t s = 0;
+  for (auto& l : layers) s += l.n_cells;
+  return s;
+}
+
+// ---------------------------------------------------------------- KvCache
+
+KvCache::~KvCache() = default;
+
+static StatusOr<Stream> MakeStream(const std::string& codec_spec, const std::string& transform_spec,
+                                   CodecContext ctx, int dim_in, const KvCacheConfig& cfg) {
+  Stream s;
+  s.dim_in = dim_in;
+  s.grow_tokens = cfg.grow_tokens;
+  ctx.dim = dim_in;
+  if (!transform_spec.empty()) {
+    auto t = MakeTransform(transform_spec, ctx);
+    if (!t.ok()) return t.status();
+    s.transform = std::move(t).value();
+    if (s.transform->in_dim() != dim_in) {
+      return InvalidArgument(fmt::format("transform '{}' expects dim {} but {} has dim {}",
+                                         transform_spec, s.transform->in_dim(),
+                                         KvKindName(ctx.kind), dim_in));
+    }
+  }
+  s.dim = s.transform ? s.transform->out_dim() : dim_in;
+  ctx.dim = s.dim;
+  auto c = MakeCodec(codec_spec, ctx);
+  if (!c.ok()) {
+    return Status(c.status().code(), fmt::format("layer {} {} codec '{}': {}", ctx.layer,
+                                                  KvKindName(ctx.kind), codec_spec,
+                                                  c.status().message()));
+  }
+  s.codec = std::move(c).value();
+  if (s.codec->dim() != s.dim) return Internal("codec dim mismatch");
+  if (s.codec->flush_quantum() % s.codec->block_tokens() != 0) {
+    return Internal(fmt::format("codec {}: flush quantum not a multiple of block", codec_spec));
+  }
+  if (ctx.kind == KvKind::kKey) {
+    s.pre_rope = s.codec->wants_pre_rope_keys() || (s.transform && s.transform->pre_rope()) ||
+                 cfg.position_mode == PositionMode::kInCache;
+  }
+  if (ctx.kind == KvKind::kValue && s.codec->wants_pre_rope_keys()) {
+    // Harmless: values have no RoPE.
+  }
+  return s;
+}
+
+StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const KvCacheConfig& cfg) {
+  if (shape.n_layer <= 0 || shape.n_head <= 0 || shape.n_head_kv <= 0 || shape.head_dim <= 0 ||
+      shape.n_head % shape.n_head_kv != 0) {
+    return InvalidArgument(fmt::format("bad KV shape: n_layer {} n_head {} n_head_kv {} head_dim {}",
+                                       shape.n_layer, shape.n_head, shape.n_head_kv, shape.head_dim));
+  }
+  if (cfg.sink_tokens < 0) return InvalidArgument("sink_tokens must be >= 0");
+  if (!cfg.k_codec_layer.empty() && int(cfg.k_codec_layer.size()) != shape.n_layer) {
+    return InvalidArgument("per-layer K codec list must have n_layer entries");
+  }
+  if (!cfg.v_codec_layer.empty() && int(cfg.v_codec_layer.size()) != shape.n_layer) {
+    return InvalidArgument("per-layer V codec list must have n_layer entries");
+  }
+  std::unique_ptr<KvCache> c(new KvCache());
+  c->shape_ = shape;
+  c->cfg_ = cfg;
+  c->impl_ = std::make_unique<Impl>();
+  c->impl_->rope = std::make_unique<Rope>(shape.rope);
+  c->impl_->layers.resize(shape.n_layer);
+  for (int l = 0; l < shape.n_layer; ++l) {
+    const std::string kc = cfg.k_codec_layer.empty() || cfg.k_codec_layer[l].empty()
+                               ? cfg.k_codec : cfg.k_codec_layer[l];
+    const std::string vc = cfg.v_codec_layer.empty() || cfg.v_codec_layer[l].empty()
+                               ? cfg.v_codec : cfg.v_codec_layer[l];
+    auto& heads = c->impl_->layers[l];
+    heads.resize(shape.n_head_kv);
+    for (int h = 0; h < shape.n_head_kv; ++h) {
+      const int n_seg = cfg.sink_tokens > 0 ? 2 : 1;
+      for (int sgi = 0; sgi < n_seg; ++sgi) {
+        const bool sink = n_seg == 2 && sgi == 0;
+        CodecContext ctx;
+        ctx.layer = l;
+        ctx.n_layer = shape.n_layer;
+        ctx.head = h;
+        ctx.n_head_kv = shape.n_head_kv;
+        ctx.calib = cfg.calib;
+        Segment seg;
+        seg.capacity = sink ? cfg.sink_tokens : -1;
+        ctx.kind = KvKind::kKey;
+        ctx.seed = cfg.seed ^ (uint64_t(l) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(h) << 32) ^ 0x4b;
+        auto ks = MakeStream(sink ? cfg.sink_codec : kc, cfg.k_transform, ctx, shape.head_dim, cfg);
+        if (!ks.ok()) return ks.status();
+        seg.k = std::move(ks).value();
+        ctx.kind = KvKind::kValue;
+        ctx.seed = cfg.seed ^ (uint64_t(l) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(h) << 32) ^ 0x56;
+        auto vs = MakeStream(sink ? cfg.sink_codec : vc, cfg.v_transform, ctx, shape.DimV(), cfg);
+        if (!vs.ok()) return vs.status();
+        seg.v = std::move(vs).value();
+        heads[h].segs.push_back(std::move(seg));
+      }
+    }
+  }
+  return c;
+}
+
+Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, const float* v) {
+  KVC_CHECK(layer >= 0 && layer < shape_.n_layer);
+  if (n <= 0) return Status::Ok();
+  const int hd = shape_.head_dim, dv = shape_.DimV(), nkv = shape_.n_head_kv;
+  for (int64_t i = 0; i < int64_t(n) * nkv * hd; ++i) {
+    if (!std::isfinite(k[i])) {
+      return InvalidArgument(fmt::format("non-finite key value {} at layer {}, token seq {}",
+                                         k[i], layer, seq[i / (int64_t(nkv) * hd)]));
+    }
+  }
+  for (int64_t i = 0; i < int64_t(n) * nkv * dv; ++i) {
+    if (!std::isfinite(v[i])) {
+      return InvalidArgument(fmt::format("non-finite value {} at layer {}, token seq {}", v[i],
+                                         layer, seq[i / (int64_t(nkv) * dv)]));
+    }
+  }
+  for (int i = 1; i < n; ++i) {
+    if (seq[i] <= seq[i - 1]) return InvalidArgument("Write: seq must be strictly increasing");
+  }
+  auto& heads = impl_->layers[layer];
+  for (int h = 0; h < nkv; ++h) {
+    if (!heads[h].seq.empty() && seq[0] <= heads[h].seq.back()) {
+      return InvalidArgument(fmt::format("Write: layer {} seq {} not after cached seq {}", layer,
+                                         seq[0], heads[h].seq.back()));
+    }
+  }
+  std::vector<float> kx(size_t(n) * hd), vx(size_t(n) * dv), y;
+  std::vector<int64_t> pos(n);
+  for (int h = 0; h < nkv; ++h) {
+    HeadCache& hc = heads[h];
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(&kx[size_t(i) * hd], k + (int64_t(i) * nkv + h) * hd, hd * sizeof(float));
+      std::memcpy(&vx[size_t(i) * dv], v + (int64_t(i) * nkv + h) * dv, dv * sizeof(float));
+      pos[i] = cfg_.position_mode == PositionMode::kInCache ? hc.n() + i : seq[i] - hc.shift;
+    }
+    int done = 0;
+    for (auto& seg : hc.segs) {
+      if (done == n) break;
+      int take = n - done;
+      if (seg.capacity >= 0) take = int(std::min<int64_t>(take, seg.capacity - seg.n()));
+      if (take <= 0) continue;
+      // Keys: rotate now unless stored pre-RoPE; then transform; then codec.
+      float* kp = &kx[size_t(done) * hd];
+      if (!seg.k.pre_rope) impl_->rope->Apply(kp, take, hd, &pos[done]);
+      if (seg.k.transform) {
+        y.resize(size_t(take) * seg.k.dim);
+        seg.k.transform->Forward(kp, take, y.data());
+        seg.k.Append(y.data(), take);
+      } else {
+        seg.k.Append(kp, take);
+      }
+      float* vp = &vx[size_t(done) * dv];
+      if (seg.v.transform) {
+        y.resize(size_t(take) * seg.v.dim);
+        seg.v.transform->Forward(vp, take, y.data());
+        seg.v.Append(y.data(), take);
+      } else {
+        seg.v.Append(vp, take);
+      }
+      done += take;
+    }
+    KVC_CHECK_EQ(done, n);
+    for (int i = 0; i < n; ++i) {
+      hc.seq.push_back(seq[i]);
+      hc.pos.push_back(pos[i]);
+      if (stats_.accumulate) hc.acc.push_back(0.f);
+    }
+  }
+  if (layer == 0) n_consumed_ += n;
+  return Status::Ok();
+}
+
+int64_t KvCache::n_cells(int layer, int head) const { return impl_->layers[layer][head].n(); }
+const std::vector<int64_t>& KvCache::seqs(int layer, int head) const {
+  return impl_->layers[layer][head].seq;
+}
+const std::vector<int64_t>& KvCache::positions(int layer, int head) const {
+  return impl_->layers[layer][head].pos;
+}
+std::vector<float>& KvCache::acc_scores(int layer, int head) {
+  auto& hc = impl_->layers[layer][head];
+  hc.acc.resize(hc.seq.size(), 0.f);
+  return hc.acc;
+}
+const std::vector<float>& KvCache::obs_scores(int layer, int head) const {
+  return impl_->layers[layer][head].obs;
+}
+int64_t KvCache::pos_shift(int layer, int head) const { return impl_->layers[layer][head].shift; }
+void KvCache::set_pos_shift(int layer, int head, int64_t s) { impl_->layers[layer][head].shift = s; }
+
+// Decodes one stream fully into the head_dim domain: reconstructs transforms, applies RoPE for
+// pre-RoPE keys at `rope_pos` (null for values). out [n, dim_in].
+static void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* rope_pos, float* out) {
+  const int64_t n = s.n();
+  if (n == 0) return;
+  if (s.transform) {
+    std::vector<float> y(size_t(n) * s.dim);
+    s.DecodeAll(y.data());
+    s.transform->Reconstruct(y.data(), int(n), out);
+  } else {
+    s.DecodeAll(out);
+  }
+  if (rope && s.pre_rope) rope->Apply(out, int(n), s.dim_in, rope_pos);
+}
+
+void KvCache::DecodeKeys(int layer, int head, float* k) const {
+  const auto& hc = impl_->layers[layer][head];
+  std::vector<int64_t> rp(hc.pos);
+  if (cfg_.position_mode == PositionMode::kInCache) std::iota(rp.begin(), rp.end(), 0);
+  int64_t off = 0;
+  for (const auto& seg : hc.segs) {
+    DecodeStreamFull(seg.k, impl_->rope.get(), rp.data() + off, k + off * shape_.head_dim);
+    off += seg.n();
+  }
+}
+
+void KvCache::DecodeValues(int layer, int head, float* v) const {
+  const auto& hc = impl_->layers[layer][head];
+  int64_t off = 0;
+  for (const auto& seg : hc.segs) {
+    DecodeStreamFull(seg.v, nullptr, nullptr, v + off * shape_.DimV());
+    off += seg.n();
+  }
+}
+
+// Re-encodes a stream keeping rows `keep` (indices local to the stream). Per-token formats with
+// no tail move packed rows; anything else decodes and re-encodes the kept rows.
+static void KeepRows(Stream& s, const std::vector<int32_t>& keep) {
+  const int64_t n = s.n();
+  if (int64_t(keep.size()) == n) return;
+  if (s.block_tokens() == 1 && s.n_tail == 0) {
+    const size_t bb = s.block_bytes();
+    for (size_t i = 0; i < keep.size(); ++i) {
+      if (int64_t(i) != keep[i]) {
+        std::memmove(s.packed.data() + i * bb, s.packed.data() + size_t(keep[i]) * bb, bb);
+      }
+    }
+    s.packed.resize(keep.size() * bb);
+    std::vector<uint8_t> shrunk;
+    const int64_t step = std::max(s.grow_tokens, 1);
+    shrunk.reserve(size_t(RoundUp(int64_t(keep.size()), step)) * bb);
+    shrunk.assign(s.packed.begin(), s.packed.end());
+    s.packed.swap(shrunk);
+    s.n_packed = int64_t(keep.size());
+    return;
+  }
+  std::vector<float> all(size_t(n) * s.dim), kept(keep.size() * size_t(s.dim));
+  s.DecodeAll(all.data());
+  for (size_t i = 0; i < keep.size(); ++i) {
+    std::memcpy(&kept[i * s.dim], &all[size_t(keep[i]) * s.dim], s.dim * sizeof(float));
+  }
+  s.Rebuild(kept.data(), int64_t(keep.size()));
+}
+
+Status KvCache::Keep(int layer, int head, const std::vector<int32_t>& keep) {
+  if (layer < 0 || layer >= shape_.n_layer || head < 0 || head >= shape_.n_head_kv) {
+    return InvalidArgument("Keep: layer/head out of range");
+  }
+  auto& hc = impl_->layers[layer][head];
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (keep[i] < 0 || keep[i] >= hc.n() || (i > 0 && keep[i] <= keep[i - 1])) {
+      return InvalidArgument("Keep: indices must be sorted, unique and in range");
+    }
+  }
+  int64_t off = 0;
+  for (auto& seg : hc.segs) {
+    const int64_t n = seg.n();
+    std::vector<int32_t> local;
+    for (int32_t idx : keep) {
+      if (idx >= off && idx < off + n) local.push_back(int32_t(idx - off));
+    }
+    KeepRows(seg.k, local);
+    KeepRows(seg.v, local);
+    off += n;
+  }
+  auto pick = [&](auto& vec) {
+    if (vec.size() != hc.seq.size()) { vec.clear(); return; }
+    std::remove_reference_t<decltype(vec)> out;
+    out.reserve(keep.size());
+    for (int32_t idx : keep) out.push_back(vec[idx]);
+    vec.swap(out);
+  };
+  pick(hc.acc);
+  pick(hc.obs);
+  pick(hc.pos);
+  pick(hc.seq);
+  return Status::Ok();
+}
+
+Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos) {
+  auto& hc = impl_->layers[layer][head];
+  if (int64_t(new_pos.size()) != hc.n()) return InvalidArgument("Relabel: size mismatch");
+  int64_t off = 0;
+  const int hd = shape_.head_dim;
+  for (auto& seg : hc.segs) {
+    const int64_t n = seg.n();
+    if (!seg.k.pre_rope && n > 0) {
+      // Re-rotate: decode stored keys (post-RoPE), rotate by the delta, re-encode.
+      std::vector<float> y(size_t(n) * seg.k.dim), x(size_t(n) * hd);
+      seg.k.DecodeAll(y.data());
+      if (seg.k.transform) seg.k.transform->Reconstruct(y.data(), int(n), x.data());
+      else x = y;
+      std::vector<int64_t> delta(n);
+      for (int64_t i = 0; i < n; ++i) delta[i] = new_pos[off + i] - hc.pos[off + i];
+      impl_->rope->Apply(x.data(), int(n), hd, delta.data());
+      if (seg.k.transform) {
+        seg.k.transform->Forward(x.data(), int(n), y.data());
+        seg.k.Rebuild(y.data(), n);
+      } else {
+        seg.k.Rebuild(x.data(), n);
+      }
+    }
+    off += n;
+  }
+  hc.pos = new_pos;
+  return Status::Ok();
+}
+
+void KvCache::Clear() {
+  for (auto& heads : impl_->layers) {
+    for (auto& hc : heads) {
+      for (auto& seg : hc.segs) {
+        seg.k.Rebuild(nullptr, 0);
+        seg.v.Rebuild(nullptr, 0);
+      }
+      hc.seq.clear(); hc.seq.shrink_to_fit();
+      hc.pos.clear(); hc.pos.shrink_to_fit();
+      hc.acc.clear(); hc.acc.shrink_to_fit();
+      hc.obs.clear(); hc.obs.shrink_to_fit();
+      hc.shift = 0;
+    }
+  }
+  n_consumed_ = 0;
+}
+
+MemoryReport KvCache::Memory() const {
+  MemoryReport r;
+  r.layers.resize(shape_.n_layer);
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    auto& L = r.layers[l];
+    for (const auto& hc : impl_->layers[l]) {
+      for (const auto& seg : hc.segs) {
+        L.k_packed += seg.k.packed_bytes();
+        L.v_packed += seg.v.packed_bytes();
+        L.k_tail += seg.k.tail_bytes();
+        L.v_tail += seg.v.tail_bytes();
+        if (seg.k.transform) L.transform += seg.k.transform->ParamBytes();
+        if (seg.v.transform) L.transform += seg.v.transform->ParamBytes();
+      }
+      L.cells += (hc.seq.capacity() + hc.pos.capacity()) * sizeof(int64_t) +
+                 (hc.acc.capacity() + hc.obs.capacity()) * sizeof(float);
+      L.n_cells += hc.n();
+    }
+  }
+  return r;
+}
+
+const Codec& KvCache::body_codec(int layer, KvKind kind) const {
+  const auto& seg = impl_->layers[layer][0].segs.back();
+  return kind == KvKind::kKey ? *seg.k.codec : *seg.v.codec;
+}
+
+// Bits per stored value relative to head_dim values (so a rank-r latent counts as fewer bits).
+static double StreamBits(const Stream& s) { return s.codec->BitsPerValue() * s.dim / s.dim_in; }
+
+double KvCache::KBitsPerValue() const {
+  double s = 0;
+  for (int l = 0; l < shape_.n_layer; ++l) s += StreamBits(impl_->layers[l][0].segs.back().k);
+  return s / shape_.n_layer;
+}
+double KvCache::VBitsPerValue() const {
+  double s = 0;
+  for (int l = 0; l < shape_.n_layer; ++l) s += StreamBits(impl_->layers[l][0].segs.back().v);
+  return s / shape_.n_layer;
+}
+
+std::string KvCache::Describe() const {
+  const auto& seg = impl_->layers[0][0].segs.back();
+  std::string d = fmt::format("K={} V={}", seg.k.codec->Name(), seg.v.codec->Name());
+  if (seg.k.transform) d += " Kt=" + seg.k.transform->Name();
+  if (seg.v.transform) d += " Vt=" + seg.v.transform->Name();
+  if (cfg_.sink_tokens > 0) d += fmt::format(" sinks={}@{}", cfg_.sink_tokens, cfg_.sink_codec);
+  if (cfg_.position_mode != PositionMode::kOriginal) {
+    d += std::string(" pos=") + PositionModeName(cfg_.position_mode);
+  }
+  return d;
+}
+
+}  // namespace kvc::kv

@@ -1,0 +1,158 @@
+// KvCache: the one owner of a sequence's K/V memory (DESIGN.md "The KV cache seam").
+//
+// Structure, per layer and per KV head (so per-head lengths may differ: ragged storage):
+//   cells      : bookkeeping per cached token, in temporal order: seq (index of the token in the
+//                stream of consumed tokens; the causal clock), pos (its RoPE position; equals seq
+//                unless positions were re-labelled), and attention statistics when requested.
+//   segments   : 1..2 segments (an optional "sink" segment holding the first `sink_tokens` tokens
+//                with its own codecs, then the body). Each segment holds a K stream and a V stream;
+//                a stream is [packed blocks][fp16 tail] with the codec's flush rule (codec.h).
+//   transforms : optional per-stream linear map (rotation, low-rank latent) before the codec.
+// RoPE is owned here: callers pass *pre-RoPE* q and k with token seq numbers; the cache rotates
+// them according to the position mode (original positions with gaps, in-cache positions, or
+// re-rotated-once positions) and whether keys are stored before or after RoPE.
+//
+// Attention (Attend) reads only from the cache: every query attends to the cells whose seq is
+// <= its own seq, through the configured codecs (packed scoring where the codec offers it).
+// Exactness across segments/blocks/tail: all scores of a row are computed into one buffer and
+// normalised once (equivalent to the log-sum-exp merge of per-segment partial softmaxes).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kv/codec.h"
+#include "kv/rope.h"
+#include "kv/transform.h"
+#include "kvcrunch/status.h"
+
+namespace kvc::kv {
+
+struct KvShape {
+  int n_layer = 0;
+  int n_head = 0;       // query heads
+  int n_head_kv = 0;    // KV heads (GQA group size = n_head / n_head_kv)
+  int head_dim = 0;     // K dim per head (MLA: kv_lora_rank + rope dims)
+  int head_dim_v = 0;   // V dim per head (0: same as head_dim)
+  float attn_scale = 0; // softmax scale; 0: 1/sqrt(head_dim)
+  RopeParams rope;
+  int DimV() const { return head_dim_v > 0 ? head_dim_v : head_dim; }
+};
+
+enum class PositionMode {
+  kOriginal,      // RoPE position = token index; eviction leaves gaps (default)
+  kInCache,       // RoPE position = slot index in the cache (StreamingLLM §3.2); keys stored pre-RoPE
+  kRerotateOnce,  // after an eviction, kept keys are re-rotated to contiguous positions once
+};
+const char* PositionModeName(PositionMode m);
+StatusOr<PositionMode> ParsePositionMode(const std::string& s);
+
+struct KvCacheConfig {
+  std::string k_codec = "f16";             // spec strings (codec.h); aliases allowed
+  std::string v_codec = "f16";
+  std::vector<std::string> k_codec_layer;  // optional per-layer override ("" = default), [n_layer]
+  std::vector<std::string> v_codec_layer;
+  std::string k_transform;                 // "" = none; e.g. "hadamard", "lowrank:..."
+  std::string v_transform;
+  int sink_tokens = 0;                     // first tokens kept in their own segment ...
+  std::string sink_codec = "f16";          // ... with this codec (K and V)
+  PositionMode position_mode = PositionMode::kOriginal;
+  const CalibrationData* calib = nullptr;  // shared by all codec/transform instances; may be null
+  uint64_t seed = 0x6b76637275ull;
+  int grow_tokens = 64;                    // storage grows in steps of this many tokens
+};
+
+// Statistics the attention kernel gathers for eviction policies (opt-in; zero cost when off).
+struct AttnStatsRequest {
+  bool accumulate = false;  // cells.acc += attention prob, mean over the GQA group's query heads
+  int obs_window = 0;       // cells.obs = Σ over the last obs_window query rows of one Attend
+                            // call (mean over the group's heads); recomputed per call
+};
+
+// Bytes as allocated (vector capacities), not formulas.
+struct MemoryReport {
+  struct Layer {
+    size_t k_packed = 0, v_packed = 0;  // encoded blocks
+    size_t k_tail = 0, v_tail = 0;      // fp16 residual windows
+    size_t cells = 0;                   // bookkeeping
+    size_t transform = 0;               // projection parameters
+    int64_t n_cells = 0;                // Σ over heads
+  };
+  std::vector<Layer> layers;
+  size_t KvBytes() const;       // packed + tail, all layers (what K/V values occupy)
+  size_t TotalBytes() const;    // everything
+  size_t PackedBytes() const;
+  size_t TailBytes() const;
+  int64_t Cells() const;
+};
+
+class KvCache {
+ public:
+  // Builds every codec/transform instance now; incompatible choices are an error here, never
+  // mid-decode (INVALID_ARGUMENT / UNIMPLEMENTED with a message naming layer, K/V and codec).
+  static StatusOr<std::unique_ptr<KvCache>> Create(const KvShape& shape, const KvCacheConfig& cfg);
+  ~KvCache();
+
+  const KvShape& shape() const { return shape_; }
+  const KvCacheConfig& config() const { return cfg_; }
+
+  // Appends n tokens to `layer`: seq [n] strictly increasing and > every cached seq;
+  // k [n, n_head_kv, head_dim] f32 pre-RoPE; v [n, n_head_kv, DimV()] f32.
+  // INVALID_ARGUMENT on NaN/inf input (naming layer and seq); the cache is unchanged then.
+  Status Write(int layer, const int64_t* seq, int n, const float* k, const float* v);
+
+  // q [n_q, n_head, head_dim] f32 pre-RoPE, q_seq [n_q]; out [n_q, n_head, DimV()] f32.
+  // Gathers statistics per the current request.
+  void Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out);
+
+  void SetStatsRequest(const AttnStatsRequest& r) { stats_ = r; }
+  const AttnStatsRequest& stats_request() const { return stats_; }
+
+  // --- bookkeeping (per layer, KV head) ---
+  int64_t n_cells(int layer, int head) const;
+  const std::vector<int64_t>& seqs(int layer, int head) const;
+  const std::vector<int64_t>& positions(int layer, int head) const;
+  std::vector<float>& acc_scores(int layer, int head);        // [n_cells], accumulate=true
+  const std::vector<float>& obs_scores(int layer, int head) const;  // [n_cells], obs_window>0
+  // Number of tokens written to layer 0 so far (tokens consumed), independent of eviction.
+  int64_t n_consumed() const { return n_consumed_; }
+
+  // Decoded keys as attention sees them before the query fold: k [n_cells, head_dim] f32
+  // (post-RoPE at the cells' current positions). For policies (key norms) and tests.
+  void DecodeKeys(int layer, int head, float* k) const;
+  void DecodeValues(int layer, int head, float* v) const;  // v [n_cells, DimV()]
+
+  // Keeps only cells `keep` (sorted ascending, unique, indices into the current cells) of one
+  // head. Per-token formats move packed rows; block formats re-encode the kept tokens (documented
+  // re-quantization). Frees memory (storage shrinks to the next grow step).
+  Status Keep(int layer, int head, const std::vector<int32_t>& keep);
+  // Re-labels RoPE positions of all cells of one head (new_pos [n_cells]); keys stored after RoPE
+  // are re-rotated by the position delta (decode, rotate, re-encode).
+  Status Relabel(int layer, int head, const std::vector<int64_t>& new_pos);
+  // RoPE position offset for new tokens and queries of a head: pos = seq - shift. Set by
+  // re-rotate-once eviction; 0 otherwise.
+  int64_t pos_shift(int layer, int head) const;
+  void set_pos_shift(int layer, int head, int64_t shift);
+
+  void Clear();  // drops every cell, frees storage
+  MemoryReport Memory() const;
+  // Bits per value of the body codecs (from descriptors), K and V, averaged over layers.
+  double KBitsPerValue() const;
+  double VBitsPerValue() const;
+  std::string Describe() const;  // codecs/transforms in use, one line
+  const Codec& body_codec(int layer, KvKind kind) const;  // head 0's instance
+
+  struct Impl;  // internal (cache.cc / attention.cc)
+
+ private:
+  KvCache() = default;
+  KvShape shape_;
+  KvCacheConfig cfg_;
+  AttnStatsRequest stats_;
+  int64_t n_consumed_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvc::kv

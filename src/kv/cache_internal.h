@@ -1,0 +1,67 @@
+// Internal layout of KvCache (shared by cache.cc and attention.cc; not a public header).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "kv/cache.h"
+
+namespace kvc::kv {
+
+// One stream: the keys or the values of one (layer, KV head, segment).
+struct Stream {
+  std::unique_ptr<Codec> codec;
+  std::unique_ptr<Transform> transform;  // may be null
+  int dim_in = 0;    // vector length given to Write (head_dim or DimV)
+  int dim = 0;       // stored length (codec dim): transform out_dim or dim_in
+  bool pre_rope = false;               // keys stored before RoPE (rotated at attention time)
+  std::vector<uint8_t> packed;         // [n_packed / block_tokens, BlockBytes()]
+  int64_t n_packed = 0;                // tokens in packed blocks (multiple of block_tokens)
+  std::vector<uint16_t> tail;          // [n_tail, dim] IEEE fp16 (the residual window)
+  int64_t n_tail = 0;
+  int grow_tokens = 64;
+
+  int64_t n() const { return n_packed + n_tail; }
+  size_t block_bytes() const { return codec->BlockBytes(); }
+  int block_tokens() const { return codec->block_tokens(); }
+  // Appends y [n, dim] f32 (already transformed / rotated as stored), flushing per codec rule.
+  void Append(const float* y, int64_t n);
+  // All tokens decoded: out [n(), dim] f32 (stored domain, before Reconstruct).
+  void DecodeAll(float* out) const;
+  // Drops everything; replaces with y [n, dim].
+  void Rebuild(const float* y, int64_t n);
+  size_t packed_bytes() const { return packed.capacity(); }
+  size_t tail_bytes() const { return tail.capacity() * sizeof(uint16_t); }
+
+ private:
+  void EncodeBlocks(const float* x, int64_t n_tokens);  // n_tokens multiple of block_tokens
+  void ReservePacked(int64_t tokens);
+};
+
+struct Segment {
+  Stream k, v;
+  int64_t capacity = -1;  // tokens; -1 = unlimited
+  int64_t n() const { return k.n(); }
+};
+
+struct HeadCache {
+  std::vector<Segment> segs;
+  std::vector<int64_t> seq;   // [n_cells] causal clock
+  std::vector<int64_t> pos;   // [n_cells] RoPE position
+  std::vector<float> acc;     // [n_cells] accumulated attention (when requested)
+  std::vector<float> obs;     // [n_cells] observation-window votes of the last Attend
+  int64_t shift = 0;          // pos = seq - shift for new tokens / queries
+  int64_t n() const { return int64_t(seq.size()); }
+};
+
+struct KvCache::Impl {
+  std::vector<std::vector<HeadCache>> layers;  // [n_layer][n_head_kv]
+  std::unique_ptr<Rope> rope;
+};
+
+// IEEE fp16 conversion with saturation to ±65504 (never produces inf from finite input).
+uint16_t Fp32ToFp16Sat(float f);
+void Fp16ToFp32Row(const uint16_t* h, int64_t n, float* out);
+void Fp32ToFp16SatRow(const float* x, int64_t n, uint16_t* out);
+
+}  // namespace kvc::kv
