@@ -1,0 +1,304 @@
+#include "model/model.h"
+
+#include <spdlog/spdlog.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "util/check.h"
+
+namespace kvc {
+
+double ModelConfig::KvBytesPerToken(double k_bits, double v_bits) const {
+  return double(n_layer) * n_head_kv * head_dim * (k_bits + v_bits) / 8.0;
+}
+
+namespace {
+
+// Architectures sharing the Llama block structure. rope_neox: qwen2 uses NeoX pairing; GGUF llama
+// files were permuted at conversion for adjacent pairs.
+struct ArchInfo {
+  const char* name;
+  bool rope_neox;
+  bool qkv_bias;
+};
+constexpr ArchInfo kArchs[] = {
+    {"llama", false, false},
+    {"mistral", false, false},
+    {"smollm", false, false},
+    {"qwen2", true, true},
+};
+
+StatusOr<std::vector<float>> LoadF32(const gguf::GgufFile& f, const std::string& name, int64_t n) {
+  const gguf::TensorInfo* t = f.FindTensor(name);
+  if (!t) return NotFound(fmt::format("missing tensor '{}'", name));
+  if (t->NumElements() != n) {
+    return InvalidArgument(fmt::format("tensor '{}' has {} elements, expected {}", name,
+                                       t->NumElements(), n));
+  }
+  const auto* tr = gguf::GetTypeTraits(t->type_id);
+  if (!tr || !tr->supported) {
+    return Unimplemented(fmt::format("tensor '{}' has unsupported type {}", name,
+                                     gguf::TypeName(t->type_id)));
+  }
+  std::vector<float> out(n);
+  gguf::DequantizeRow(t->type(), t->data, out.data(), n);
+  return out;
+}
+
+StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std::string& name,
+                                             int64_t n_in, int64_t n_out) {
+  const gguf::TensorInfo* t = f.FindTensor(name);
+  if (!t) return NotFound(fmt::format("missing tensor '{}'", name));
+  if (t->ne.size() != 2 || t->ne[0] != n_in || t->ne[1] != n_out) {
+    std::string dims;
+    for (auto d : t->ne) dims += (dims.empty() ? "" : "x") + std::to_string(d);
+    return InvalidArgument(fmt::format("tensor '{}' has dims [{}], expected [{}x{}]", name, dims,
+                                       n_in, n_out));
+  }
+  return cpu::PrepareWeight(*t);
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
+  std::unique_ptr<Model> m(new Model());
+  KVC_ASSIGN_OR_RETURN(m->file_, gguf::GgufFile::Open(path));
+  const gguf::GgufFile& f = *m->file_;
+  ModelConfig& c = m->cfg_;
+  KVC_ASSIGN_OR_RETURN(c.arch, f.GetString("general.architecture"));
+  const ArchInfo* arch = nullptr;
+  for (const auto& a : kArchs) {
+    if (c.arch == a.name) arch = &a;
+  }
+  if (!arch) {
+    return Unimplemented(fmt::format(
+        "architecture '{}' is not supported (supported: llama, mistral, smollm, qwen2)", c.arch));
+  }
+  auto name = f.GetString("general.name");
+  c.name = name.ok() ? *name : "";
+  const std::string p = c.arch + ".";
+  int64_t v;
+  KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "block_count"));
+  c.n_layer = int(v);
+  KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "embedding_length"));
+  c.n_embd = int(v);
+  KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "attention.head_count"));
+  c.n_head = int(v);
+  KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "attention.head_count_kv", c.n_head));
+  c.n_head_kv = int(v);
+  KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "feed_forward_length"));
+  c.n_ff = int(v);
+  KVC_ASSIGN_OR_RETURN(c.n_ctx_train, f.GetIntOr(p + "context_length", 2048));
+  double d;
+  KVC_ASSIGN_OR_RETURN(d, f.GetFloatOr(p + "attention.layer_norm_rms_epsilon", 1e-5));
+  c.rms_eps = float(d);
+  if (c.n_layer <= 0 || c.n_layer > 1024 || c.n_embd <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 ||
+      c.n_head % c.n_head_kv != 0 || c.n_embd % c.n_head != 0 || c.n_ff <= 0) {
+    return InvalidArgument(fmt::format("inconsistent hyper-parameters: n_layer {} n_embd {} n_head {} "
+                                       "n_head_kv {} n_ff {}", c.n_layer, c.n_embd, c.n_head,
+                                       c.n_head_kv, c.n_ff));
+  }
+  c.head_dim = c.n_embd / c.n_head;
+  KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "attention.key_length", c.head_dim));
+  if (v != c.head_dim) return Unimplemented("attention.key_length != n_embd / n_head");
+  KVC_ASSIGN_OR_RETURN(c.rope.theta, f.GetFloatOr(p + "rope.freq_base", 10000.0));
+  KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "rope.dimension_count", c.head_dim));
+  c.rope.n_rot = int(v);
+  if (c.rope.n_rot <= 0 || c.rope.n_rot > c.head_dim || c.rope.n_rot % 2) {
+    return InvalidArgument(fmt::format("rope.dimension_count {} invalid for head_dim {}",
+                                       c.rope.n_rot, c.head_dim));
+  }
+  c.rope.neox = arch->rope_neox;
+  auto scaling = f.GetString(p + "rope.scaling.type");
+  if (scaling.ok() && *scaling == "linear") {
+    KVC_ASSIGN_OR_RETURN(d, f.GetFloatOr(p + "rope.scaling.factor", 1.0));
+    if (d <= 0) return InvalidArgument("rope.scaling.factor must be > 0");
+    c.rope.freq_scale = 1.0 / d;
+  } else if (scaling.ok() && *scaling != "none") {
+    return Unimplemented(fmt::format("rope scaling '{}' is not supported (none, linear)", *scaling));
+  }
+  c.qkv_bias = arch->qkv_bias;
+
+  KVC_ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromGguf(f));
+  c.n_vocab = m->tokenizer_->n_vocab();
+
+  m->token_embd_ = f.FindTensor("token_embd.weight");
+  if (!m->token_embd_) return NotFound("missing tensor 'token_embd.weight'");
+  if (m->token_embd_->ne.size() != 2 || m->token_embd_->ne[0] != c.n_embd ||
+      m->token_embd_->ne[1] != c.n_vocab) {
+    return InvalidArgument("tensor 'token_embd.weight' shape does not match n_embd x n_vocab");
+  }
+  const auto* tr = gguf::GetTypeTraits(m->token_embd_->type_id);
+  if (!tr || !tr->supported) return Unimplemented("token_embd.weight has an unsupported type");
+
+  const int hd = c.head_dim;
+  m->layers_.resize(c.n_layer);
+  for (int l = 0; l < c.n_layer; ++l) {
+    auto& L = m->layers_[l];
+    const std::string b = fmt::format("blk.{}.", l);
+    KVC_ASSIGN_OR_RETURN(L.attn_norm, LoadF32(f, b + "attn_norm.weight", c.n_embd));
+    KVC_ASSIGN_OR_RETURN(L.ffn_norm, LoadF32(f, b + "ffn_norm.weight", c.n_embd));
+    KVC_ASSIGN_OR_RETURN(L.wq, LoadW(f, b + "attn_q.weight", c.n_embd, c.n_head * hd));
+    KVC_ASSIGN_OR_RETURN(L.wk, LoadW(f, b + "attn_k.weight", c.n_embd, c.n_head_kv * hd));
+    KVC_ASSIGN_OR_RETURN(L.wv, LoadW(f, b + "attn_v.weight", c.n_embd, c.n_head_kv * hd));
+    KVC_ASSIGN_OR_RETURN(L.wo, LoadW(f, b + "attn_output.weight", c.n_head * hd, c.n_embd));
+    KVC_ASSIGN_OR_RETURN(L.w_gate, LoadW(f, b + "ffn_gate.weight", c.n_embd, c.n_ff));
+    KVC_ASSIGN_OR_RETURN(L.w_up, LoadW(f, b + "ffn_up.weight", c.n_embd, c.n_ff));
+    KVC_ASSIGN_OR_RETURN(L.w_down, LoadW(f, b + "ffn_down.weight", c.n_ff, c.n_embd));
+    if (c.qkv_bias) {
+      KVC_ASSIGN_OR_RETURN(L.bq, LoadF32(f, b + "attn_q.bias", c.n_head * hd));
+      KVC_ASSIGN_OR_RETURN(L.bk, LoadF32(f, b + "attn_k.bias", c.n_head_kv * hd));
+      KVC_ASSIGN_OR_RETURN(L.bv, LoadF32(f, b + "attn_v.bias", c.n_head_kv * hd));
+    }
+  }
+  KVC_ASSIGN_OR_RETURN(m->output_norm_, LoadF32(f, "output_norm.weight", c.n_embd));
+  if (f.FindTensor("output.weight")) {
+    KVC_ASSIGN_OR_RETURN(m->output_, LoadW(f, "output.weight", c.n_embd, c.n_vocab));
+  } else {
+    c.tied_output = true;
+    KVC_ASSIGN_OR_RETURN(m->output_, cpu::PrepareWeight(*m->token_embd_));
+  }
+  return m;
+}
+
+kv::KvShape Model::kv_shape() const {
+  kv::KvShape s;
+  s.n_layer = cfg_.n_layer;
+  s.n_head = cfg_.n_head;
+  s.n_head_kv = cfg_.n_head_kv;
+  s.head_dim = cfg_.head_dim;
+  s.rope = cfg_.rope;
+  return s;
+}
+
+size_t Model::weight_bytes() const {
+  size_t s = output_->bytes();
+  for (const auto& L : layers_) {
+    s += L.wq->bytes() + L.wk->bytes() + L.wv->bytes() + L.wo->bytes() + L.w_gate->bytes() +
+         L.w_up->bytes() + L.w_down->bytes();
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------ Session
+
+StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, kv::KvCacheConfig cache_cfg,
+                                                   const std::string& evict_spec, Options opt) {
+  if (opt.n_ctx <= 0) return InvalidArgument("context size must be > 0");
+  if (opt.n_batch <= 0) return InvalidArgument("batch size must be > 0");
+  if (opt.n_ctx > model.config().n_ctx_train) {
+    spdlog::warn("context size {} exceeds the model's trained context {}; quality may degrade",
+                 opt.n_ctx, model.config().n_ctx_train);
+  }
+  std::unique_ptr<Session> s(new Session(model));
+  s->opt_ = opt;
+  KVC_ASSIGN_OR_RETURN(s->policy_, kv::MakePolicy(evict_spec, model.kv_shape()));
+  if (s->policy_) cache_cfg.position_mode = s->policy_->position_mode();
+  KVC_ASSIGN_OR_RETURN(s->cache_, kv::KvCache::Create(model.kv_shape(), cache_cfg));
+  if (s->policy_) s->cache_->SetStatsRequest(s->policy_->StatsNeeded());
+  return s;
+}
+
+void Session::Reset() {
+  cache_->Clear();
+  n_past_ = 0;
+}
+
+Status Session::Eval(const std::vector<int32_t>& tokens, bool all_logits, std::vector<float>* logits) {
+  const ModelConfig& c = model_.config();
+  if (tokens.empty()) return InvalidArgument("empty input: nothing to evaluate");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.n_vocab) {
+      return InvalidArgument(fmt::format("token id {} at index {} outside the vocabulary [0, {})",
+                                         tokens[i], i, c.n_vocab));
+    }
+  }
+  if (!policy_ && n_past_ + int64_t(tokens.size()) > opt_.n_ctx) {
+    return OutOfRange(fmt::format("{} tokens after {} already in the cache exceed the context size "
+                                  "{} (raise -c or use an eviction policy)",
+                                  tokens.size(), n_past_, opt_.n_ctx));
+  }
+  const int64_t n = int64_t(tokens.size());
+  if (logits) logits->assign(size_t(all_logits ? n : 1) * c.n_vocab, 0.f);
+  for (int64_t i = 0; i < n; i += opt_.n_batch) {
+    const int nb = int(std::min<int64_t>(opt_.n_batch, n - i));
+    if (policy_) KVC_RETURN_IF_ERROR(policy_->BeforeWrite(*cache_, nb));
+    float* out = nullptr;
+    if (logits) out = all_logits ? logits->data() + size_t(i) * c.n_vocab : logits->data();
+    const bool want = logits && (all_logits || i + nb == n);
+    KVC_RETURN_IF_ERROR(Forward(tokens.data() + i, nb, all_logits, want ? out : nullptr));
+  }
+  if (policy_) {
+    if (n > 1) KVC_RETURN_IF_ERROR(policy_->AfterPrefill(*cache_, int(n)));
+    else KVC_RETURN_IF_ERROR(policy_->AfterStep(*cache_));
+  }
+  return Status::Ok();
+}
+
+Status Session::Forward(const int32_t* tokens, int n, bool all_logits, float* logits) {
+  const ModelConfig& c = model_.config();
+  const int E = c.n_embd, hd = c.head_dim, nq = c.n_head * hd, nkv = c.n_head_kv * hd;
+  x_.resize(size_t(n) * E);
+  h_.resize(size_t(n) * E);
+  q_.resize(size_t(n) * nq);
+  k_.resize(size_t(n) * nkv);
+  v_.resize(size_t(n) * nkv);
+  attn_.resize(size_t(n) * nq);
+  tmp_.resize(size_t(n) * E);
+  gate_.resize(size_t(n) * c.n_ff);
+  up_.resize(size_t(n) * c.n_ff);
+  const gguf::TensorInfo& emb = model_.token_embd();
+  const size_t row_bytes = emb.n_bytes / size_t(emb.ne[1]);
+  for (int i = 0; i < n; ++i) {
+    gguf::DequantizeRow(emb.type(), emb.data + size_t(tokens[i]) * row_bytes, &x_[size_t(i) * E], E);
+  }
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = n_past_ + i;
+
+  auto add_bias = [&](std::vector<float>& y, const std::vector<float>& b, int w) {
+    if (b.empty()) return;
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < w; ++j) y[size_t(i) * w + j] += b[j];
+    }
+  };
+  for (int l = 0; l < c.n_layer; ++l) {
+    const Model::Layer& L = model_.layers()[l];
+    cpu::RmsNorm(x_.data(), L.attn_norm.data(), n, E, c.rms_eps, h_.data());
+    cpu::MatMul(*L.wq, h_.data(), n, q_.data());
+    cpu::MatMul(*L.wk, h_.data(), n, k_.data());
+    cpu::MatMul(*L.wv, h_.data(), n, v_.data());
+    add_bias(q_, L.bq, nq);
+    add_bias(k_, L.bk, nkv);
+    add_bias(v_, L.bv, nkv);
+    Status st = cache_->Write(l, seq.data(), n, k_.data(), v_.data());
+    if (!st.ok()) return Status(st.code(), "activations: " + st.message());
+    cache_->Attend(l, q_.data(), seq.data(), n, attn_.data());
+    cpu::MatMul(*L.wo, attn_.data(), n, tmp_.data());
+    for (size_t i = 0; i < size_t(n) * E; ++i) x_[i] += tmp_[i];
+    cpu::RmsNorm(x_.data(), L.ffn_norm.data(), n, E, c.rms_eps, h_.data());
+    cpu::MatMul(*L.w_gate, h_.data(), n, gate_.data());
+    cpu::MatMul(*L.w_up, h_.data(), n, up_.data());
+    cpu::SwiGlu(gate_.data(), up_.data(), int64_t(n) * c.n_ff, gate_.data());
+    cpu::MatMul(*L.w_down, gate_.data(), n, tmp_.data());
+    for (size_t i = 0; i < size_t(n) * E; ++i) x_[i] += tmp_[i];
+  }
+  n_past_ += n;
+  if (!logits) return Status::Ok();
+  const int first = all_logits ? 0 : n - 1;
+  const int rows = n - first;
+  cpu::RmsNorm(x_.data() + size_t(first) * E, model_.output_norm().data(), rows, E, c.rms_eps,
+               h_.data());
+  cpu::MatMul(model_.output(), h_.data(), rows, logits);
+  for (size_t i = 0; i < size_t(rows) * c.n_vocab; ++i) {
+    if (!std::isfinite(logits[i])) {
+      return InvalidArgument(fmt::format("non-finite logit at row {} (activations overflowed)",
+                                         i / c.n_vocab));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace kvc

@@ -1,0 +1,109 @@
+// Llama-family model loaded from GGUF: llama, mistral, qwen2 (q/k/v bias), smollm (llama arch).
+// Forward pass: RMSNorm (Zhang & Sennrich 2019), RoPE (owned by the KV cache, kv/rope.h),
+// grouped-query attention (Ainslie et al. 2023) through the KV cache, SwiGLU FFN (Shazeer 2020),
+// tied or separate output projection.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu/ops.h"
+#include "gguf/gguf.h"
+#include "kv/cache.h"
+#include "kv/policy.h"
+#include "kvcrunch/status.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvc {
+
+struct ModelConfig {
+  std::string arch;        // general.architecture
+  std::string name;        // general.name
+  int n_layer = 0;
+  int n_embd = 0;
+  int n_head = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;
+  int n_ff = 0;
+  int n_vocab = 0;
+  int64_t n_ctx_train = 0;
+  float rms_eps = 1e-5f;
+  kv::RopeParams rope;
+  bool qkv_bias = false;
+  bool tied_output = false;
+  // KV bytes per token for a codec's bits/value: 2 · n_layer · n_head_kv · head_dim · bits / 8.
+  double KvBytesPerToken(double k_bits, double v_bits) const;
+};
+
+class Model {
+ public:
+  // NOT_FOUND / DATA_LOSS from the reader; UNIMPLEMENTED for an unknown architecture;
+  // NOT_FOUND naming a missing tensor; INVALID_ARGUMENT for a tensor of the wrong shape.
+  static StatusOr<std::unique_ptr<Model>> Load(const std::string& path);
+  const ModelConfig& config() const { return cfg_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const gguf::GgufFile& file() const { return *file_; }
+  kv::KvShape kv_shape() const;
+  size_t weight_bytes() const;  // bytes of prepared weights (repacked copies + mapped tensors)
+
+  struct Layer {
+    std::vector<float> attn_norm, ffn_norm;           // [n_embd]
+    std::unique_ptr<cpu::Weight> wq, wk, wv, wo;      // [n_head*hd, n_embd], ...
+    std::vector<float> bq, bk, bv;                    // qwen2 biases (empty otherwise)
+    std::unique_ptr<cpu::Weight> w_gate, w_up, w_down;
+  };
+  const std::vector<Layer>& layers() const { return layers_; }
+  const cpu::Weight& output() const { return *output_; }
+  const std::vector<float>& output_norm() const { return output_norm_; }
+  const gguf::TensorInfo& token_embd() const { return *token_embd_; }
+
+ private:
+  Model() = default;
+  ModelConfig cfg_;
+  std::unique_ptr<gguf::GgufFile> file_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  const gguf::TensorInfo* token_embd_ = nullptr;
+  std::vector<Layer> layers_;
+  std::vector<float> output_norm_;
+  std::unique_ptr<cpu::Weight> output_;
+};
+
+// One sequence being evaluated: the model, its KV cache and an optional eviction policy.
+class Session {
+ public:
+  struct Options {
+    int64_t n_ctx = 2048;   // tokens the sequence may hold without eviction
+    int n_batch = 512;      // micro-batch (ubatch) size for prompt processing
+  };
+  // The cache config's position mode is overridden by the policy's when a policy is given.
+  static StatusOr<std::unique_ptr<Session>> Create(const Model& model, kv::KvCacheConfig cache_cfg,
+                                                   const std::string& evict_spec, Options opt);
+
+  // Feeds tokens (ids in [0, n_vocab)) after those already consumed. logits: if non-null,
+  // resized to [n_out, n_vocab] f32 where n_out = tokens.size() if all_logits else 1 (last).
+  // Errors: INVALID_ARGUMENT (empty, bad id, non-finite activations), OUT_OF_RANGE (context full
+  // without an eviction policy).
+  Status Eval(const std::vector<int32_t>& tokens, bool all_logits, std::vector<float>* logits);
+  void Reset();
+  int64_t n_past() const { return n_past_; }
+  kv::KvCache& cache() { return *cache_; }
+  const kv::KvCache& cache() const { return *cache_; }
+  const kv::EvictionPolicy* policy() const { return policy_.get(); }
+  const Model& model() const { return model_; }
+  const Options& options() const { return opt_; }
+
+ private:
+  Session(const Model& m) : model_(m) {}
+  Status Forward(const int32_t* tokens, int n, bool all_logits, float* logits);
+  const Model& model_;
+  Options opt_;
+  std::unique_ptr<kv::KvCache> cache_;
+  std::unique_ptr<kv::EvictionPolicy> policy_;
+  int64_t n_past_ = 0;
+  // Scratch, [n_batch, ...]
+  std::vector<float> x_, h_, q_, k_, v_, attn_, tmp_, gate_, up_;
+};
+
+}  // namespace kvc

@@ -1,0 +1,76 @@
+// Shared by the CLI commands: perplexity (llama.cpp protocol) and the eval comparison.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kv/cache.h"
+#include "model/model.h"
+
+namespace kvc {
+
+// One KV configuration to evaluate: codecs, transforms, eviction, position mode.
+struct KvRunConfig {
+  std::string name;               // display name (derived when empty)
+  kv::KvCacheConfig cache;
+  std::string evict;              // eviction policy spec ("" = none)
+  std::string Label() const;      // name or a derived label
+};
+
+// Parses "q4_0" (K=V=q4_0) or space-separated key=value pairs:
+//   k=SPEC v=SPEC kt=TRANSFORM vt=TRANSFORM evict=POLICY sinks=N sink_codec=SPEC pos=MODE name=NAME
+// e.g. "k=q8_0 v=q4_0 evict=snapkv:budget=256". INVALID_ARGUMENT on unknown keys.
+StatusOr<KvRunConfig> ParseRunConfig(const std::string& text);
+
+// The default list: every registered codec (in_default_eval) for K and V.
+std::vector<KvRunConfig> DefaultRunConfigs();
+
+struct PerplexityOptions {
+  int64_t n_ctx = 512;
+  int n_batch = 512;
+  int64_t max_chunks = -1;   // -1: all
+};
+
+// Per-scored-token results of one configuration (for KLD against a baseline).
+struct ChunkScores {
+  std::vector<float> nll;           // [n_scored]
+  std::vector<float> logprobs;      // [n_scored, n_vocab] log-softmax (only if requested)
+  std::vector<int32_t> argmax;      // [n_scored]
+};
+
+// Tokenizes text; INVALID_ARGUMENT if empty or not UTF-8.
+StatusOr<std::vector<int32_t>> TokenizeText(const Model& m, const std::string& text);
+StatusOr<std::string> ReadTextFile(const std::string& path);
+
+// Runs one chunk (llama.cpp perplexity protocol: evaluate n_ctx tokens, score positions
+// [n_ctx/2, n_ctx-1) predicting the next token). Session is reset first.
+Status ScoreChunk(Session& s, const int32_t* tokens, int64_t n_ctx, bool keep_logprobs,
+                  ChunkScores* out);
+
+// Measured memory: process peak RSS (VmHWM) and current RSS in bytes.
+size_t PeakRssBytes();
+size_t CurrentRssBytes();
+
+// Locates defaults: the model under models/ and a real English text (WikiText-2 test) in
+// ../shared/data, searched relative to the working directory and the source tree.
+std::string DefaultModelPath();
+std::string DefaultTextPath();
+
+// Terminal progress bar on stderr (only when stderr is a TTY).
+class Progress {
+ public:
+  Progress(std::string label, int64_t total);
+  void Step(int64_t n = 1, const std::string& note = "");
+  ~Progress();
+
+ private:
+  std::string label_;
+  int64_t total_, done_ = 0;
+  bool tty_;
+  double t0_;
+};
+double NowSeconds();
+
+}  // namespace kvc

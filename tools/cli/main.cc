@@ -1,0 +1,449 @@
+// kvcrunch: run GGUF Llama-family models through a compressed, pluggable KV cache.
+// Flag names follow llama.cpp where the concept exists.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "cpu/ops.h"
+#include "eval.h"
+#include "kv/codec.h"
+#include "kv/policy.h"
+#include "kv/transform.h"
+#include "model/model.h"
+#include "runner.h"
+
+using namespace kvc;
+
+namespace {
+
+struct Common {
+  std::string model;
+  int threads = 2;
+  int64_t ctx = 0;  // 0 = command default
+  int batch = 512;
+  std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos = "original";
+  int sinks = 0;
+  std::string sink_codec = "f16";
+};
+
+void AddModelFlags(CLI::App* app, Common& c) {
+  app->add_option("-m,--model", c.model, "GGUF model path (default: models/SmolLM2-135M-Instruct.Q4_1.gguf)");
+  app->add_option("-t,--threads", c.threads, "threads")->check(CLI::Range(1, 256));
+}
+
+void AddKvFlags(CLI::App* app, Common& c) {
+  app->add_option("-c,--ctx-size", c.ctx, "context size (tokens)")->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  app->add_option("-b,--batch-size", c.batch, "micro-batch size for prompt processing")->check(CLI::Range(1, 1 << 16));
+  app->add_option("-ctk,--cache-type-k", c.ctk, "K codec spec (see `kvcrunch info`)");
+  app->add_option("-ctv,--cache-type-v", c.ctv, "V codec spec");
+  app->add_option("--kv-transform-k", c.kt, "K transform spec (e.g. hadamard)");
+  app->add_option("--kv-transform-v", c.vt, "V transform spec");
+  app->add_option("--kv-evict", c.evict, "eviction policy spec (e.g. streaming:sink=4,window=1020)");
+  app->add_option("--kv-sinks", c.sinks, "first N tokens kept in their own segment")->check(CLI::Range(0, 1 << 20));
+  app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment");
+  app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate");
+}
+
+int Fail(const Status& s) {
+  std::fprintf(stderr, "kvcrunch: error: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
+  if (c.model.empty()) c.model = DefaultModelPath();
+  cpu::SetNumThreads(c.threads);
+  return Model::Load(c.model);
+}
+
+StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
+  KvRunConfig r;
+  r.cache.k_codec = c.ctk;
+  r.cache.v_codec = c.ctv;
+  r.cache.k_transform = c.kt;
+  r.cache.v_transform = c.vt;
+  r.cache.sink_tokens = c.sinks;
+  r.cache.sink_codec = c.sink_codec;
+  KVC_ASSIGN_OR_RETURN(r.cache.position_mode, kv::ParsePositionMode(c.pos));
+  r.evict = c.evict;
+  return r;
+}
+
+StatusOr<std::vector<int32_t>> ParseIds(const std::string& s, int n_vocab) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(s);
+  std::string tok;
+  while (std::getline(ss, tok, ',')) {
+    char* end = nullptr;
+    const long v = std::strtol(tok.c_str(), &end, 10);
+    if (tok.empty() || *end || v < 0 || v >= n_vocab) {
+      return InvalidArgument(fmt::format("bad token id '{}' (expected integers in [0, {}))", tok, n_vocab));
+    }
+    ids.push_back(int32_t(v));
+  }
+  if (ids.empty()) return InvalidArgument("--tokens is empty");
+  return ids;
+}
+
+int CmdInfo(Common& c) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  const ModelConfig& mc = (*m)->config();
+  fmt::print("model        {}\n", c.model);
+  fmt::print("name         {}\n", mc.name);
+  fmt::print("architecture {}\n", mc.arch);
+  fmt::print("n_layer      {}\nn_embd       {}\nn_head       {}\nn_head_kv    {}\nhead_dim     {}\n",
+             mc.n_layer, mc.n_embd, mc.n_head, mc.n_head_kv, mc.head_dim);
+  fmt::print("n_ff         {}\nn_vocab      {}\nn_ctx_train  {}\nrope         theta {} n_rot {} {}\n",
+             mc.n_ff, mc.n_vocab, mc.n_ctx_train, mc.rope.theta, mc.rope.n_rot,
+             mc.rope.neox ? "neox" : "normal");
+  fmt::print("tied output  {}\nweights      {:.1f} MiB (file {:.1f} MiB)\n", mc.tied_output,
+             (*m)->weight_bytes() / 1048576.0, (*m)->file().file_size() / 1048576.0);
+  const double f16_tok = mc.KvBytesPerToken(16, 16);
+  const double mha_tok = f16_tok * mc.n_head / mc.n_head_kv;
+  fmt::print("\nKV bytes per token = 2 · n_layer · n_head_kv · head_dim · bytes = 2·{}·{}·{}·2 = {:.0f} B at f16\n",
+             mc.n_layer, mc.n_head_kv, mc.head_dim, f16_tok);
+  fmt::print("with full multi-head attention (n_head_kv = n_head = {}): {:.0f} B/token; GQA saves {:.1f}x\n\n",
+             mc.n_head, mha_tok, mha_tok / f16_tok);
+  fmt::print("{:<12} {:>10} {:>14} {:>14} {:>12}  {}\n", "codec", "bits/value", "bytes/token", "bytes @ n_ctx", "measured", "summary");
+  kv::KvShape shape = (*m)->kv_shape();
+  for (const auto& info : kv::RegisteredCodecs()) {
+    kv::KvCacheConfig cfg;
+    cfg.k_codec = cfg.v_codec = info.name;
+    auto cache = kv::KvCache::Create(shape, cfg);
+    if (!cache.ok()) {
+      fmt::print("{:<12} unavailable: {}\n", info.name, cache.status().message());
+      continue;
+    }
+    // Measure: write 256 random tokens per layer and read the allocation back.
+    const int n = 256;
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    std::vector<float> k(size_t(n) * shape.n_head_kv * shape.head_dim), v(k.size());
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    std::vector<int64_t> seq(n);
+    for (int i = 0; i < n; ++i) seq[i] = i;
+    bool ok = true;
+    for (int l = 0; l < shape.n_layer && ok; ++l) ok = (*cache)->Write(l, seq.data(), n, k.data(), v.data()).ok();
+    const double bpv = ((*cache)->KBitsPerValue() + (*cache)->VBitsPerValue()) / 2;
+    const double per_tok = mc.KvBytesPerToken((*cache)->KBitsPerValue(), (*cache)->VBitsPerValue());
+    const double measured = ok ? double((*cache)->Memory().KvBytes()) / n : 0;
+    fmt::print("{:<12} {:>10.3f} {:>14.1f} {:>14.0f} {:>12.1f}  {}\n", info.name, bpv, per_tok,
+               per_tok * mc.n_ctx_train, measured, info.summary);
+  }
+  fmt::print("\naliases:");
+  for (const auto& [a, s] : kv::CodecAliases()) fmt::print(" {}={}", a, s);
+  fmt::print("\ntransforms:");
+  for (const auto& t : kv::RegisteredTransforms()) fmt::print(" {}", t.name);
+  fmt::print("\neviction policies:");
+  for (const auto& p : kv::RegisteredPolicies()) fmt::print(" {}", p.name);
+  fmt::print("\n('measured' = allocated KV bytes per token after writing 256 tokens to every layer)\n");
+  return 0;
+}
+
+int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, const std::string& ids,
+                bool chat, int n_predict, float temp, float top_p, uint32_t seed, bool print_ids) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  const Model& model = **m;
+  std::vector<int32_t> toks;
+  if (!ids.empty()) {
+    auto r = ParseIds(ids, model.config().n_vocab);
+    if (!r.ok()) return Fail(r.status());
+    toks = *r;
+  } else {
+    std::string text = prompt;
+    if (!file.empty()) {
+      auto t = ReadTextFile(file);
+      if (!t.ok()) return Fail(t.status());
+      text = *t;
+    }
+    if (text.empty()) return Fail(InvalidArgument("empty prompt: give -p TEXT, -f FILE or --tokens"));
+    if (chat) {
+      auto t = model.tokenizer().ApplyChatTemplate({{"user", text}}, true);
+      if (!t.ok()) return Fail(t.status());
+      text = *t;
+    }
+    auto r = model.tokenizer().Encode(text, false, /*parse_special=*/chat);
+    if (!r.ok()) return Fail(r.status());
+    toks = *r;
+    if (toks.empty()) return Fail(InvalidArgument("the prompt tokenizes to nothing"));
+  }
+  if (n_predict < 0) return Fail(InvalidArgument("-n must be >= 0"));
+  if (!(temp >= 0) || !(top_p > 0 && top_p <= 1)) {
+    return Fail(InvalidArgument("--temp must be >= 0 and --top-p in (0, 1]"));
+  }
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  Session::Options so;
+  so.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
+  so.n_batch = c.batch;
+  if (rc->evict.empty() && int64_t(toks.size()) > so.n_ctx) {
+    return Fail(OutOfRange(fmt::format("the prompt has {} tokens, more than the context size {} (raise -c)",
+                                       toks.size(), so.n_ctx)));
+  }
+  auto s = Session::Create(model, rc->cache, rc->evict, so);
+  if (!s.ok()) return Fail(s.status());
+  std::vector<float> logits;
+  const double t0 = NowSeconds();
+  Status st = (*s)->Eval(toks, false, &logits);
+  if (!st.ok()) return Fail(st);
+  const double t1 = NowSeconds();
+  std::mt19937 rng(seed);
+  std::vector<int32_t> out;
+  const int nv = model.config().n_vocab;
+  for (int i = 0; i < n_predict; ++i) {
+    int32_t next = 0;
+    if (temp <= 0) {
+      next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    } else {
+      std::vector<std::pair<float, int32_t>> p(nv);
+      float mx = *std::max_element(logits.begin(), logits.end());
+      double sum = 0;
+      for (int v = 0; v < nv; ++v) {
+        p[v] = {float(std::exp((logits[v] - mx) / temp)), v};
+        sum += p[v].first;
+      }
+      std::sort(p.begin(), p.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+      double cum = 0;
+      size_t keep = 0;
+      while (keep < p.size() && cum < top_p * sum) cum += p[keep++].first;
+      std::uniform_real_distribution<double> u(0, cum);
+      double r = u(rng), acc = 0;
+      next = p[keep - 1].second;
+      for (size_t j = 0; j < keep; ++j) {
+        acc += p[j].first;
+        if (acc >= r) { next = p[j].second; break; }
+      }
+    }
+    out.push_back(next);
+    if (!print_ids) {
+      std::fputs(model.tokenizer().TokenToPiece(next).c_str(), stdout);
+      std::fflush(stdout);
+    }
+    if (model.tokenizer().IsEog(next)) break;
+    if (!(*s)->policy() && (*s)->n_past() + 1 > so.n_ctx) {
+      std::fprintf(stderr, "\n[context full at %lld tokens]\n", (long long)(*s)->n_past());
+      break;
+    }
+    st = (*s)->Eval({next}, false, &logits);
+    if (!st.ok()) return Fail(st);
+  }
+  const double t2 = NowSeconds();
+  if (print_ids) {
+    std::string line;
+    for (size_t i = 0; i < out.size(); ++i) line += (i ? "," : "") + std::to_string(out[i]);
+    std::printf("%s\n", line.c_str());
+  } else {
+    std::printf("\n");
+  }
+  const auto mem = (*s)->cache().Memory();
+  std::fprintf(stderr, "prompt %zu tokens %.1f t/s | generated %zu tokens %.1f t/s | KV %zu bytes (%s)\n",
+               toks.size(), toks.size() / (t1 - t0), out.size(),
+               out.size() > 1 ? (out.size() - 1) / (t2 - t1) : 0.0, mem.KvBytes(),
+               (*s)->cache().Describe().c_str());
+  return 0;
+}
+
+int CmdLogits(Common& c, const std::string& ids, const std::string& out_path) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  auto toks = ParseIds(ids, (*m)->config().n_vocab);
+  if (!toks.ok()) return Fail(toks.status());
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  Session::Options so;
+  so.n_ctx = c.ctx > 0 ? c.ctx : int64_t(toks->size());
+  so.n_batch = c.batch;
+  auto s = Session::Create(**m, rc->cache, rc->evict, so);
+  if (!s.ok()) return Fail(s.status());
+  std::vector<float> logits;
+  Status st = (*s)->Eval(*toks, true, &logits);
+  if (!st.ok()) return Fail(st);
+  std::ofstream f(out_path, std::ios::binary);
+  if (!f) return Fail(InvalidArgument("cannot write " + out_path));
+  f.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+  return f ? 0 : Fail(Internal("write failed: " + out_path));
+}
+
+int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  const std::string path = file.empty() ? DefaultTextPath() : file;
+  auto text = ReadTextFile(path);
+  if (!text.ok()) return Fail(text.status());
+  auto toks = TokenizeText(**m, *text);
+  if (!toks.ok()) return Fail(toks.status());
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
+  if (n_ctx < 4) return Fail(InvalidArgument("-c must be at least 4"));
+  int64_t n_chunks = int64_t(toks->size()) / n_ctx;
+  if (chunks > 0) n_chunks = std::min(n_chunks, chunks);
+  if (n_chunks < 1) {
+    return Fail(InvalidArgument(fmt::format("the text has {} tokens, fewer than one chunk of {} (lower -c)",
+                                            toks->size(), n_ctx)));
+  }
+  if (n_ctx > (*m)->config().n_ctx_train) {
+    spdlog::warn("-c {} exceeds the trained context {}", n_ctx, (*m)->config().n_ctx_train);
+  }
+  Session::Options so;
+  so.n_ctx = n_ctx;
+  so.n_batch = c.batch;
+  auto s = Session::Create(**m, rc->cache, rc->evict, so);
+  if (!s.ok()) return Fail(s.status());
+  double nll = 0;
+  int64_t n = 0;
+  size_t kv_bytes = 0, tail_bytes = 0;
+  Progress prog("perplexity", n_chunks);
+  const double t0 = NowSeconds();
+  ChunkScores sc;
+  for (int64_t ch = 0; ch < n_chunks; ++ch) {
+    Status st = ScoreChunk(**s, toks->data() + ch * n_ctx, n_ctx, false, &sc);
+    if (!st.ok()) return Fail(st);
+    for (float x : sc.nll) nll += x;
+    n += int64_t(sc.nll.size());
+    const auto mem = (*s)->cache().Memory();
+    kv_bytes = std::max(kv_bytes, mem.KvBytes());
+    tail_bytes = std::max(tail_bytes, mem.TailBytes());
+    prog.Step(1, fmt::format("ppl {:.4f}", std::exp(nll / n)));
+    if (!json && !isatty(2)) std::fprintf(stderr, "[%lld] %.4f\n", (long long)ch + 1, std::exp(nll / n));
+  }
+  const double dt = NowSeconds() - t0;
+  const double ppl = std::exp(nll / n);
+  const auto& cache = (*s)->cache();
+  if (json) {
+    nlohmann::json j;
+    j["model"] = c.model;
+    j["file"] = path;
+    j["n_ctx"] = n_ctx;
+    j["n_chunks"] = n_chunks;
+    j["ppl"] = ppl;
+    j["n_tokens"] = n;
+    j["kv_bytes"] = kv_bytes;
+    j["kv_residual_bytes"] = tail_bytes;
+    j["kv_bits_per_value"] = (cache.KBitsPerValue() + cache.VBitsPerValue()) / 2;
+    j["k_bits_per_value"] = cache.KBitsPerValue();
+    j["v_bits_per_value"] = cache.VBitsPerValue();
+    j["kv_bytes_per_token_descriptor"] = (*m)->config().KvBytesPerToken(cache.KBitsPerValue(), cache.VBitsPerValue());
+    j["tokens_per_second"] = double(n_chunks * n_ctx) / dt;
+    j["cache"] = cache.Describe();
+    j["peak_rss_bytes"] = PeakRssBytes();
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("%s\nppl = %.4f over %lld scored tokens (%lld chunks of %lld), KV %zu bytes, %.1f t/s\n",
+                cache.Describe().c_str(), ppl, (long long)n, (long long)n_chunks, (long long)n_ctx,
+                kv_bytes, double(n_chunks * n_ctx) / dt);
+  }
+  return 0;
+}
+
+int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vector<std::string>& cfgs,
+            bool json, bool csv, const std::string& report, int decode_tokens) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  EvalOptions opt;
+  opt.text_path = file.empty() ? DefaultTextPath() : file;
+  auto text = ReadTextFile(opt.text_path);
+  if (!text.ok()) return Fail(text.status());
+  auto toks = TokenizeText(**m, *text);
+  if (!toks.ok()) return Fail(toks.status());
+  opt.ppl.n_ctx = c.ctx > 0 ? c.ctx : 512;
+  opt.ppl.n_batch = c.batch;
+  opt.ppl.max_chunks = chunks;
+  opt.decode_tokens = decode_tokens;
+  std::vector<KvRunConfig> configs;
+  for (const auto& s : cfgs) {
+    auto r = ParseRunConfig(s);
+    if (!r.ok()) return Fail(r.status());
+    configs.push_back(*r);
+  }
+  if (configs.empty()) configs = DefaultRunConfigs();
+  auto res = RunEval(**m, *toks, configs, opt);
+  if (!res.ok()) return Fail(res.status());
+  res->model = c.model;
+  res->text = opt.text_path;
+  if (json) std::printf("%s\n", ToJson(*res).dump(2).c_str());
+  else if (csv) std::printf("%s", ToCsv(*res).c_str());
+  else std::printf("%s", FormatTable(*res).c_str());
+  if (!report.empty()) {
+    Status st = WriteReport(*res, report);
+    if (!st.ok()) return Fail(st);
+    std::fprintf(stderr, "report written to %s/report.md\n", report.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  spdlog::set_pattern("kvcrunch: %l: %v");
+  CLI::App app{"kvcrunch: LLM inference with a compressed, pluggable KV cache"};
+  app.require_subcommand(1);
+  Common c;
+
+  auto* info = app.add_subcommand("info", "model hyper-parameters and KV bytes per token per codec");
+  AddModelFlags(info, c);
+
+  std::string prompt, file, ids, out_path, report;
+  bool chat = false, print_ids = false, json = false, csv = false;
+  int n_predict = 128, decode_tokens = 32;
+  float temp = 0.8f, top_p = 0.95f;
+  uint32_t seed = 42;
+  int64_t chunks = -1;
+  std::vector<std::string> cfgs;
+
+  auto* gen = app.add_subcommand("generate", "generate text from a prompt (streamed)");
+  AddModelFlags(gen, c);
+  AddKvFlags(gen, c);
+  gen->add_option("-p,--prompt", prompt, "prompt text");
+  gen->add_option("-f,--file", file, "read the prompt from a file");
+  gen->add_option("--tokens", ids, "prompt as comma-separated token ids");
+  gen->add_flag("--chat", chat, "wrap the prompt in the model's chat template");
+  gen->add_option("-n,--n-predict", n_predict, "tokens to generate");
+  gen->add_option("--temp", temp, "temperature (0 = greedy)");
+  gen->add_option("--top-p", top_p, "nucleus sampling threshold");
+  gen->add_option("--seed", seed, "sampling seed");
+  gen->add_flag("--print-ids", print_ids, "print generated token ids (comma-separated) instead of text");
+
+  auto* lg = app.add_subcommand("logits", "write logits of every position as raw f32 [n_tokens, n_vocab]");
+  AddModelFlags(lg, c);
+  AddKvFlags(lg, c);
+  lg->add_option("--tokens", ids, "comma-separated token ids")->required();
+  lg->add_option("--out", out_path, "output file")->required();
+
+  auto* ppl = app.add_subcommand("perplexity", "perplexity, llama.cpp protocol (score 2nd half of each chunk)");
+  AddModelFlags(ppl, c);
+  AddKvFlags(ppl, c);
+  ppl->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
+  ppl->add_option("--chunks", chunks, "max chunks");
+  ppl->add_flag("--json", json, "print one JSON object");
+
+  auto* ev = app.add_subcommand("eval", "compare KV configurations against the f16 cache (the main job)");
+  AddModelFlags(ev, c);
+  AddKvFlags(ev, c);
+  ev->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
+  ev->add_option("--chunks", chunks, "max chunks (default 4)");
+  ev->add_option("--config", cfgs, "KV configuration, repeatable: 'q4_0' or 'k=q8_0 v=q4_0 evict=...'");
+  ev->add_flag("--json", json, "JSON output");
+  ev->add_flag("--csv", csv, "CSV output");
+  ev->add_option("--report", report, "write DIR/report.md and DIR/quality_vs_bytes.svg");
+  ev->add_option("--decode-tokens", decode_tokens, "decode steps timed per configuration")->check(CLI::Range(0, 100000));
+
+  CLI11_PARSE(app, argc, argv);
+  if (*info) return CmdInfo(c);
+  if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
+  if (*lg) return CmdLogits(c, ids, out_path);
+  if (*ppl) return CmdPerplexity(c, file, chunks, json);
+  if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);
+  return 0;
+}
