@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): set-up (idempotent), build, then
+#   1. unit tests (no model; seconds)            ctest -L unit
+#   2. model tests (real SmolLM2 GGUF)           ctest -L model
+#   3. forward pass vs the independent numpy reference (tests/reference/check_forward.py)
+# Exit status is non-zero if anything fails.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash scripts/setup.sh
+BUILD_DIR="${BUILD_DIR:-build}"
+jobs=$(nproc)
+echo "== unit tests"
+ctest --test-dir "$BUILD_DIR" -L unit --output-on-failure -j "$jobs" --timeout 300
+echo "== model tests"
+ctest --test-dir "$BUILD_DIR" -L model --output-on-failure --timeout 1200

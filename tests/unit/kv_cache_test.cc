@@ -1,0 +1,282 @@
+// The KV seam: attention through the cache against a direct reference, segment merge exactness,
+// fused vs tiled reads, eviction bookkeeping, bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kv/cache.h"
+#include "kv/rope.h"
+
+namespace kvc::kv {
+namespace {
+
+KvShape SmallShape() {
+  KvShape s;
+  s.n_layer = 2;
+  s.n_head = 6;
+  s.n_head_kv = 2;
+  s.head_dim = 64;
+  s.rope.theta = 10000.0;
+  s.rope.n_rot = 64;
+  return s;
+}
+
+std::vector<float> Randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+// Direct causal GQA attention over every token written (double precision), RoPE by seq.
+std::vector<float> Reference(const KvShape& s, const std::vector<float>& q, const std::vector<float>& k,
+                             const std::vector<float>& v, int n_q, int n_kv, int q_offset) {
+  const int hd = s.head_dim, g = s.n_head / s.n_head_kv;
+  Rope rope(s.rope);
+  std::vector<float> kr(k);
+  for (int t = 0; t < n_kv; ++t) {
+    rope.ApplySame(&kr[size_t(t) * s.n_head_kv * hd], s.n_head_kv, hd, t);
+  }
+  std::vector<float> out(size_t(n_q) * s.n_head * hd, 0.f);
+  for (int i = 0; i < n_q; ++i) {
+    const int qs = q_offset + i;
+    for (int h = 0; h < s.n_head; ++h) {
+      std::vector<float> qq(q.begin() + (size_t(i) * s.n_head + h) * hd,
+                            q.begin() + (size_t(i) * s.n_head + h + 1) * hd);
+      rope.ApplySame(qq.data(), 1, hd, qs);
+      const int kh = h / g;
+      std::vector<double> sc(qs + 1);
+      double mx = -1e300;
+      for (int t = 0; t <= qs; ++t) {
+        double d = 0;
+        for (int c = 0; c < hd; ++c) d += double(qq[c]) * kr[(size_t(t) * s.n_head_kv + kh) * hd + c];
+        sc[t] = d / std::sqrt(double(hd));
+        mx = std::max(mx, sc[t]);
+      }
+      double sum = 0;
+      for (auto& x : sc) sum += (x = std::exp(x - mx));
+      for (int t = 0; t <= qs; ++t) {
+        for (int c = 0; c < hd; ++c) {
+          out[(size_t(i) * s.n_head + h) * hd + c] +=
+              float(sc[t] / sum * v[(size_t(t) * s.n_head_kv + kh) * hd + c]);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+struct Stream {
+  std::vector<float> k, v, q;
+};
+
+Stream MakeStream(const KvShape& s, int n, uint32_t seed) {
+  Stream st;
+  st.k = Randn(size_t(n) * s.n_head_kv * s.head_dim, seed);
+  st.v = Randn(size_t(n) * s.n_head_kv * s.head_dim, seed + 1);
+  st.q = Randn(size_t(n) * s.n_head * s.head_dim, seed + 2);
+  return st;
+}
+
+// Writes tokens [0, n_prefill) as one batch, then single tokens up to n; returns outputs of all
+// queries [n, n_head, hd] for layer 0.
+std::vector<float> RunCache(KvCache& c, const KvShape& s, const Stream& st, int n, int n_prefill) {
+  const int hd = s.head_dim;
+  std::vector<float> out(size_t(n) * s.n_head * hd);
+  int done = 0;
+  while (done < n) {
+    const int nb = done == 0 ? n_prefill : 1;
+    std::vector<int64_t> seq(nb);
+    for (int i = 0; i < nb; ++i) seq[i] = done + i;
+    for (int l = 0; l < s.n_layer; ++l) {
+      EXPECT_TRUE(c.Write(l, seq.data(), nb, &st.k[size_t(done) * s.n_head_kv * hd],
+                          &st.v[size_t(done) * s.n_head_kv * hd]).ok());
+    }
+    c.Attend(0, &st.q[size_t(done) * s.n_head * hd], seq.data(), nb, &out[size_t(done) * s.n_head * hd]);
+    done += nb;
+  }
+  return out;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::fabs(a[i] - b[i])));
+  return m;
+}
+
+TEST(KvCache, F32MatchesReferencePrefillAndDecode) {
+  const KvShape s = SmallShape();
+  const int n = 45;
+  Stream st = MakeStream(s, n, 7);
+  KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "f32";
+  auto c = KvCache::Create(s, cfg);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  auto out = RunCache(**c, s, st, n, 37);  // tiled path for the prefill, fused for the steps
+  auto ref = Reference(s, st.q, st.k, st.v, n, n, 0);
+  EXPECT_LT(MaxAbsDiff(out, ref), 2e-5);
+}
+
+TEST(KvCache, SinkSegmentMergesExactly) {
+  const KvShape s = SmallShape();
+  const int n = 40;
+  Stream st = MakeStream(s, n, 11);
+  KvCacheConfig one, two;
+  one.k_codec = one.v_codec = "f32";
+  two = one;
+  two.sink_tokens = 4;
+  two.sink_codec = "f32";
+  auto a = KvCache::Create(s, one);
+  auto b = KvCache::Create(s, two);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto oa = RunCache(**a, s, st, n, 9);
+  auto ob = RunCache(**b, s, st, n, 9);
+  EXPECT_LT(MaxAbsDiff(oa, ob), 1e-6);
+  EXPECT_EQ((*b)->n_cells(0, 0), n);
+}
+
+TEST(KvCache, FusedEqualsTiledForQ8) {
+  const KvShape s = SmallShape();
+  const int n = 33;
+  Stream st = MakeStream(s, n, 3);
+  KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "q8_0";
+  auto c = KvCache::Create(s, cfg);
+  ASSERT_TRUE(c.ok());
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = i;
+  for (int l = 0; l < s.n_layer; ++l) ASSERT_TRUE((*c)->Write(l, seq.data(), n, st.k.data(), st.v.data()).ok());
+  const int hd = s.head_dim, rowsz = s.n_head * hd;
+  std::vector<float> tiled(size_t(n) * rowsz), fused(rowsz);
+  (*c)->Attend(0, st.q.data(), seq.data(), n, tiled.data());            // n_q > 4: tiled
+  (*c)->Attend(0, &st.q[size_t(n - 1) * rowsz], &seq[n - 1], 1, fused.data());  // fused
+  std::vector<float> last(tiled.end() - rowsz, tiled.end());
+  EXPECT_LT(MaxAbsDiff(last, fused), 1e-5);
+  // And q8_0 stays close to the exact answer.
+  auto ref = Reference(s, st.q, st.k, st.v, n, n, 0);
+  EXPECT_LT(MaxAbsDiff(tiled, ref), 0.05);
+}
+
+TEST(KvCache, F16HalvesBytesOfF32AndGrowsInSteps) {
+  const KvShape s = SmallShape();
+  KvCacheConfig a, b;
+  a.k_codec = a.v_codec = "f32";
+  b.k_codec = b.v_codec = "f16";
+  auto ca = KvCache::Create(s, a);
+  auto cb = KvCache::Create(s, b);
+  Stream st = MakeStream(s, 64, 5);
+  std::vector<int64_t> seq(64);
+  for (int i = 0; i < 64; ++i) seq[i] = i;
+  for (int l = 0; l < s.n_layer; ++l) {
+    ASSERT_TRUE((*ca)->Write(l, seq.data(), 64, st.k.data(), st.v.data()).ok());
+    ASSERT_TRUE((*cb)->Write(l, seq.data(), 64, st.k.data(), st.v.data()).ok());
+  }
+  const size_t expect_f16 = size_t(2) * s.n_layer * s.n_head_kv * 64 * s.head_dim * 2;
+  EXPECT_EQ((*cb)->Memory().KvBytes(), expect_f16);
+  EXPECT_EQ((*ca)->Memory().KvBytes(), 2 * expect_f16);
+  EXPECT_DOUBLE_EQ((*cb)->KBitsPerValue(), 16.0);
+}
+
+TEST(KvCache, KeepDropsCellsAndFreesBytes) {
+  const KvShape s = SmallShape();
+  KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "f32";
+  cfg.grow_tokens = 16;
+  auto c = KvCache::Create(s, cfg);
+  const int n = 64;
+  Stream st = MakeStream(s, n, 9);
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = i;
+  for (int l = 0; l < s.n_layer; ++l) ASSERT_TRUE((*c)->Write(l, seq.data(), n, st.k.data(), st.v.data()).ok());
+  std::vector<float> before(size_t(n) * s.head_dim);
+  (*c)->DecodeKeys(0, 1, before.data());
+  const size_t bytes0 = (*c)->Memory().KvBytes();
+  std::vector<int32_t> keep;
+  for (int i = 0; i < n; i += 4) keep.push_back(i);  // keep 16 of 64
+  ASSERT_TRUE((*c)->Keep(0, 1, keep).ok());
+  EXPECT_EQ((*c)->n_cells(0, 1), 16);
+  EXPECT_EQ((*c)->n_cells(0, 0), n);  // ragged: other heads untouched
+  EXPECT_EQ((*c)->seqs(0, 1)[3], 12);
+  std::vector<float> after(size_t(16) * s.head_dim);
+  (*c)->DecodeKeys(0, 1, after.data());
+  for (int j = 0; j < 16; ++j) {
+    for (int d = 0; d < s.head_dim; ++d) {
+      EXPECT_EQ(after[size_t(j) * s.head_dim + d], before[size_t(keep[j]) * s.head_dim + d]);
+    }
+  }
+  const size_t freed = bytes0 - (*c)->Memory().KvBytes();
+  EXPECT_EQ(freed, size_t(48) * s.head_dim * 4 * 2);  // 48 tokens x (K + V) f32 of one head
+  EXPECT_FALSE((*c)->Keep(0, 1, {3, 2}).ok());
+  EXPECT_FALSE((*c)->Keep(0, 1, {99}).ok());
+}
+
+TEST(KvCache, NonFiniteInputIsAnErrorAndChangesNothing) {
+  const KvShape s = SmallShape();
+  KvCacheConfig cfg;
+  auto c = KvCache::Create(s, cfg);
+  Stream st = MakeStream(s, 4, 1);
+  st.k[70] = std::nanf("");
+  std::vector<int64_t> seq = {0, 1, 2, 3};
+  Status r = (*c)->Write(0, seq.data(), 4, st.k.data(), st.v.data());
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.message().find("non-finite"), std::string::npos);
+  EXPECT_EQ((*c)->n_cells(0, 0), 0);
+  st.k[70] = 0.f;
+  st.v[3] = INFINITY;
+  EXPECT_FALSE((*c)->Write(0, seq.data(), 4, st.k.data(), st.v.data()).ok());
+  EXPECT_EQ((*c)->Memory().KvBytes(), 0u);
+}
+
+TEST(KvCache, UnknownCodecIsAConfigurationError) {
+  KvCacheConfig cfg;
+  cfg.k_codec = "q3_wat";
+  auto c = KvCache::Create(SmallShape(), cfg);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("unknown cache type"), std::string::npos);
+  cfg.k_codec = "q8_0:bits=3";
+  c = KvCache::Create(SmallShape(), cfg);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("unknown parameter"), std::string::npos);
+}
+
+TEST(KvCache, Fp16SaturatesInsteadOfInf) {
+  const KvShape s = SmallShape();
+  KvCacheConfig cfg;
+  auto c = KvCache::Create(s, cfg);
+  std::vector<float> k(size_t(s.n_head_kv) * s.head_dim, 1e6f), v(k.size(), -1e6f);
+  int64_t seq = 0;
+  ASSERT_TRUE((*c)->Write(0, &seq, 1, k.data(), v.data()).ok());
+  std::vector<float> dk(s.head_dim), dv(s.head_dim);
+  (*c)->DecodeValues(0, 0, dv.data());
+  for (float x : dv) EXPECT_EQ(x, -65504.f);
+}
+
+TEST(Rope, DoubleAnglesStayExactAtMillionsOfTokens) {
+  RopeParams p;
+  p.theta = 100000;
+  p.n_rot = 64;
+  Rope r(p);
+  // Rotating by P then by -P is the identity; fp32 angles would drift at P ~ 4e6.
+  std::vector<float> x = Randn(64, 2), y = x;
+  int64_t big = 4'000'000, neg = -4'000'000;
+  r.Apply(y.data(), 1, 64, &big);
+  r.Apply(y.data(), 1, 64, &neg);
+  EXPECT_LT(MaxAbsDiff(x, y), 1e-5);
+  // Relative property: <R(a)q, R(b)k> depends on b - a only.
+  std::vector<float> q = Randn(64, 3), k = Randn(64, 4);
+  auto dot_at = [&](int64_t a, int64_t b) {
+    std::vector<float> qq = q, kk = k;
+    r.Apply(qq.data(), 1, 64, &a);
+    r.Apply(kk.data(), 1, 64, &b);
+    double d = 0;
+    for (int i = 0; i < 64; ++i) d += double(qq[i]) * kk[i];
+    return d;
+  };
+  EXPECT_NEAR(dot_at(10, 3), dot_at(3'000'010, 3'000'003), 2e-4);
+}
+
+}  // namespace
+}  // namespace kvc::kv
