@@ -226,11 +226,11 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
       }
     }
     out.push_back(next);
+    if (model.tokenizer().IsEog(next)) break;
     if (!print_ids) {
       std::fputs(model.tokenizer().TokenToPiece(next).c_str(), stdout);
       std::fflush(stdout);
     }
-    if (model.tokenizer().IsEog(next)) break;
     if (!(*s)->policy() && (*s)->n_past() + 1 > so.n_ctx) {
       std::fprintf(stderr, "\n[context full at %lld tokens]\n", (long long)(*s)->n_past());
       break;
