@@ -33,6 +33,7 @@
 
 #include "cpu/ops.h"
 #include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
 #include "util/check.h"
 
 namespace kvc::cpu {
@@ -173,6 +174,23 @@ HWY_INLINE VI DotI8I8(VI acc, VI8 a, VI8 b) {
 #endif
 }
 
+template <int kSplit>
+HWY_INLINE VI SumSplit(const VI (&a)[kSplit]) {
+  if constexpr (kSplit == 1) return a[0];
+  if constexpr (kSplit == 2) return hn::Add(a[0], a[1]);
+  if constexpr (kSplit == 4) return hn::Add(hn::Add(a[0], a[1]), hn::Add(a[2], a[3]));
+}
+
+// AVX3_DL: vpdpbusd has no 16-bit saturation, so high nibbles can stay in place (x16).
+constexpr bool kHiMask = HWY_TARGET == HWY_AVX3_DL;
+
+// Exact block sum: lo parts + (16 hi parts) / 16 when kHiMask.
+template <int kSplit, int kSplitH>
+HWY_INLINE VI BlockSum(const VI (&a)[kSplit], const VI (&h)[kSplitH]) {
+  if constexpr (kHiMask) return hn::Add(SumSplit(a), hn::ShiftRight<4>(SumSplit(h)));
+  return SumSplit(a);
+}
+
 // One group of 16 rows times kT tokens: out [kT, 16] f32.
 // g: the group's packed blocks; q [kT rows of stride n_in] i8; dx, sx [kT rows of stride
 // n_blocks] f32 (per-block activation scale and scale * sum of q).
@@ -193,6 +211,7 @@ HWY_INLINE void GroupKernel(const uint8_t* HWY_RESTRICT g, int64_t n_blocks,
   constexpr size_t kBlockBytes = kNibble ? mm::kNibbleBlockBytes : mm::kByteBlockBytes;
   constexpr size_t kQsBytes = kNibble ? 256 : 512;
   constexpr bool kMinTerm = kNibble || kByteXor;
+  constexpr size_t kPrefetchBytes = 8 * kBlockBytes;  // a few blocks ahead, one line per block
   VF acc[kT][kV];
   for (int t = 0; t < kT; ++t) {
     for (int v = 0; v < kV; ++v) acc[t][v] = hn::Zero(df);
@@ -201,20 +220,34 @@ HWY_INLINE void GroupKernel(const uint8_t* HWY_RESTRICT g, int64_t n_blocks,
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = g + b * kBlockBytes;
     const int8_t* qb = q + b * gguf::kQK;
-    VI ai[kT][kV];
+    // Few tokens: split each row's block sum over kSplit independent accumulators so the
+    // vpdpbusd chain (latency 5) does not serialize decode.
+    constexpr int kSplit = kT >= 4 ? 1 : (kT >= 2 ? 2 : 4);
+    VI ai[kT][kV][kSplit];
+    constexpr int kSplitH = kT >= 4 ? 1 : 2;
+    VI ah[kT][kV][kSplitH];  // kHiMask only: Σ 16 hi q_x, a multiple of 16
     for (int t = 0; t < kT; ++t) {
-      for (int v = 0; v < kV; ++v) ai[t][v] = hn::Zero(di);
+      for (int v = 0; v < kV; ++v) {
+        for (int k = 0; k < kSplit; ++k) ai[t][v][k] = hn::Zero(di);
+        for (int k = 0; k < kSplitH; ++k) ah[t][v][k] = hn::Zero(di);
+      }
     }
+    if (kT == 1) hwy::Prefetch(blk + kPrefetchBytes);  // per-core bandwidth is the decode limit
     if constexpr (kNibble) {
       for (int c = 0; c < 4; ++c) {
         for (int v = 0; v < kV; ++v) {
           const VU8 raw = hn::LoadU(du8, blk + c * 64 + v * kN * 4);
           const VU8 lo = hn::And(raw, low4);
-          const VU8 hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, raw))), low4);
+          // kHiMask: 16 * high nibble (no shift on the busy port; summed apart, >> 4 later).
+          const VU8 hi =
+              kHiMask ? hn::And(raw, hn::Set(du8, 0xF0))
+                      : hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, raw))), low4);
           for (int t = 0; t < kT; ++t) {
             const int8_t* qt = qb + t * n_in + 8 * c;
-            ai[t][v] = DotU8I8(ai[t][v], lo, hn::BitCast(di8, hn::Set(di, Load4(qt))));
-            ai[t][v] = DotU8I8(ai[t][v], hi, hn::BitCast(di8, hn::Set(di, Load4(qt + 4))));
+            VI& a = ai[t][v][c % kSplit];
+            a = DotU8I8(a, lo, hn::BitCast(di8, hn::Set(di, Load4(qt))));
+            VI& h = kHiMask ? ah[t][v][c % kSplitH] : a;
+            h = DotU8I8(h, hi, hn::BitCast(di8, hn::Set(di, Load4(qt + 4))));
           }
         }
       }
@@ -225,7 +258,8 @@ HWY_INLINE void GroupKernel(const uint8_t* HWY_RESTRICT g, int64_t n_blocks,
               hn::LoadU(di8, reinterpret_cast<const int8_t*>(blk) + c * 64 + v * kN * 4);
           for (int t = 0; t < kT; ++t) {
             const int8_t* qt = qb + t * n_in + 4 * c;
-            ai[t][v] = DotI8I8(ai[t][v], raw, hn::BitCast(di8, hn::Set(di, Load4(qt))));
+            VI& a = ai[t][v][c % kSplit];
+            a = DotI8I8(a, raw, hn::BitCast(di8, hn::Set(di, Load4(qt))));
           }
         }
       }
@@ -242,7 +276,7 @@ HWY_INLINE void GroupKernel(const uint8_t* HWY_RESTRICT g, int64_t n_blocks,
       for (int t = 0; t < kT; ++t) {
         const int64_t bt = t * n_blocks + b;
         const VF scale = hn::Mul(dw, hn::Set(df, dx[bt]));
-        acc[t][v] = hn::MulAdd(hn::ConvertTo(df, ai[t][v]), scale, acc[t][v]);
+        acc[t][v] = hn::MulAdd(hn::ConvertTo(df, BlockSum(ai[t][v], ah[t][v])), scale, acc[t][v]);
         if constexpr (kMinTerm) acc[t][v] = hn::MulAdd(mw, hn::Set(df, sx[bt]), acc[t][v]);
       }
     }

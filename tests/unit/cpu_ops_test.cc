@@ -161,6 +161,7 @@ class MatMulTest : public ::testing::TestWithParam<TypeCase> {};
 
 TEST_P(MatMulTest, MatchesReference) {
   const TypeCase c = GetParam();
+  SetNumThreads(1);  // fast on shared CI cores; threading has its own test below
   std::mt19937 rng(1234 + static_cast<int>(c.type));
   // 40 rows: two full 16-row groups and a padded one. Legacy types also try n_in = 96.
   for (int64_t n_in : {int64_t{512}, int64_t{96}}) {
@@ -182,6 +183,7 @@ TEST_P(MatMulTest, MatchesReference) {
       });
     }
   }
+  SetNumThreads(0);
 }
 
 std::string CaseName(const ::testing::TestParamInfo<TypeCase>& info) {
