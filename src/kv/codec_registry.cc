@@ -4,7 +4,10 @@
 
 #include "kv/codec.h"
 #include "kv/codecs/plain.h"
+#include "kv/codecs/polar.h"
 #include "kv/codecs/q8_0.h"
+#include "kv/codecs/qjl.h"
+#include "kv/codecs/turbo.h"
 #include "kv/transform.h"
 
 namespace kvc::kv {
@@ -15,6 +18,14 @@ const std::vector<CodecInfo>& RegisteredCodecs() {
       {"f16", "IEEE float16, 16 bits/value (the baseline)", {}, MakeF16Codec, false},
       {"bf16", "bfloat16, 16 bits/value", {}, MakeBf16Codec, true},
       {"q8_0", "llama.cpp q8_0: int8 + fp16 scale per 32 values, 8.5 bits/value", {}, MakeQ8_0Codec, true},
+      {"turbo", "TurboQuant: Haar rotation + sphere Lloyd-Max + fp16 norm: turbo:bits=2|2.5|3|3.5|4,variant=mse|prod", {}, MakeTurboCodec, false},
+      {"turbo2", "TurboQuant mse 2-bit + fp16 norm: 2.25 bits/value (d=64)", {}, MakeTurboCodec, false},
+      {"turbo2.5", "TurboQuant mse 32@3b + 32@2b split + 2 norms: 3.0 bits/value (d=64)", {}, MakeTurboCodec, false},
+      {"turbo3", "TurboQuant mse 3-bit + fp16 norm: 3.25 bits/value (d=64)", {}, MakeTurboCodec, true},
+      {"turbo3.5", "TurboQuant mse 32@4b + 32@3b split + 2 norms: 4.0 bits/value (d=64)", {}, MakeTurboCodec, false},
+      {"turbo4", "TurboQuant mse 4-bit + fp16 norm: 4.25 bits/value (d=64)", {}, MakeTurboCodec, true},
+      {"qjl", "QJL 1-bit JL sketch of keys (K only) + fp16 norm: qjl:m=64 -> (16+m)/d bits/value", {}, MakeQjlCodec, false},
+      {"polar", "PolarQuant: rotation + 4-level polar angles 4/2/2/2 bits + fp16 radius per 16: 3.875 bits/value", {}, MakePolarCodec, true},
   };
   return kCodecs;
 }
@@ -23,6 +34,11 @@ const std::map<std::string, std::string>& CodecAliases() {
   static const std::map<std::string, std::string> kAliases = {
       {"fp16", "f16"},
       {"fp32", "f32"},
+      {"turbo2", "turbo:bits=2,variant=mse"},
+      {"turbo2.5", "turbo:bits=2.5,variant=mse"},
+      {"turbo3", "turbo:bits=3,variant=mse"},
+      {"turbo3.5", "turbo:bits=3.5,variant=mse"},
+      {"turbo4", "turbo:bits=4,variant=mse"},
   };
   return kAliases;
 }
