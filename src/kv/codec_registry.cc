@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "kv/codec.h"
+#include "kv/codecs/kvquant.h"
 #include "kv/codecs/plain.h"
 #include "kv/codecs/polar.h"
 #include "kv/codecs/q8_0.h"
@@ -24,6 +25,10 @@ const std::vector<CodecInfo>& RegisteredCodecs() {
       {"turbo3", "TurboQuant mse 3-bit + fp16 norm: 3.25 bits/value (d=64)", {}, MakeTurboCodec, true},
       {"turbo3.5", "TurboQuant mse 32@4b + 32@3b split + 2 norms: 4.0 bits/value (d=64)", {}, MakeTurboCodec, false},
       {"turbo4", "TurboQuant mse 4-bit + fp16 norm: 4.25 bits/value (d=64)", {}, MakeTurboCodec, true},
+      {"kvquant", "KVQuant nuq: pre-RoPE per-channel K, per-token V, calibrated codebooks, 1 fp16 outlier/vector: kvquant:bits=3", {}, MakeKvQuantCodec, false},
+      {"kvquant2", "KVQuant nuq2-1.6%: K 2.375 / V 2.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
+      {"kvquant3", "KVQuant nuq3-1.6%: K 3.375 / V 3.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
+      {"kvquant4", "KVQuant nuq4-1.6%: K 4.375 / V 4.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
       {"qjl", "QJL 1-bit JL sketch of keys (K only) + fp16 norm: qjl:m=64 -> (16+m)/d bits/value", {}, MakeQjlCodec, false},
       {"polar", "PolarQuant: rotation + 4-level polar angles 4/2/2/2 bits + fp16 radius per 16: 3.875 bits/value", {}, MakePolarCodec, true},
   };
@@ -39,6 +44,9 @@ const std::map<std::string, std::string>& CodecAliases() {
       {"turbo3", "turbo:bits=3,variant=mse"},
       {"turbo3.5", "turbo:bits=3.5,variant=mse"},
       {"turbo4", "turbo:bits=4,variant=mse"},
+      {"kvquant2", "kvquant:bits=2"},
+      {"kvquant3", "kvquant:bits=3"},
+      {"kvquant4", "kvquant:bits=4"},
   };
   return kAliases;
 }
