@@ -1,0 +1,131 @@
+// KVQuant calibration on the real model (creates models/<model>.kvquant.json when missing) and
+// the per-channel key statistics behind docs/quantization-advanced.md. Calibration text: a PG-19
+// book (disjoint from the WikiText-2 test text used for perplexity). GTEST_SKIP without model.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "kv/cache.h"
+#include "kv/codecs/kvquant.h"
+#include "kv/rope.h"
+#include "model/model.h"
+#include "runner.h"
+
+namespace kvc {
+namespace {
+
+const std::string kRoot = KVC_SOURCE_DIR;
+const std::string kModel = kRoot + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const std::string kCalibOut = kRoot + "/models/SmolLM2-135M-Instruct.Q4_1.kvquant.json";
+const std::string kCalibText = "/work/shared/data/pg19/pg1342_pride_and_prejudice_austen.txt";
+
+// Runs `n_chunks` chunks of `n_ctx` tokens through an f32 cache and returns pre-RoPE keys and
+// values per layer (token 0 of each chunk, the attention sink, dropped).
+StatusOr<kv::KvQuantSamples> Collect(const Model& m, const std::vector<int32_t>& toks, int n_ctx,
+                                     int n_chunks) {
+  const kv::KvShape shape = m.kv_shape();
+  kv::KvQuantSamples s;
+  s.n_layer = shape.n_layer;
+  s.n_head_kv = shape.n_head_kv;
+  s.head_dim = shape.head_dim;
+  s.k.resize(s.n_layer);
+  s.v.resize(s.n_layer);
+  kv::KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "f32";
+  Session::Options opt;
+  opt.n_ctx = n_ctx;
+  auto sess = Session::Create(m, cfg, "", opt);
+  if (!sess.ok()) return sess.status();
+  kv::Rope rope(shape.rope);
+  const int hd = shape.head_dim, nh = shape.n_head_kv;
+  for (int c = 0; c < n_chunks; ++c) {
+    (*sess)->Reset();
+    std::vector<int32_t> chunk(toks.begin() + size_t(c) * n_ctx, toks.begin() + size_t(c + 1) * n_ctx);
+    KVC_RETURN_IF_ERROR((*sess)->Eval(chunk, false, nullptr));
+    const auto& cache = (*sess)->cache();
+    for (int l = 0; l < s.n_layer; ++l) {
+      const int64_t n = cache.n_cells(l, 0);
+      std::vector<float> k(size_t(n) * hd), v(size_t(n) * hd);
+      std::vector<std::vector<float>> kh(nh), vh(nh);
+      for (int h = 0; h < nh; ++h) {
+        cache.DecodeKeys(l, h, k.data());
+        cache.DecodeValues(l, h, v.data());
+        std::vector<int64_t> neg(cache.positions(l, h));
+        for (auto& p : neg) p = -p;  // undo RoPE: rotate back by −pos
+        rope.Apply(k.data(), int(n), hd, neg.data());
+        kh[h] = k;
+        vh[h] = v;
+      }
+      for (int64_t t = 1; t < n; ++t) {
+        for (int h = 0; h < nh; ++h) {
+          s.k[l].insert(s.k[l].end(), &kh[h][t * hd], &kh[h][(t + 1) * hd]);
+          s.v[l].insert(s.v[l].end(), &vh[h][t * hd], &vh[h][(t + 1) * hd]);
+        }
+      }
+    }
+  }
+  s.source = "pg19 " + kCalibText.substr(kCalibText.rfind('/') + 1) + ", " +
+             std::to_string(n_chunks) + "x" + std::to_string(n_ctx) + " tokens, f32 cache";
+  return s;
+}
+
+TEST(KvQuantModel, CalibratesAndReportsKeyOutlierChannels) {
+  if (!std::filesystem::exists(kModel)) GTEST_SKIP() << "model missing: " << kModel;
+  if (!std::filesystem::exists(kCalibText)) GTEST_SKIP() << "PG-19 text missing";
+  auto m = Model::Load(kModel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto text = ReadTextFile(kCalibText);
+  ASSERT_TRUE(text.ok());
+  // Skip the Gutenberg header; 2 x 1024 tokens.
+  auto toks = TokenizeText(**m, text->substr(std::min<size_t>(20000, text->size() / 4)));
+  ASSERT_TRUE(toks.ok());
+  const int n_ctx = 1024, n_chunks = 2;
+  ASSERT_GE(int(toks->size()), n_ctx * n_chunks);
+  auto s = Collect(**m, *toks, n_ctx, n_chunks);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+
+  // Per-channel statistics of pre-RoPE keys: max|k| over tokens / median channel RMS per layer.
+  const int hd = s->head_dim, nh = s->n_head_kv, w = hd * nh;
+  for (int l = 0; l < s->n_layer; ++l) {
+    const auto& K = s->k[l];
+    const size_t n = K.size() / w;
+    std::vector<double> rms(w, 0.0);
+    for (size_t t = 0; t < n; ++t)
+      for (int c = 0; c < w; ++c) rms[c] += double(K[t * w + c]) * K[t * w + c];
+    for (auto& r : rms) r = std::sqrt(r / n);
+    std::vector<int> ord(w);
+    std::iota(ord.begin(), ord.end(), 0);
+    std::sort(ord.begin(), ord.end(), [&](int a, int b) { return rms[a] > rms[b]; });
+    std::vector<double> sorted(rms);
+    std::sort(sorted.begin(), sorted.end());
+    const double med = sorted[w / 2];
+    std::printf("layer %2d: median ch RMS %.2f; top (head:ch RMS ratio) %d:%d %.1fx, %d:%d %.1fx, "
+                "%d:%d %.1fx\n", l, med, ord[0] / hd, ord[0] % hd, rms[ord[0]] / med,
+                ord[1] / hd, ord[1] % hd, rms[ord[1]] / med, ord[2] / hd, ord[2] % hd,
+                rms[ord[2]] / med);
+  }
+
+  auto cal = kv::CalibrateKvQuant(*s);
+  ASSERT_TRUE(cal.ok()) << cal.status().ToString();
+  if (!std::filesystem::exists(kCalibOut)) {
+    ASSERT_TRUE(kv::SaveCalibrationJson(*cal, kCalibOut).ok());
+    std::printf("wrote %s (%s)\n", kCalibOut.c_str(), cal->source.c_str());
+  }
+  // The saved file builds codecs for every layer of this model.
+  kv::CodecContext ctx;
+  ctx.n_layer = s->n_layer;
+  ctx.n_head_kv = nh;
+  ctx.dim = hd;
+  ctx.layer = s->n_layer - 1;
+  ctx.head = nh - 1;
+  auto c = kv::MakeCodec("kvquant:bits=3,calib=" + kCalibOut, ctx);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_TRUE((*c)->wants_pre_rope_keys());
+}
+
+}  // namespace
+}  // namespace kvc
