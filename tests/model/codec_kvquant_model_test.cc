@@ -13,7 +13,7 @@
 #include "kv/codecs/kvquant.h"
 #include "kv/rope.h"
 #include "model/model.h"
-#include "runner.h"
+#include "../../tools/cli/lib/runner.h"  // TokenizeText, ReadTextFile (kvc_eval)
 
 namespace kvc {
 namespace {
