@@ -34,6 +34,7 @@ struct HeadPlan {
 }  // namespace
 
 void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out) {
+  if (observer_) observer_->OnQuery(layer, q_seq, n_q, q);
   const int nkv = shape_.n_head_kv, nh = shape_.n_head, g = nh / nkv;
   const int hd = shape_.head_dim, dv = shape_.DimV();
   const float scale = shape_.attn_scale > 0 ? shape_.attn_scale : 1.0f / std::sqrt(float(hd));

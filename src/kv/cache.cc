@@ -261,6 +261,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
                                          seq[0], heads[h].seq.back()));
     }
   }
+  if (observer_) observer_->OnWrite(layer, seq, n, k, v);
   std::vector<float> kx(size_t(n) * hd), vx(size_t(n) * dv), y;
   std::vector<int64_t> pos(n);
   for (int h = 0; h < nkv; ++h) {

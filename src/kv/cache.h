@@ -88,6 +88,18 @@ struct MemoryReport {
   int64_t Cells() const;
 };
 
+// Optional observer of the raw vectors the cache receives (calibration tools: Palu bases, ThinK
+// channel scores). Called synchronously; zero cost when none is set.
+class KvObserver {
+ public:
+  virtual ~KvObserver() = default;
+  // Same arguments as KvCache::Write after validation: k pre-RoPE [n, n_head_kv, head_dim],
+  // v [n, n_head_kv, DimV()].
+  virtual void OnWrite(int layer, const int64_t* seq, int n, const float* k, const float* v) {}
+  // Same arguments as KvCache::Attend: q pre-RoPE [n_q, n_head, head_dim].
+  virtual void OnQuery(int layer, const int64_t* q_seq, int n_q, const float* q) {}
+};
+
 class KvCache {
  public:
   // Builds every codec/transform instance now; incompatible choices are an error here, never
@@ -108,6 +120,8 @@ class KvCache {
   void Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out);
 
   void SetStatsRequest(const AttnStatsRequest& r) { stats_ = r; }
+  // Not owned; null to remove.
+  void SetObserver(KvObserver* o) { observer_ = o; }
   const AttnStatsRequest& stats_request() const { return stats_; }
 
   // --- bookkeeping (per layer, KV head) ---
@@ -151,6 +165,7 @@ class KvCache {
   KvShape shape_;
   KvCacheConfig cfg_;
   AttnStatsRequest stats_;
+  KvObserver* observer_ = nullptr;
   int64_t n_consumed_ = 0;
   std::unique_ptr<Impl> impl_;
 };

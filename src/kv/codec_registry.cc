@@ -10,6 +10,8 @@
 #include "kv/codecs/qjl.h"
 #include "kv/codecs/turbo.h"
 #include "kv/transform.h"
+#include "kv/transforms/lowrank.h"
+#include "kv/transforms/think.h"
 
 namespace kvc::kv {
 
@@ -70,7 +72,10 @@ StatusOr<std::unique_ptr<Codec>> MakeCodec(const std::string& text, const CodecC
 }
 
 const std::vector<TransformInfo>& RegisteredTransforms() {
-  static const std::vector<TransformInfo> kTransforms = {};
+  static const std::vector<TransformInfo> kTransforms = {
+      {"lowrank", "Palu low-rank latent (calibrated eigenbasis, pre-RoPE keys): lowrank:file=F,ratio=0.5", MakeLowRankTransform},
+      {"think", "ThinK key-channel pruning by query-key score: think:file=F,ratio=0.4 (pruned)", MakeThinkTransform},
+  };
   return kTransforms;
 }
 

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cpu/ops.h"
+#include "calibrate.h"
 #include "eval.h"
 #include "kv/codec.h"
 #include "kv/policy.h"
@@ -30,7 +31,7 @@ struct Common {
   int threads = 2;
   int64_t ctx = 0;  // 0 = command default
   int batch = 512;
-  std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos = "original";
+  std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos = "original", lowrank;
   int sinks = 0;
   std::string sink_codec = "f16";
 };
@@ -43,10 +44,11 @@ void AddModelFlags(CLI::App* app, Common& c) {
 void AddKvFlags(CLI::App* app, Common& c) {
   app->add_option("-c,--ctx-size", c.ctx, "context size (tokens)")->check(CLI::Range(int64_t(1), int64_t(1) << 24));
   app->add_option("-b,--batch-size", c.batch, "micro-batch size for prompt processing")->check(CLI::Range(1, 1 << 16));
-  app->add_option("-ctk,--cache-type-k", c.ctk, "K codec spec (see `kvcrunch info`)");
-  app->add_option("-ctv,--cache-type-v", c.ctv, "V codec spec");
+  app->add_option("--cache-type-k", c.ctk, "K codec spec (see `kvcrunch info`)");
+  app->add_option("--cache-type-v", c.ctv, "V codec spec");
   app->add_option("--kv-transform-k", c.kt, "K transform spec (e.g. hadamard)");
   app->add_option("--kv-transform-v", c.vt, "V transform spec");
+  app->add_option("--kv-lowrank", c.lowrank, "calibration FILE: Palu low-rank K and V (= lowrank:file=FILE for K and V)");
   app->add_option("--kv-evict", c.evict, "eviction policy spec (e.g. streaming:sink=4,window=1020)");
   app->add_option("--kv-sinks", c.sinks, "first N tokens kept in their own segment")->check(CLI::Range(0, 1 << 20));
   app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment");
@@ -70,6 +72,10 @@ StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
   r.cache.v_codec = c.ctv;
   r.cache.k_transform = c.kt;
   r.cache.v_transform = c.vt;
+  if (!c.lowrank.empty()) {
+    if (!c.kt.empty() || !c.vt.empty()) return InvalidArgument("--kv-lowrank sets both transforms; drop --kv-transform-k/v");
+    r.cache.k_transform = r.cache.v_transform = "lowrank:file=" + c.lowrank;
+  }
   r.cache.sink_tokens = c.sinks;
   r.cache.sink_codec = c.sink_codec;
   KVC_ASSIGN_OR_RETURN(r.cache.position_mode, kv::ParsePositionMode(c.pos));
@@ -184,6 +190,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
   so.n_batch = c.batch;
@@ -285,6 +292,7 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
   if (n_ctx < 4) return Fail(InvalidArgument("-c must be at least 4"));
   int64_t n_chunks = int64_t(toks->size()) / n_ctx;
@@ -347,6 +355,31 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   return 0;
 }
 
+int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path, int64_t max_tokens) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  if (file.empty()) return Fail(InvalidArgument("calibrate needs -f TEXT (use text disjoint from the evaluation text, e.g. a PG-19 book)"));
+  auto text = ReadTextFile(file);
+  if (!text.ok()) return Fail(text.status());
+  auto toks = TokenizeText(**m, *text);
+  if (!toks.ok()) return Fail(toks.status());
+  CalibrateOptions opt;
+  opt.n_ctx = c.ctx > 0 ? c.ctx : 512;
+  opt.max_tokens = max_tokens;
+  opt.spec = c.lowrank.empty() ? "palu:ratio=0.5" : c.lowrank;
+  opt.source = file;
+  const double t0 = NowSeconds();
+  auto f = Calibrate(**m, *toks, opt);
+  if (!f.ok()) return Fail(f.status());
+  Status st = kv::WriteCalibrationFile(out_path, *f);
+  if (!st.ok()) return Fail(st);
+  std::printf("%s", DescribePaluRanks(*f, std::atof(f->MetaOr("ratio", "0.5").c_str()), f->MetaOr("alloc", "uniform")).c_str());
+  std::printf("wrote %s: %s tokens of %s, %.1f s\nuse: --kv-lowrank %s  or  eval --config 'kt=lowrank:file=%s vt=lowrank:file=%s'  or  kt=think:file=%s,ratio=0.4\n",
+              out_path.c_str(), f->MetaOr("n_tokens", "?").c_str(), file.c_str(), NowSeconds() - t0,
+              out_path.c_str(), out_path.c_str(), out_path.c_str(), out_path.c_str());
+  return 0;
+}
+
 int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vector<std::string>& cfgs,
             bool json, bool csv, const std::string& report, int decode_tokens) {
   auto m = LoadModel(c);
@@ -365,6 +398,7 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   for (const auto& s : cfgs) {
     auto r = ParseRunConfig(s);
     if (!r.ok()) return Fail(r.status());
+    if (Status cs = CheckRunConfigCalibration(*r, **m); !cs.ok()) return Fail(cs);
     configs.push_back(*r);
   }
   if (configs.empty()) configs = DefaultRunConfigs();
@@ -439,11 +473,29 @@ int main(int argc, char** argv) {
   ev->add_option("--report", report, "write DIR/report.md and DIR/quality_vs_bytes.svg");
   ev->add_option("--decode-tokens", decode_tokens, "decode steps timed per configuration")->check(CLI::Range(0, 100000));
 
-  CLI11_PARSE(app, argc, argv);
+  int64_t cal_tokens = 16384;
+  auto* cal = app.add_subcommand("calibrate", "K/V statistics for low-rank (Palu) and ThinK transforms -> calibration file");
+  AddModelFlags(cal, c);
+  cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
+  cal->add_option("--kv-lowrank", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var]");
+  cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)");
+  cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)");
+  cal->add_option("-o,--out", out_path, "output calibration file")->required();
+
+  // llama.cpp's -ctk/-ctv: CLI11 2.1 rejects multi-letter single-dash names, so translate them.
+  std::vector<std::string> args(argv, argv + argc);
+  for (auto& a : args) {
+    if (a == "-ctk") a = "--cache-type-k";
+    if (a == "-ctv") a = "--cache-type-v";
+  }
+  std::vector<char*> argv2;
+  for (auto& a : args) argv2.push_back(a.data());
+  CLI11_PARSE(app, int(argv2.size()), argv2.data());
   if (*info) return CmdInfo(c);
   if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
   if (*lg) return CmdLogits(c, ids, out_path);
   if (*ppl) return CmdPerplexity(c, file, chunks, json);
+  if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);
   if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);
   return 0;
 }

@@ -1,0 +1,181 @@
+#include "kv/transforms/lowrank.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+
+#include <fmt/format.h>
+
+namespace kvc::kv {
+
+namespace {
+
+class LowRankTransform final : public Transform {
+ public:
+  LowRankTransform(std::vector<float> p, int dim, int r, bool pre_rope, std::string name)
+      : p_(std::move(p)), dim_(dim), r_(r), pre_rope_(pre_rope), name_(std::move(name)) {}
+  std::string Name() const override { return name_; }
+  int in_dim() const override { return dim_; }
+  int out_dim() const override { return r_; }
+  bool pre_rope() const override { return pre_rope_; }
+  size_t ParamBytes() const override { return p_.capacity() * sizeof(float); }
+  // y [n, r] = x [n, dim] · P [dim, r]
+  void Forward(const float* x, int n, float* y) const override {
+    if (n <= 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r_, dim_, 1.0f, x, dim_, p_.data(),
+                r_, 0.0f, y, r_);
+  }
+  // x [n, dim] = y [n, r] · Pᵀ
+  void Reconstruct(const float* y, int n, float* x) const override {
+    if (n <= 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dim_, r_, 1.0f, y, r_, p_.data(), r_,
+                0.0f, x, dim_);
+  }
+  void FoldQuery(const float* q, int n, float* qf) const override { Forward(q, n, qf); }
+
+ private:
+  std::vector<float> p_;  // [dim, r] f32 row-major, orthonormal columns
+  int dim_, r_;
+  bool pre_rope_;
+  std::string name_;
+};
+
+int RoundUpTo(int x, int m) { return (x + m - 1) / m * m; }
+
+// Normalised Walsh–Hadamard matrix [n, n] (n a power of two), Sylvester construction.
+std::vector<float> Hadamard(int n) {
+  std::vector<float> h(size_t(n) * n);
+  const float s = 1.0f / std::sqrt(float(n));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) h[size_t(i) * n + j] = (__builtin_popcount(i & j) & 1) ? -s : s;
+  }
+  return h;
+}
+
+}  // namespace
+
+std::string PaluTensorName(const char* what, KvKind kind, int layer, int head) {
+  return fmt::format("palu.{}.{}.{}.{}", kind == KvKind::kKey ? "k" : "v", what, layer, head);
+}
+
+StatusOr<std::vector<int>> PaluRanks(const CalibrationFile& f, KvKind kind, int n_layer,
+                                     int n_head_kv, int dim, double ratio,
+                                     const std::string& alloc, int multiple) {
+  if (!(ratio > 0 && ratio <= 1)) {
+    return InvalidArgument(fmt::format("lowrank: ratio {} must be in (0, 1] (fraction of "
+                                       "dimensions kept)", ratio));
+  }
+  if (multiple < 1 || dim % multiple != 0) {
+    return InvalidArgument(fmt::format("lowrank: multiple={} must divide head_dim {}", multiple,
+                                       dim));
+  }
+  const int n_streams = n_layer * n_head_kv;
+  const int uniform = std::min(dim, RoundUpTo(std::max(1, int(std::lround(ratio * dim))), multiple));
+  std::vector<int> ranks(n_streams, uniform);
+  if (alloc == "uniform") return ranks;
+  if (alloc != "var") {
+    return InvalidArgument(fmt::format("lowrank: alloc '{}' unknown (uniform, var)", alloc));
+  }
+  // Chunks of `multiple` components; gain = explained-variance fraction of the chunk.
+  struct Chunk {
+    double gain;
+    int stream;
+  };
+  std::vector<Chunk> chunks;
+  const int per = dim / multiple;
+  for (int l = 0; l < n_layer; ++l) {
+    for (int h = 0; h < n_head_kv; ++h) {
+      const CalibrationFile::Tensor* eig;
+      KVC_ASSIGN_OR_RETURN(eig, f.Get(PaluTensorName("eig", kind, l, h), dim));
+      double tot = 0;
+      for (float e : eig->data) tot += std::max(0.f, e);
+      if (tot <= 0) tot = 1;
+      for (int c = 1; c < per; ++c) {  // chunk 0 is always kept
+        double g = 0;
+        for (int i = c * multiple; i < (c + 1) * multiple; ++i) g += std::max(0.f, eig->data[i]);
+        chunks.push_back({g / tot, l * n_head_kv + h});
+      }
+    }
+  }
+  // Stable order: larger gain first, then lower stream index; within a stream chunks are
+  // already in descending order, so taking a prefix keeps each stream's chunks contiguous.
+  std::stable_sort(chunks.begin(), chunks.end(),
+                   [](const Chunk& a, const Chunk& b) { return a.gain > b.gain; });
+  const int64_t budget = std::llround(ratio * dim / multiple * n_streams) - n_streams;
+  std::fill(ranks.begin(), ranks.end(), multiple);
+  for (int64_t i = 0; i < budget && i < int64_t(chunks.size()); ++i) {
+    ranks[chunks[i].stream] += multiple;
+  }
+  return ranks;
+}
+
+std::unique_ptr<Transform> MakeLowRankFromBasis(std::vector<float> p, int dim, int r,
+                                                bool pre_rope, std::string name) {
+  return std::make_unique<LowRankTransform>(std::move(p), dim, r, pre_rope, std::move(name));
+}
+
+StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
+                                                          const CodecContext& ctx) {
+  std::string path, alloc_in;
+  KVC_ASSIGN_OR_RETURN(path, spec.GetString("file", ""));
+  if (path.empty()) {
+    return InvalidArgument("lowrank needs a calibration file: lowrank:file=PATH[,ratio=0.5] "
+                           "(create one with `kvcrunch calibrate -m MODEL -f TEXT -o PATH`)");
+  }
+  std::shared_ptr<const CalibrationFile> f;
+  KVC_ASSIGN_OR_RETURN(f, LoadCalibrationFileShared(path));
+  if (f->MetaOr("kind", "") != "kv-stats") {
+    return InvalidArgument(fmt::format("'{}' is not a K/V statistics calibration file (kind '{}')",
+                                       path, f->MetaOr("kind", "")));
+  }
+  const int f_layers = std::atoi(f->MetaOr("n_layer", "0").c_str());
+  const int f_heads = std::atoi(f->MetaOr("n_head_kv", "0").c_str());
+  const int f_dim = std::atoi(
+      f->MetaOr(ctx.kind == KvKind::kKey ? "head_dim" : "head_dim_v", "0").c_str());
+  if (f_layers != ctx.n_layer || f_heads != ctx.n_head_kv || f_dim != ctx.dim) {
+    return InvalidArgument(fmt::format(
+        "calibration file '{}' was made for n_layer {} n_head_kv {} dim {} (model '{}'), but "
+        "this cache has n_layer {} n_head_kv {} dim {}: calibrate for this model", path, f_layers,
+        f_heads, f_dim, f->MetaOr("model_id", "?"), ctx.n_layer, ctx.n_head_kv, ctx.dim));
+  }
+  double ratio;
+  int multiple;
+  bool rot;
+  KVC_ASSIGN_OR_RETURN(ratio, spec.GetDouble("ratio", std::atof(f->MetaOr("ratio", "0.5").c_str())));
+  KVC_ASSIGN_OR_RETURN(alloc_in, spec.GetString("alloc", f->MetaOr("alloc", "uniform")));
+  KVC_ASSIGN_OR_RETURN(multiple, spec.GetInt("multiple", 1));
+  KVC_ASSIGN_OR_RETURN(rot, spec.GetBool("rot", false));
+  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
+  std::vector<int> ranks;
+  KVC_ASSIGN_OR_RETURN(ranks, PaluRanks(*f, ctx.kind, ctx.n_layer, ctx.n_head_kv, ctx.dim, ratio,
+                                        alloc_in, multiple));
+  const int d = ctx.dim, r = ranks[ctx.layer * ctx.n_head_kv + ctx.head];
+  const CalibrationFile::Tensor* basis;
+  KVC_ASSIGN_OR_RETURN(basis, f->Get(PaluTensorName("basis", ctx.kind, ctx.layer, ctx.head),
+                                     int64_t(d) * d));
+  std::vector<float> p(size_t(d) * r);  // [d, r]: column j = eigenvector j
+  for (int j = 0; j < r; ++j) {
+    for (int i = 0; i < d; ++i) p[size_t(i) * r + j] = basis->data[size_t(j) * d + i];
+  }
+  if (rot) {
+    if (r & (r - 1)) {
+      return InvalidArgument(fmt::format("lowrank: rot=1 needs a power-of-two rank, layer {} head "
+                                         "{} has rank {} (use multiple=16/32 or uniform ranks)",
+                                         ctx.layer, ctx.head, r));
+    }
+    const std::vector<float> h = Hadamard(r);
+    std::vector<float> ph(p.size());
+    // P' [d, r] = P [d, r] · Hᵀ [r, r]
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d, r, r, 1.0f, p.data(), r, h.data(), r,
+                0.0f, ph.data(), r);
+    p.swap(ph);
+  }
+  const std::string name = fmt::format("lowrank:ratio={},alloc={},r={}{}", ratio, alloc_in, r,
+                                       rot ? ",rot=1" : "");
+  return MakeLowRankFromBasis(std::move(p), d, r, ctx.kind == KvKind::kKey, name);
+}
+
+}  // namespace kvc::kv
