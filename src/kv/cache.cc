@@ -50,7 +50,9 @@ void Stream::ReservePacked(int64_t tokens) {
   const int64_t step = RoundUp(std::max<int64_t>(grow_tokens, 1), bt);
   const size_t need = size_t(RoundUp(tokens, bt) / bt) * block_bytes();
   if (need <= packed.capacity()) return;
-  const size_t want = size_t(RoundUp(tokens, step) / bt) * block_bytes();
+  int64_t want_tokens = RoundUp(tokens, step);
+  if (limit_tokens >= 0) want_tokens = std::max(tokens, std::min(want_tokens, limit_tokens));
+  const size_t want = size_t(RoundUp(want_tokens, bt) / bt) * block_bytes();
   packed.reserve(want);  // exact-size reserve; growth never doubles
 }
 
@@ -82,7 +84,9 @@ void Stream::Append(const float* y, int64_t n) {
   // Everything else passes through the fp16 tail.
   const int64_t add = n - start;
   if (int64_t(tail.capacity()) < (n_tail + add) * dim) {
-    tail.reserve(size_t(RoundUp(n_tail + add, std::max(grow_tokens, 1)) * dim));
+    int64_t want_tokens = RoundUp(n_tail + add, std::max(grow_tokens, 1));
+    if (limit_tokens >= 0) want_tokens = std::max(n_tail + add, std::min(want_tokens, limit_tokens));
+    tail.reserve(size_t(want_tokens * dim));
   }
   tail.resize(size_t((n_tail + add) * dim));
   Fp32ToFp16SatRow(y + start * dim, add * dim, tail.data() + n_tail * dim);
@@ -376,7 +380,11 @@ static void KeepRows(Stream& s, const std::vector<int32_t>& keep) {
     s.packed.resize(keep.size() * bb);
     std::vector<uint8_t> shrunk;
     const int64_t step = std::max(s.grow_tokens, 1);
-    shrunk.reserve(size_t(RoundUp(int64_t(keep.size()), step)) * bb);
+    int64_t want_tokens = RoundUp(int64_t(keep.size()), step);
+    if (s.limit_tokens >= 0) {
+      want_tokens = std::max(int64_t(keep.size()), std::min(want_tokens, s.limit_tokens));
+    }
+    shrunk.reserve(size_t(want_tokens) * bb);
     shrunk.assign(s.packed.begin(), s.packed.end());
     s.packed.swap(shrunk);
     s.n_packed = int64_t(keep.size());
@@ -451,6 +459,35 @@ Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos
     off += n;
   }
   hc.pos = new_pos;
+  return Status::Ok();
+}
+
+void KvCache::SetStorageLimit(int64_t tokens) {
+  for (auto& heads : impl_->layers) {
+    for (auto& hc : heads) {
+      for (auto& seg : hc.segs) {
+        seg.k.limit_tokens = tokens;
+        seg.v.limit_tokens = tokens;
+      }
+    }
+  }
+}
+
+Status KvCache::TruncateAfter(int64_t last_seq) {
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    for (int h = 0; h < shape_.n_head_kv; ++h) {
+      auto& hc = impl_->layers[l][h];
+      const int64_t n_keep =
+          std::upper_bound(hc.seq.begin(), hc.seq.end(), last_seq) - hc.seq.begin();
+      if (n_keep < hc.n()) {
+        std::vector<int32_t> keep(static_cast<size_t>(n_keep));
+        std::iota(keep.begin(), keep.end(), 0);
+        KVC_RETURN_IF_ERROR(Keep(l, h, keep));
+      }
+      // The next token (seq n_consumed_) continues at position (last_seq + 1) - old shift.
+      hc.shift += n_consumed_ - (last_seq + 1);
+    }
+  }
   return Status::Ok();
 }
 

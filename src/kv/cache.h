@@ -150,6 +150,17 @@ class KvCache {
   int64_t pos_shift(int layer, int head) const;
   void set_pos_shift(int layer, int head, int64_t shift);
 
+  // Storage reservation limit per (layer, head) stream in tokens (-1: none, the default).
+  // Growth never reserves beyond max(limit, tokens needed), so while a head holds <= limit
+  // tokens its allocated bytes are <= limit tokens' bytes (block rounding aside). Eviction
+  // policies set it to their budget so Memory() never exceeds the budget's bytes.
+  void SetStorageLimit(int64_t tokens);
+  // Drops every cell with seq > last_seq (all layers and heads; sorted per head, so this keeps a
+  // prefix) and shifts RoPE positions of tokens written later (pos_shift += n_consumed() -
+  // (last_seq + 1)) so they continue at last_seq + 1 as if the dropped tokens were never
+  // consumed. Context reuse: compress a context once, then answer several questions from it.
+  // n_consumed() is unchanged (it is the causal clock; new tokens must still get seq >= it).
+  Status TruncateAfter(int64_t last_seq);
   void Clear();  // drops every cell, frees storage
   MemoryReport Memory() const;
   // Bits per value of the body codecs (from descriptors), K and V, averaged over layers.

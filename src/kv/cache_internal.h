@@ -20,6 +20,7 @@ struct Stream {
   std::vector<uint16_t> tail;          // [n_tail, dim] IEEE fp16 (the residual window)
   int64_t n_tail = 0;
   int grow_tokens = 64;
+  int64_t limit_tokens = -1;           // reservations never exceed max(limit, needed); -1: none
 
   int64_t n() const { return n_packed + n_tail; }
   size_t block_bytes() const { return codec->BlockBytes(); }

@@ -196,7 +196,11 @@ StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, kv::KvCac
   std::unique_ptr<Session> s(new Session(model));
   s->opt_ = opt;
   KVC_ASSIGN_OR_RETURN(s->policy_, kv::MakePolicy(evict_spec, model.kv_shape()));
-  if (s->policy_) cache_cfg.position_mode = s->policy_->position_mode();
+  // An explicit position mode (not the default) wins; otherwise the policy's own (StreamingLLM:
+  // in-cache). Policies take a `pos=` parameter too.
+  if (s->policy_ && cache_cfg.position_mode == kv::PositionMode::kOriginal) {
+    cache_cfg.position_mode = s->policy_->position_mode();
+  }
   KVC_ASSIGN_OR_RETURN(s->cache_, kv::KvCache::Create(model.kv_shape(), cache_cfg));
   if (s->policy_) s->cache_->SetStatsRequest(s->policy_->StatsNeeded());
   return s;
