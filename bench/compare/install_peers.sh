@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Install the peer runtimes that bench/compare/ measures kvcrunch against.
+#
+# llama.cpp, through llama-cpp-python from PyPI: the sdist vendors llama.cpp and
+# builds it from source with CMake (scikit-build-core). On 2 cores this takes
+# several minutes; progress goes to $LOG (default /tmp/kvcrunch_install_peers.log).
+#
+# Idempotent: does nothing if the pinned version is already importable.
+# Usage: bash bench/compare/install_peers.sh [--force]
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG="${LOG:-${TMPDIR:-/tmp}/kvcrunch_install_peers.log}"
+PY="${PYTHON:-python3}"
+
+force=0
+reinstall=()
+if [[ "${1:-}" == "--force" ]]; then force=1; reinstall=(--force-reinstall --no-deps); fi
+
+installed="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"
+if [[ $force -eq 0 && "$installed" == "$LLAMA_CPP_PYTHON_VERSION" ]]; then
+  echo "llama-cpp-python $installed already installed"
+  exit 0
+fi
+
+# Toolchain needed for the source build (Debian 12). OpenMP comes with gcc (libgomp).
+if [[ $(id -u) -eq 0 ]] && command -v dpkg >/dev/null; then
+  missing=()
+  for p in build-essential cmake git; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if (( ${#missing[@]} )); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+fi
+
+# CPU build tuned for this machine:
+#   GGML_NATIVE=ON   -march=native (AVX2/AVX-512/VNNI kernels as the CPU supports)
+#   GGML_OPENMP=ON   OpenMP thread pool (llama.cpp's default, fastest on CPU)
+#   LLAVA_BUILD=OFF / LLAMA_BUILD_* OFF: skip multimodal + examples, halves build time
+# Note: on this project's machines (Xeon with AMX, sandboxed) ggml's AMX matmul
+# path segfaults (SIGSEGV in ggml_backend_amx_mul_mat on the first decode).
+# The bench scripts therefore load the model with use_extra_bufts = false
+# (no AMX / repack buffers); see bench/compare/README.md.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_OPENMP=ON -DGGML_CPU=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+export FORCE_CMAKE=1
+
+echo "building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (CMAKE_ARGS=$CMAKE_ARGS), log: $LOG"
+"$PY" -m pip install --no-cache-dir --no-binary llama-cpp-python -v "${reinstall[@]}" \
+  "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >"$LOG" 2>&1 || {
+  echo "llama-cpp-python build failed; last lines of $LOG:" >&2
+  tail -n 40 "$LOG" >&2
+  exit 1
+}
+"$PY" -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "installed")'
