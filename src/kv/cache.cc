@@ -74,8 +74,10 @@ void Stream::Append(const float* y, int64_t n) {
   const int64_t r = codec->residual_tokens();
   const int64_t q = codec->flush_quantum();
   int64_t start = 0;
-  // Per-token formats with no residual window encode straight from f32.
-  if (r == 0 && q == bt && n_tail == 0) {
+  // Per-token formats with no residual window encode straight from f32. Block formats always
+  // pass through the fp16 tail, so a block is encoded from the same (fp16) values whether its
+  // tokens arrived in one Write or one at a time (streamed == one-shot; cache_flush_test).
+  if (r == 0 && q == bt && bt == 1 && n_tail == 0) {
     const int64_t direct = n / bt * bt;
     if (direct > 0) EncodeBlocks(y, direct);
     start = direct;
@@ -145,8 +147,30 @@ int64_t MemoryReport::Cells() const {
 
 KvCache::~KvCache() = default;
 
-static StatusOr<Stream> MakeStream(const std::string& codec_spec, const std::string& transform_spec,
+// Generic codec-spec key "rot" (any codec): rot=1 puts a "hadamard" transform in front of the
+// codec on this stream, as llama.cpp (PR #21038) rotates every quantized cache; aliases make it the
+// default ("q4_0" -> "q4_0:rot=1"). An explicitly configured transform wins (no double rotation).
+// A default (alias-implied) rotation is skipped for a non-power-of-2 dimension; an explicit rot=1
+// there is an error. Returns the codec spec without "rot" and the transform spec to use.
+static Status ApplyRotParam(const std::string& codec_text, int dim_in, std::string* codec_spec,
+                            std::string* transform_spec) {
+  *codec_spec = ExpandAlias(codec_text);
+  auto parsed = ParseSpec(*codec_spec);
+  if (!parsed.ok() || !parsed->params.count("rot")) return Status::Ok();
+  auto rot = parsed->GetBool("rot", false);
+  if (!rot.ok()) return rot.status();
+  parsed->params.erase("rot");
+  *codec_spec = parsed->ToString();
+  const bool explicit_rot = codec_text.find("rot=") != std::string::npos;
+  const bool pow2 = dim_in > 0 && (dim_in & (dim_in - 1)) == 0;
+  if (*rot && transform_spec->empty() && (pow2 || explicit_rot)) *transform_spec = "hadamard";
+  return Status::Ok();
+}
+
+static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::string& transform_text,
                                    CodecContext ctx, int dim_in, const KvCacheConfig& cfg) {
+  std::string codec_spec, transform_spec = transform_text;
+  KVC_RETURN_IF_ERROR(ApplyRotParam(codec_text, dim_in, &codec_spec, &transform_spec));
   Stream s;
   s.dim_in = dim_in;
   s.grow_tokens = cfg.grow_tokens;

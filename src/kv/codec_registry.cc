@@ -3,13 +3,19 @@
 #include <fmt/format.h>
 
 #include "kv/codec.h"
+#include "kv/codecs/fp8.h"
+#include "kv/codecs/kivi.h"
 #include "kv/codecs/kvquant.h"
 #include "kv/codecs/plain.h"
 #include "kv/codecs/polar.h"
+#include "kv/codecs/q4_0.h"
+#include "kv/codecs/q4_1.h"
+#include "kv/codecs/q5_0.h"
 #include "kv/codecs/q8_0.h"
 #include "kv/codecs/qjl.h"
 #include "kv/codecs/turbo.h"
 #include "kv/transform.h"
+#include "kv/transforms/hadamard.h"
 #include "kv/transforms/lowrank.h"
 #include "kv/transforms/think.h"
 
@@ -21,6 +27,13 @@ const std::vector<CodecInfo>& RegisteredCodecs() {
       {"f16", "IEEE float16, 16 bits/value (the baseline)", {}, MakeF16Codec, false},
       {"bf16", "bfloat16, 16 bits/value", {}, MakeBf16Codec, true},
       {"q8_0", "llama.cpp q8_0: int8 + fp16 scale per 32 values, 8.5 bits/value", {}, MakeQ8_0Codec, true},
+      {"q4_0", "llama.cpp q4_0 (+Hadamard rotation unless rot=0): 4.5 bits/value", {}, MakeQ4_0Codec, true},
+      {"q4_1", "llama.cpp q4_1 (+Hadamard rotation unless rot=0): 5.0 bits/value", {}, MakeQ4_1Codec, true},
+      {"q5_0", "llama.cpp q5_0 (+Hadamard rotation unless rot=0): 5.5 bits/value", {}, MakeQ5_0Codec, true},
+      {"fp8", "OCP fp8 e4m3 + fp16 absmax scale per vector: 8 + 16/head_dim bits/value", {}, MakeFp8Codec, true},
+      {"kivi", "KIVI: K per-channel / V per-token asym. 2|4-bit, fp16 window: kivi:bits=2,group=32,residual=128", {}, MakeKiviCodec, false},
+      {"kivi2", "KIVI 2-bit, G=32, R=128: 3.0 bits/value + fp16 window", {}, MakeKiviCodec, true},
+      {"kivi4", "KIVI 4-bit, G=32, R=128: 5.0 bits/value + fp16 window", {}, MakeKiviCodec, true},
       {"turbo", "TurboQuant: Haar rotation + sphere Lloyd-Max + fp16 norm: turbo:bits=2|2.5|3|3.5|4,variant=mse|prod", {}, MakeTurboCodec, false},
       {"turbo2", "TurboQuant mse 2-bit + fp16 norm: 2.25 bits/value (d=64)", {}, MakeTurboCodec, false},
       {"turbo2.5", "TurboQuant mse 32@3b + 32@2b split + 2 norms: 3.0 bits/value (d=64)", {}, MakeTurboCodec, false},
@@ -41,6 +54,11 @@ const std::map<std::string, std::string>& CodecAliases() {
   static const std::map<std::string, std::string> kAliases = {
       {"fp16", "f16"},
       {"fp32", "f32"},
+      {"q4_0", "q4_0:rot=1"},
+      {"q4_1", "q4_1:rot=1"},
+      {"q5_0", "q5_0:rot=1"},
+      {"kivi2", "kivi:bits=2,group=32,residual=128"},
+      {"kivi4", "kivi:bits=4,group=32,residual=128"},
       {"turbo2", "turbo:bits=2,variant=mse"},
       {"turbo2.5", "turbo:bits=2.5,variant=mse"},
       {"turbo3", "turbo:bits=3,variant=mse"},
@@ -73,6 +91,7 @@ StatusOr<std::unique_ptr<Codec>> MakeCodec(const std::string& text, const CodecC
 
 const std::vector<TransformInfo>& RegisteredTransforms() {
   static const std::vector<TransformInfo> kTransforms = {
+      {"hadamard", "normalized Walsh-Hadamard rotation per head (power-of-2 dim), exact query fold: hadamard[:signs=1]", MakeHadamardTransform},
       {"lowrank", "Palu low-rank latent (calibrated eigenbasis, pre-RoPE keys): lowrank:file=F,ratio=0.5", MakeLowRankTransform},
       {"think", "ThinK key-channel pruning by query-key score: think:file=F,ratio=0.4 (pruned)", MakeThinkTransform},
   };

@@ -1,0 +1,217 @@
+#include "kv/codecs/kivi.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "gguf/types.h"
+#include "kv/cache_internal.h"
+
+namespace kvc::kv {
+namespace {
+
+// codes [n] (each < 2^bits) -> out [n·bits/8], little-endian within a byte.
+void Pack(const uint8_t* codes, int n, int bits, uint8_t* out) {
+  const int per = 8 / bits;
+  std::memset(out, 0, size_t(n) * bits / 8);
+  for (int i = 0; i < n; ++i) out[i / per] |= uint8_t(codes[i] << (bits * (i % per)));
+}
+void Unpack(const uint8_t* in, int n, int bits, uint8_t* codes) {
+  const int per = 8 / bits;
+  const uint8_t mask = uint8_t((1 << bits) - 1);
+  for (int i = 0; i < n; ++i) codes[i] = (in[i / per] >> (bits * (i % per))) & mask;
+}
+
+// One group of n values at stride `stride`: writes (s, z) fp16 and codes [n].
+void QuantizeGroup(const float* x, int n, int stride, int bits, uint16_t* sz, uint8_t* codes) {
+  float mn = x[0], mx = x[0];
+  for (int i = 1; i < n; ++i) {
+    mn = std::min(mn, x[size_t(i) * stride]);
+    mx = std::max(mx, x[size_t(i) * stride]);
+  }
+  const int qmax = (1 << bits) - 1;
+  sz[0] = Fp32ToFp16Sat((mx - mn) / float(qmax));
+  sz[1] = Fp32ToFp16Sat(mn);
+  const float s = gguf::Fp16ToFp32(sz[0]), z = gguf::Fp16ToFp32(sz[1]);
+  const float is = s > 0.f ? 1.f / s : 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float c = std::nearbyint((x[size_t(i) * stride] - z) * is);
+    codes[i] = uint8_t(std::clamp(c, 0.f, float(qmax)));
+  }
+}
+
+class KiviCodec final : public Codec {
+ public:
+  KiviCodec(KvKind kind, int d, int bits, int group, int residual)
+      : kind_(kind), d_(d), bits_(bits), g_(group), r_(residual) {}
+
+  std::string Name() const override {
+    return fmt::format("kivi:bits={},group={},residual={}", bits_, g_, r_);
+  }
+  int dim() const override { return d_; }
+  int block_tokens() const override { return kind_ == KvKind::kKey ? g_ : 1; }
+  int residual_tokens() const override { return kind_ == KvKind::kKey ? 0 : r_; }
+  int flush_quantum() const override {
+    if (kind_ == KvKind::kValue) return 1;
+    return r_ == 0 ? g_ : (r_ + g_ - 1) / g_ * g_;
+  }
+  size_t BlockBytes() const override {
+    if (kind_ == KvKind::kKey) return size_t(4) * d_ + size_t(d_) * g_ * bits_ / 8;
+    return size_t(4) * (d_ / g_) + size_t(d_) * bits_ / 8;
+  }
+
+  void Encode(const float* x, uint8_t* block) override {
+    std::vector<uint8_t> codes(std::max(g_, d_));
+    if (kind_ == KvKind::kKey) {
+      // x [G, d]: channel c is x[t·d + c], t = 0..G-1.
+      const size_t cb = size_t(g_) * bits_ / 8;
+      for (int c = 0; c < d_; ++c) {
+        uint16_t sz[2];
+        QuantizeGroup(x + c, g_, d_, bits_, sz, codes.data());
+        std::memcpy(block + 4 * c, sz, 4);
+        Pack(codes.data(), g_, bits_, block + 4 * d_ + c * cb);
+      }
+    } else {
+      const int ng = d_ / g_;
+      for (int gi = 0; gi < ng; ++gi) {
+        uint16_t sz[2];
+        QuantizeGroup(x + gi * g_, g_, 1, bits_, sz, codes.data() + gi * g_);
+        std::memcpy(block + 4 * gi, sz, 4);
+      }
+      Pack(codes.data(), d_, bits_, block + 4 * ng);
+    }
+  }
+
+  void Decode(const uint8_t* block, float* x) const override {
+    std::vector<float> s, z;
+    std::vector<uint8_t> codes;
+    Unpacked(block, &s, &z, &codes);
+    if (kind_ == KvKind::kKey) {
+      for (int c = 0; c < d_; ++c) {
+        for (int t = 0; t < g_; ++t) x[size_t(t) * d_ + c] = float(codes[c * g_ + t]) * s[c] + z[c];
+      }
+    } else {
+      for (int c = 0; c < d_; ++c) x[c] = float(codes[c]) * s[c / g_] + z[c / g_];
+    }
+  }
+
+  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
+    std::vector<float> s, z;
+    std::vector<uint8_t> codes;
+    Unpacked(block, &s, &z, &codes);
+    if (kind_ == KvKind::kKey) {
+      // scores [n_q, G]: per row, q∘s and q·z once, then an axpy of each channel's G codes.
+      std::vector<float> cf(g_);
+      for (int r = 0; r < n_q; ++r) {
+        const float* q = qp + size_t(r) * d_;
+        float qz = 0.f;
+        for (int c = 0; c < d_; ++c) qz += q[c] * z[c];
+        float* out = scores + size_t(r) * g_;
+        for (int t = 0; t < g_; ++t) out[t] = qz;
+        for (int c = 0; c < d_; ++c) {
+          const float w = q[c] * s[c];
+          const uint8_t* cc = &codes[size_t(c) * g_];
+          for (int t = 0; t < g_; ++t) out[t] += w * float(cc[t]);
+        }
+      }
+    } else {
+      const int ng = d_ / g_;
+      for (int r = 0; r < n_q; ++r) {
+        const float* q = qp + size_t(r) * d_;
+        float acc = 0.f;
+        for (int gi = 0; gi < ng; ++gi) {
+          float sc = 0.f, sq = 0.f;
+          for (int i = 0; i < g_; ++i) {
+            sc += q[gi * g_ + i] * float(codes[gi * g_ + i]);
+            sq += q[gi * g_ + i];
+          }
+          acc += s[gi] * sc + z[gi] * sq;
+        }
+        scores[r] = acc;
+      }
+    }
+  }
+
+  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
+    std::vector<float> s, z;
+    std::vector<uint8_t> codes;
+    Unpacked(block, &s, &z, &codes);
+    if (kind_ == KvKind::kValue) {
+      const int ng = d_ / g_;
+      for (int r = 0; r < n_q; ++r) {
+        if (p[r] == 0.f) continue;
+        float* o = out + size_t(r) * d_;
+        for (int gi = 0; gi < ng; ++gi) {
+          const float ws = p[r] * s[gi], wz = p[r] * z[gi];
+          for (int i = 0; i < g_; ++i) o[gi * g_ + i] += ws * float(codes[gi * g_ + i]) + wz;
+        }
+      }
+    } else {
+      // out_c += s_c Σ_t p_t code_tc + z_c Σ_t p_t.
+      for (int r = 0; r < n_q; ++r) {
+        const float* pr = p + size_t(r) * g_;
+        float psum = 0.f;
+        for (int t = 0; t < g_; ++t) psum += pr[t];
+        float* o = out + size_t(r) * d_;
+        for (int c = 0; c < d_; ++c) {
+          const uint8_t* cc = &codes[size_t(c) * g_];
+          float a = 0.f;
+          for (int t = 0; t < g_; ++t) a += pr[t] * float(cc[t]);
+          o[c] += s[c] * a + z[c] * psum;
+        }
+      }
+    }
+  }
+
+ private:
+  // Scales/mins as f32 and all codes unpacked: K: s, z [d], codes [d][G]; V: s, z [d/G], codes [d].
+  void Unpacked(const uint8_t* block, std::vector<float>* s, std::vector<float>* z,
+                std::vector<uint8_t>* codes) const {
+    const int ns = kind_ == KvKind::kKey ? d_ : d_ / g_;
+    s->resize(ns);
+    z->resize(ns);
+    for (int i = 0; i < ns; ++i) {
+      uint16_t sz[2];
+      std::memcpy(sz, block + 4 * i, 4);
+      (*s)[i] = gguf::Fp16ToFp32(sz[0]);
+      (*z)[i] = gguf::Fp16ToFp32(sz[1]);
+    }
+    const int n = kind_ == KvKind::kKey ? d_ * g_ : d_;
+    codes->resize(n);
+    Unpack(block + 4 * ns, n, bits_, codes->data());
+  }
+
+  KvKind kind_;
+  int d_, bits_, g_, r_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Codec>> MakeKiviCodec(const CodecSpec& spec, const CodecContext& ctx) {
+  KVC_ASSIGN_OR_RETURN(int bits, spec.GetInt("bits", 2));
+  KVC_ASSIGN_OR_RETURN(int group, spec.GetInt("group", 32));
+  KVC_ASSIGN_OR_RETURN(int residual, spec.GetInt("residual", 128));
+  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
+  if (bits != 2 && bits != 4) {
+    return InvalidArgument(fmt::format("kivi: bits={} not supported (use bits=2 or bits=4)", bits));
+  }
+  if (group <= 0 || group % 8 != 0 || group > 4096) {
+    return InvalidArgument(
+        fmt::format("kivi: group={} must be a positive multiple of 8 (e.g. 32)", group));
+  }
+  if (residual < 0 || residual > (1 << 20)) {
+    return InvalidArgument(fmt::format("kivi: residual={} must be >= 0 (e.g. 128)", residual));
+  }
+  if (ctx.kind == KvKind::kValue && ctx.dim % group != 0) {
+    return Unimplemented(fmt::format(
+        "kivi values group channels: group={} must divide the dimension {} (try group={})", group,
+        ctx.dim, std::gcd(ctx.dim, 32)));
+  }
+  return std::unique_ptr<Codec>(new KiviCodec(ctx.kind, ctx.dim, bits, group, residual));
+}
+
+}  // namespace kvc::kv
