@@ -20,6 +20,7 @@
 #include "kv/policy.h"
 #include "kv/transform.h"
 #include "model/model.h"
+#include "retrieval.h"
 #include "runner.h"
 
 using namespace kvc;
@@ -417,6 +418,17 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   return 0;
 }
 
+int CmdRetrieval(Common& c, const RetrievalArgs& a) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  auto r = RunRetrieval(**m, a);
+  if (!r.ok()) return Fail(r.status());
+  r->emplace("model", c.model);
+  r->emplace("threads", c.threads);
+  std::printf("%s", a.json ? (r->dump(2) + "\n").c_str() : FormatRetrieval(*r).c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -490,12 +502,17 @@ int main(int argc, char** argv) {
   }
   std::vector<char*> argv2;
   for (auto& a : args) argv2.push_back(a.data());
+  RetrievalArgs retrieval_args;
+  auto* rt = AddRetrievalCommand(app, &retrieval_args);
+  AddModelFlags(rt, c);
+
   CLI11_PARSE(app, int(argv2.size()), argv2.data());
   if (*info) return CmdInfo(c);
   if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
   if (*lg) return CmdLogits(c, ids, out_path);
   if (*ppl) return CmdPerplexity(c, file, chunks, json);
   if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);
+  if (*rt) return CmdRetrieval(c, retrieval_args);
   if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);
   return 0;
 }

@@ -1,0 +1,51 @@
+// `kvcrunch retrieval`: what eviction does to a model (spec-eviction-lowrank-eval.md §10, §11).
+//   sinks     : share of attention mass each layer puts on its first tokens (AttnStatsRequest)
+//   passkey   : Landmark/LongLoRA passkey prompt, 5-digit key, greedy, exact match
+//   needle    : numeric needle in a PG-19 book, greedy, string containment
+//   streaming : token-by-token perplexity over a text with the policy applied every step
+//               (StreamingLLM protocol); reports the largest cache ever held
+//   prefix    : prefix-compress perplexity: prefill P tokens, compress, score the next C tokens
+//               as one chunk against the compressed prefix
+//   speed     : decode tokens/s after an n-token prompt
+//   reuse     : compress a context once, answer several passkey questions from the same cache
+//               (KvCache::TruncateAfter between questions) vs a fresh prefill per question
+// Every row carries the configuration label, token counts and KV bytes; --json prints them all.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runner.h"
+
+namespace CLI {
+class App;
+}
+
+namespace kvc {
+
+struct RetrievalArgs {
+  std::string task = "passkey";
+  std::vector<std::string> configs;   // run configs (ParseRunConfig); "" or "full" = f16 baseline
+  std::vector<int> lengths = {1024, 2048};
+  std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1.0};
+  int seeds = 3;
+  std::string text;                   // text file (needle haystack / streaming / prefix)
+  int64_t n_tokens = 2000;            // streaming: tokens scored; speed: prompt length
+  int prefix = 1024, score = 256, windows = 4;  // prefix-compress protocol
+  int n_decode = 32;                  // speed: decode steps timed
+  bool json = false;
+};
+
+// Adds the `retrieval` subcommand (its flags bound to *args).
+CLI::App* AddRetrievalCommand(CLI::App& app, RetrievalArgs* args);
+
+// Runs the task; JSON with one entry per row (and a summary per configuration).
+StatusOr<nlohmann::json> RunRetrieval(const Model& model, const RetrievalArgs& args);
+std::string FormatRetrieval(const nlohmann::json& j);
+
+// Passkey prompt text with the key at `depth` in [0, 1], about n_tokens tokens long.
+StatusOr<std::vector<int32_t>> PasskeyPrompt(const Model& m, int n_tokens, double depth, int key);
+
+}  // namespace kvc
