@@ -10,7 +10,8 @@ tokenization needed):
   2. top-1 (argmax) agreement at every position; a position may differ only
      where it is a near-tie in the reference: ref[ref_top1] - ref[our_top1]
      <= TIE = TIE_REL * S (0.02 S, ~0.5-0.7); such positions are reported.
-  3. greedy (temperature 0) continuation of N_GEN=32 tokens. The reference is
+  3. greedy (temperature 0) continuation of N_GEN=32 tokens (fewer only if it
+     ends with the GGUF's eos/eot id: a runtime may stop there). The reference is
      run teacher-forced on prompt + our continuation (one batched forward), and
      every token we generated must be the reference's argmax given our own
      prefix -- which, up to the first difference, is exactly "our continuation
@@ -225,9 +226,13 @@ def check_prompt(name, ids, ref_model, peer, n_gen, tol_rel, strict_greedy=False
     got_gen = [int(t) for t in peer.generate(ids, n_gen)]
     t_gen = time.perf_counter() - t0
     exact = 0
-    if len(got_gen) != n_gen:
+    stops = {int(t) for t in (ref_model.meta.get("eos"), ref_model.meta.get("eot"))
+             if t is not None}
+    if not got_gen or len(got_gen) > n_gen or (
+            len(got_gen) < n_gen and got_gen[-1] not in stops):
         ok = False
-        fail(f"[{name}] {peer.name} generated {len(got_gen)} tokens, expected {n_gen}: {got_gen}")
+        fail(f"[{name}] {peer.name} generated {len(got_gen)} tokens, expected {n_gen} "
+             f"(fewer only when ending with an end-of-generation id {sorted(stops)}): {got_gen}")
     elif any(t < 0 or t >= ref_model.n_vocab for t in got_gen):
         ok = False
         fail(f"[{name}] {peer.name} generated out-of-vocab ids: {got_gen}")
@@ -259,7 +264,7 @@ def check_prompt(name, ids, ref_model, peer, n_gen, tol_rel, strict_greedy=False
         print(f"[{name}] n={len(ids)} max|diff|={maxdiff:.3g} (tol {tol:.3g}) "
               f"rms={rms:.3g} (tol {tol_rms:.3g}) logit scale {scale:.1f}; "
               f"top1 {int((ra == ga).sum())}/{len(ids)}; greedy equal to the reference for "
-              f"{exact}/{n_gen} tokens [{peer.name}: logits {t_logits:.1f}s, "
+              f"{exact}/{len(got_gen)} tokens [{peer.name}: logits {t_logits:.1f}s, "
               f"generate {t_gen:.1f}s]")
     return ok, stats
 

@@ -141,7 +141,9 @@ def load(path: str, dtype=np.float64, rope: str = "norm") -> Model:
         output=out,
         meta={"name": _field(r, "general.name"), "tied": "output.weight" not in tensors,
               "add_bos": _field(r, "tokenizer.ggml.add_bos_token"),
-              "bos": _field(r, "tokenizer.ggml.bos_token_id")},
+              "bos": _field(r, "tokenizer.ggml.bos_token_id"),
+              "eos": _field(r, "tokenizer.ggml.eos_token_id"),
+              "eot": _field(r, "tokenizer.ggml.eot_token_id")},
     )
     for i in range(m.n_layer):
         g = lambda n: _deq(tensors[f"blk.{i}.{n}.weight"], dtype)  # noqa: E731
