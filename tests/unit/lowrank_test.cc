@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <vector>
 
@@ -80,6 +81,7 @@ TEST(LowRank, EckartYoungBeatsRandomSubspaces) {
 struct Fixture {
   int n_layer = 2, n_head_kv = 2, d = 64;
   std::string path;
+  std::map<std::string, CalibrationFile::Tensor> extra;  // merged into the file
   // data[kind][l*nkv+h]: [n, d] samples
   void Write(const std::vector<Eigen::MatrixXd> (&data)[2]) {
     CalibrationFile f;
@@ -104,6 +106,7 @@ struct Fixture {
         }
       }
     }
+    for (const auto& [k, t] : extra) f.tensors[k] = t;
     path = (std::filesystem::temp_directory_path() /
             ("lowrank." + std::to_string(getpid()) + "." + std::to_string(counter++) + ".kvccal"))
                .string();
@@ -233,6 +236,61 @@ TEST(LowRank, TruncationErrorMatchesDiscardedEnergy) {
   auto tk = MakeTransform("lowrank:file=" + fx.path, ctx);
   ASSERT_TRUE(tk.ok());
   EXPECT_TRUE((*tk)->pre_rope());
+}
+
+TEST(LowRank, AwareBasisMinimisesWeightedError) {
+  Fixture fx;
+  fx.n_layer = 1;
+  fx.n_head_kv = 1;
+  const int d = fx.d, n = 600;
+  Eigen::MatrixXd x = RandMat(n, d, 21) * RandMat(d, d, 22);
+  Eigen::MatrixXd m = RandMat(d, d, 23);
+  m.col(5) *= 20.0;  // the consumer amplifies some directions
+  const Eigen::MatrixXd gram = m.transpose() * m;
+  CalibrationFile::Tensor g, q2;
+  g.dims = {d, d};
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) g.data.push_back(float(gram(i, j)));
+  q2.dims = {d};
+  for (int i = 0; i < d; ++i) q2.data.push_back(float(1 + (i % 9) * (i % 9)));
+  fx.extra[PaluTensorName("wo_gram", KvKind::kValue, 0, 0)] = g;
+  fx.extra["think.q2.0.0"] = q2;
+  std::vector<Eigen::MatrixXd> calib[2] = {{x}, {x}};
+  fx.Write(calib);
+  std::vector<float> xs(size_t(n) * d);
+  for (int i = 0; i < n; ++i)
+    for (int c = 0; c < d; ++c) xs[size_t(i) * d + c] = float(x(i, c));
+  for (auto kind : {KvKind::kKey, KvKind::kValue}) {
+    Eigen::MatrixXd metric = kind == KvKind::kValue ? gram : Eigen::MatrixXd(Eigen::VectorXd(
+        Eigen::Map<Eigen::VectorXf>(q2.data.data(), d).cast<double>()).asDiagonal());
+    CodecContext ctx;
+    ctx.n_layer = 1;
+    ctx.n_head_kv = 1;
+    ctx.dim = d;
+    ctx.kind = kind;
+    auto werr = [&](const std::string& spec) {
+      auto t = MakeTransform(spec, ctx);
+      EXPECT_TRUE(t.ok()) << t.status().ToString();
+      const int r = (*t)->out_dim();
+      std::vector<float> y(size_t(n) * r), xr(xs.size());
+      (*t)->Forward(xs.data(), n, y.data());
+      (*t)->Reconstruct(y.data(), n, xr.data());
+      double e = 0;
+      for (int i = 0; i < n; ++i) {
+        Eigen::VectorXd diff(d);
+        for (int c = 0; c < d; ++c) diff(c) = double(xs[size_t(i) * d + c]) - xr[size_t(i) * d + c];
+        e += diff.dot(metric * diff);
+      }
+      return e;
+    };
+    const std::string base = "lowrank:file=" + fx.path;
+    const double plain = werr(base + ",ratio=0.25"), aware = werr(base + ",ratio=0.25,aware=1");
+    EXPECT_LT(aware, 0.9 * plain) << KvKindName(kind);
+    double ref = 0;
+    for (int i = 0; i < n; ++i) ref += x.row(i) * metric * x.row(i).transpose();
+    EXPECT_LT(werr(base + ",ratio=1,aware=1"), 1e-6 * ref);  // full rank: exact
+    EXPECT_LT(werr(base + ",ratio=0.25,aware=1,rot=1"), aware * 1.0001);  // rotation is free
+  }
 }
 
 TEST(LowRank, RankAllocation) {

@@ -7,7 +7,10 @@
 #include <cstdlib>
 #include <numeric>
 
+#include <Eigen/Dense>
 #include <fmt/format.h>
+
+#include "kv/transforms/think.h"
 
 namespace kvc::kv {
 
@@ -15,29 +18,37 @@ namespace {
 
 class LowRankTransform final : public Transform {
  public:
-  LowRankTransform(std::vector<float> p, int dim, int r, bool pre_rope, std::string name)
-      : p_(std::move(p)), dim_(dim), r_(r), pre_rope_(pre_rope), name_(std::move(name)) {}
+  LowRankTransform(std::vector<float> a, std::vector<float> b, int dim, int r, bool pre_rope,
+                   std::string name)
+      : a_(std::move(a)), b_(std::move(b)), dim_(dim), r_(r), pre_rope_(pre_rope),
+        name_(std::move(name)) {}
   std::string Name() const override { return name_; }
   int in_dim() const override { return dim_; }
   int out_dim() const override { return r_; }
   bool pre_rope() const override { return pre_rope_; }
-  size_t ParamBytes() const override { return p_.capacity() * sizeof(float); }
-  // y [n, r] = x [n, dim] · P [dim, r]
-  void Forward(const float* x, int n, float* y) const override {
-    if (n <= 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r_, dim_, 1.0f, x, dim_, p_.data(),
-                r_, 0.0f, y, r_);
+  size_t ParamBytes() const override {
+    return (a_.capacity() + (b_.empty() ? 0 : b_.capacity())) * sizeof(float);
   }
-  // x [n, dim] = y [n, r] · Pᵀ
+  // y [n, r] = x [n, dim] · A [dim, r]
+  void Forward(const float* x, int n, float* y) const override { Mul(x, n, a_, y); }
+  // x [n, dim] = y [n, r] · Bᵀ
   void Reconstruct(const float* y, int n, float* x) const override {
     if (n <= 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dim_, r_, 1.0f, y, r_, p_.data(), r_,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dim_, r_, 1.0f, y, r_, B().data(), r_,
                 0.0f, x, dim_);
   }
-  void FoldQuery(const float* q, int n, float* qf) const override { Forward(q, n, qf); }
+  // qf [n, r] = q [n, dim] · B  (<q, B y> = <Bᵀ q, y>)
+  void FoldQuery(const float* q, int n, float* qf) const override { Mul(q, n, B(), qf); }
 
  private:
-  std::vector<float> p_;  // [dim, r] f32 row-major, orthonormal columns
+  const std::vector<float>& B() const { return b_.empty() ? a_ : b_; }
+  void Mul(const float* x, int n, const std::vector<float>& m, float* y) const {
+    if (n <= 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r_, dim_, 1.0f, x, dim_, m.data(),
+                r_, 0.0f, y, r_);
+  }
+  std::vector<float> a_;  // [dim, r] f32 row-major: y = Aᵀ x
+  std::vector<float> b_;  // [dim, r] f32: x̂ = B y; empty: B = A (orthonormal columns)
   int dim_, r_;
   bool pre_rope_;
   std::string name_;
@@ -114,8 +125,43 @@ StatusOr<std::vector<int>> PaluRanks(const CalibrationFile& f, KvKind kind, int 
 
 std::unique_ptr<Transform> MakeLowRankFromBasis(std::vector<float> p, int dim, int r,
                                                 bool pre_rope, std::string name) {
-  return std::make_unique<LowRankTransform>(std::move(p), dim, r, pre_rope, std::move(name));
+  return std::make_unique<LowRankTransform>(std::move(p), std::vector<float>(), dim, r, pre_rope,
+                                            std::move(name));
 }
+
+namespace {
+
+// Weighted basis (see header): C = Σ_j λ_j b_j b_jᵀ, S = G^{1/2}; Q = top-r eigenvectors of
+// S C S; A = S Q, B = S⁻¹ Q. Eigenvalues of G are floored at 1e-6 · max for the inverse.
+void WeightedBasis(const CalibrationFile::Tensor& basis, const CalibrationFile::Tensor& eig,
+                   const Eigen::MatrixXd& g, int d, int r, std::vector<float>* a,
+                   std::vector<float>* b) {
+  Eigen::MatrixXd bm(d, d);  // column j = eigenvector j
+  for (int j = 0; j < d; ++j)
+    for (int i = 0; i < d; ++i) bm(i, j) = basis.data[size_t(j) * d + i];
+  Eigen::VectorXd lam(d);
+  for (int j = 0; j < d; ++j) lam(j) = std::max(0.0f, eig.data[j]);
+  const Eigen::MatrixXd c = bm * lam.asDiagonal() * bm.transpose();
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eg(g);
+  Eigen::VectorXd gl = eg.eigenvalues().cwiseMax(1e-6 * std::max(eg.eigenvalues().maxCoeff(), 1e-30));
+  const Eigen::MatrixXd s = eg.eigenvectors() * gl.cwiseSqrt().asDiagonal() * eg.eigenvectors().transpose();
+  const Eigen::MatrixXd si =
+      eg.eigenvectors() * gl.cwiseSqrt().cwiseInverse().asDiagonal() * eg.eigenvectors().transpose();
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(s * c * s);
+  Eigen::MatrixXd q(d, r);
+  for (int j = 0; j < r; ++j) q.col(j) = es.eigenvectors().col(d - 1 - j);
+  const Eigen::MatrixXd am = s * q, bmat = si * q;
+  a->resize(size_t(d) * r);
+  b->resize(size_t(d) * r);
+  for (int i = 0; i < d; ++i) {
+    for (int j = 0; j < r; ++j) {
+      (*a)[size_t(i) * r + j] = float(am(i, j));
+      (*b)[size_t(i) * r + j] = float(bmat(i, j));
+    }
+  }
+}
+
+}  // namespace
 
 StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
                                                           const CodecContext& ctx) {
@@ -148,6 +194,8 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
   KVC_ASSIGN_OR_RETURN(alloc_in, spec.GetString("alloc", f->MetaOr("alloc", "uniform")));
   KVC_ASSIGN_OR_RETURN(multiple, spec.GetInt("multiple", 1));
   KVC_ASSIGN_OR_RETURN(rot, spec.GetBool("rot", false));
+  bool aware;
+  KVC_ASSIGN_OR_RETURN(aware, spec.GetBool("aware", false));
   KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
   std::vector<int> ranks;
   KVC_ASSIGN_OR_RETURN(ranks, PaluRanks(*f, ctx.kind, ctx.n_layer, ctx.n_head_kv, ctx.dim, ratio,
@@ -159,6 +207,26 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
   std::vector<float> p(size_t(d) * r);  // [d, r]: column j = eigenvector j
   for (int j = 0; j < r; ++j) {
     for (int i = 0; i < d; ++i) p[size_t(i) * r + j] = basis->data[size_t(j) * d + i];
+  }
+  std::vector<float> b;  // empty: reconstruct with P
+  if (aware) {
+    // Keys: G = diag(post-RoPE query energy per channel) (the rotation-averaged query
+    // covariance); values: G = Σ_{query heads j of the group} W_o,jᵀ W_o,j.
+    Eigen::MatrixXd g = Eigen::MatrixXd::Zero(d, d);
+    if (ctx.kind == KvKind::kKey) {
+      const CalibrationFile::Tensor* q2;
+      KVC_ASSIGN_OR_RETURN(q2, f->Get(ThinkTensorName("q2", ctx.layer, ctx.head), d));
+      for (int i = 0; i < d; ++i) g(i, i) = std::max(0.0f, q2->data[i]);
+    } else {
+      const CalibrationFile::Tensor* gram;
+      KVC_ASSIGN_OR_RETURN(gram, f->Get(PaluTensorName("wo_gram", ctx.kind, ctx.layer, ctx.head),
+                                        int64_t(d) * d));
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) g(i, j) = gram->data[size_t(i) * d + j];
+    }
+    const CalibrationFile::Tensor* eig;
+    KVC_ASSIGN_OR_RETURN(eig, f->Get(PaluTensorName("eig", ctx.kind, ctx.layer, ctx.head), d));
+    WeightedBasis(*basis, *eig, g, d, r, &p, &b);
   }
   if (rot) {
     if (r & (r - 1)) {
@@ -172,10 +240,17 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d, r, r, 1.0f, p.data(), r, h.data(), r,
                 0.0f, ph.data(), r);
     p.swap(ph);
+    if (!b.empty()) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d, r, r, 1.0f, b.data(), r, h.data(), r,
+                  0.0f, ph.data(), r);
+      b.swap(ph);
+    }
   }
-  const std::string name = fmt::format("lowrank:ratio={},alloc={},r={}{}", ratio, alloc_in, r,
-                                       rot ? ",rot=1" : "");
-  return MakeLowRankFromBasis(std::move(p), d, r, ctx.kind == KvKind::kKey, name);
+  const std::string name = fmt::format("lowrank:ratio={},alloc={},r={}{}{}", ratio, alloc_in, r,
+                                       rot ? ",rot=1" : "", aware ? ",aware=1" : "");
+  std::unique_ptr<Transform> t = std::make_unique<LowRankTransform>(
+      std::move(p), std::move(b), d, r, ctx.kind == KvKind::kKey, name);
+  return t;
 }
 
 }  // namespace kvc::kv

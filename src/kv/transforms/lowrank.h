@@ -17,10 +17,16 @@
 // stream starts with `multiple` components, the remaining budget (ratio · head_dim · n_streams in
 // total, per K and per V separately) goes greedily to the chunks of `multiple` components with
 // the largest explained-variance fraction (λ / Σλ of their stream) across all layers and heads.
+// Optional aware=1 (output-aware, in the spirit of SVD-LLM whitening but on the *consumer* side):
+// minimise E||S (x − x̂)||² instead of E||x − x̂||², S = G^{1/2} with G the metric the error is
+// seen through: keys G = diag(post-RoPE query energy per channel) (the query covariance averaged
+// over relative RoPE rotations, which removes cross-pair terms), values G = Σ_j W_o,jᵀ W_o,j over
+// the group's query heads. Then Q = top-r eigenvectors of S C S, y = (S Q)ᵀ x, x̂ = S⁻¹ Q y (an
+// oblique projection; Forward and Reconstruct use different matrices).
 // Optional rot=1 folds a normalised Walsh–Hadamard H_r into the basis (P ← P Hᵀ, Palu §3.3) to
 // spread latent outliers before low-bit codecs (needs r a power of two).
 //
-// Spec: lowrank:file=CALIB[,ratio=R][,alloc=uniform|var][,multiple=M][,rot=0|1]
+// Spec: lowrank:file=CALIB[,ratio=R][,alloc=uniform|var][,multiple=M][,rot=0|1][,aware=0|1]
 //   ratio = fraction of dimensions *kept* (default: the file's "ratio" metadata, else 0.5).
 // Bits per value: the codec's bits · r / head_dim (e.g. f16 at r = 32 of 64: 8 bits/value).
 // Worked size example, 128 tokens x head_dim 64, ratio 0.5 (r = 32), f16 latent:
@@ -40,6 +46,7 @@ namespace kvc::kv {
 // Tensor names in the calibration file (l = layer, h = KV head, kind "k" or "v"):
 //   palu.{kind}.basis.{l}.{h}  [head_dim, head_dim] f32, row j = j-th eigenvector (λ descending)
 //   palu.{kind}.eig.{l}.{h}    [head_dim] f32, eigenvalues of C / n_tokens, descending
+//   palu.v.wo_gram.{l}.{h}     [head_dim_v, head_dim_v] f32, Σ_j W_o,jᵀ W_o,j (aware=1 for V)
 std::string PaluTensorName(const char* what, KvKind kind, int layer, int head);
 
 // Ranks [n_layer * n_head_kv] (layer-major) for one kind. INVALID_ARGUMENT for bad params.

@@ -7,6 +7,7 @@
 #include <Eigen/Dense>
 #include <fmt/format.h>
 
+#include "gguf/types.h"
 #include "kv/rope.h"
 #include "kv/transforms/lowrank.h"
 #include "kv/transforms/think.h"
@@ -104,6 +105,38 @@ class StatsObserver final : public kv::KvObserver {
   int64_t n_tokens_ = 0;
 };
 
+// palu.v.wo_gram.{l}.{h} [dv, dv] = Σ_{query heads j of KV head h} W_o,jᵀ W_o,j, W_o,j the
+// [n_embd, dv] block of attn_output that consumes head j's attention output. Skipped (with the
+// aware=1 option then unavailable for V) when the tensor is missing or unreadable.
+void StoreWoGram(const Model& m, kv::CalibrationFile* f) {
+  const kv::KvShape s = m.kv_shape();
+  const int dv = s.DimV(), nh = s.n_head, g = nh / s.n_head_kv;
+  for (int l = 0; l < s.n_layer; ++l) {
+    const gguf::TensorInfo* t = m.file().FindTensor(fmt::format("blk.{}.attn_output.weight", l));
+    if (!t || t->ne.size() != 2 || t->ne[0] != int64_t(nh) * dv) return;
+    const int64_t rows = t->ne[1], in = t->ne[0];
+    const size_t row_bytes = t->n_bytes / size_t(rows);
+    std::vector<Eigen::MatrixXd> gram(s.n_head_kv, Eigen::MatrixXd::Zero(dv, dv));
+    std::vector<float> row(in);
+    for (int64_t r = 0; r < rows; ++r) {
+      gguf::DequantizeRow(t->type(), t->data + size_t(r) * row_bytes, row.data(), in);
+      for (int qh = 0; qh < nh; ++qh) {
+        Eigen::Map<const Eigen::VectorXf> w(row.data() + size_t(qh) * dv, dv);
+        const Eigen::VectorXd wd = w.cast<double>();
+        gram[qh / g].noalias() += wd * wd.transpose();
+      }
+    }
+    for (int h = 0; h < s.n_head_kv; ++h) {
+      kv::CalibrationFile::Tensor tt;
+      tt.dims = {dv, dv};
+      tt.data.resize(size_t(dv) * dv);
+      for (int i = 0; i < dv; ++i)
+        for (int j = 0; j < dv; ++j) tt.data[size_t(i) * dv + j] = float(gram[h](i, j));
+      f->tensors[kv::PaluTensorName("wo_gram", kv::KvKind::kValue, l, h)] = std::move(tt);
+    }
+  }
+}
+
 }  // namespace
 
 std::string ModelIdentity(const Model& m) {
@@ -180,6 +213,7 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
   f.meta["n_ctx"] = std::to_string(opt.n_ctx);
   f.meta["created_by"] = "kvcrunch calibrate";
   obs.Store(&f);
+  StoreWoGram(m, &f);
   return f;
 }
 
