@@ -100,6 +100,17 @@ void Stream::Append(const float* y, int64_t n) {
     EncodeBlocks(tmp.data(), cnt);
     tail.erase(tail.begin(), tail.begin() + cnt * dim);
     n_tail -= cnt;
+    // A large batch (prefill) passed through the tail: do not keep its capacity. From here the
+    // window holds at most r + q - 1 tokens, so release anything beyond that (rounded to the
+    // growth step); Memory() reports capacities, and KIVI's fp16 window must not cost a batch.
+    const int64_t step = std::max(grow_tokens, 1);
+    const size_t keep = size_t(RoundUp(std::max<int64_t>(n_tail, r + q - 1), step) * dim);
+    if (tail.capacity() > keep) {
+      std::vector<uint16_t> shrunk;
+      shrunk.reserve(std::max(keep, tail.size()));
+      shrunk.assign(tail.begin(), tail.end());
+      tail.swap(shrunk);
+    }
   }
 }
 

@@ -154,5 +154,18 @@ TEST(Kivi, WindowLengths) {
   }
 }
 
+TEST(Kivi, PrefillBatchDoesNotKeepTailCapacity) {
+  // 520 tokens in one Append (a prefill batch) pass through the fp16 tail; afterwards the tail
+  // must only keep room for its window (keys < 128, values 128), rounded to grow_tokens (64).
+  Stream k = MakeStreamFor("kivi2", KvKind::kKey), v = MakeStreamFor("kivi2", KvKind::kValue);
+  auto x = RandomVec(size_t(520) * 64, 4);
+  k.Append(x.data(), 520);
+  v.Append(x.data(), 520);
+  EXPECT_EQ(k.n_tail, 520 % 128);
+  EXPECT_EQ(v.n_tail, 128);
+  EXPECT_LE(k.tail_bytes(), size_t(128) * 64 * 2);
+  EXPECT_LE(v.tail_bytes(), size_t(192) * 64 * 2);
+}
+
 }  // namespace
 }  // namespace kvc::kv
