@@ -200,7 +200,7 @@ StatusOr<std::shared_ptr<const CalibrationData>> FindCalibration(const std::stri
     for (const char* dir : {"models", "../models", "../../models"}) {
       for (auto& ent : std::filesystem::directory_iterator(dir, ec)) {
         const std::string p = ent.path().string();
-        if (p.size() > 14 && p.substr(p.size() - 14) == ".kvquant.json") {
+        if (p.ends_with(".kvquant.json")) {
           auto c = LoadCached(p);
           if (c.ok() && ShapeMatches(**c, ctx)) hits.push_back(p);
         }
