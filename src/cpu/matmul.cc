@@ -643,7 +643,11 @@ void MatMul(const Weight& w, const float* x, int64_t n_tokens, float* y) {
   cw->Multiply(x, n_tokens, y);
 }
 
-void SetNumThreads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+void SetNumThreads(int n) {
+  g_num_threads.store(n > 0 ? n : 0);
+  // Every other OpenMP region (attention, codecs) follows the same count.
+  if (n > 0) omp_set_num_threads(n);
+}
 
 int NumThreads() {
   const int n = g_num_threads.load();

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <numeric>
 
 #include "cpu/ops.h"
@@ -34,6 +35,10 @@ struct HeadPlan {
 }  // namespace
 
 void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out) {
+  // GEMMs here run inside our own OpenMP tasks: OpenBLAS must not start threads of its own
+  // (nested pools oversubscribe the cores and collapse throughput).
+  static std::once_flag blas_once;
+  std::call_once(blas_once, [] { openblas_set_num_threads(1); });
   if (observer_) observer_->OnQuery(layer, q_seq, n_q, q);
   const int nkv = shape_.n_head_kv, nh = shape_.n_head, g = nh / nkv;
   const int hd = shape_.head_dim, dv = shape_.DimV();
