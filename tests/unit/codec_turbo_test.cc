@@ -61,6 +61,7 @@ TEST(Turbo, BytesMatchFormat) {
       {"turbo2.5", 4 + 20, 3.0},        {"turbo3.5", 4 + 28, 4.0},
       {"turbo:bits=3,variant=prod", 4 + 24, 3.5},
       {"turbo:bits=2.5,variant=prod", 8 + 20, 3.5},
+      {"turbo:bits=4,split=8", 4 + 32, 4.5},
   };
   for (const auto& cs : cases) {
     auto c = Make(cs.spec);
@@ -95,7 +96,8 @@ TEST(Turbo, DistortionMatchesTable) {
 TEST(Turbo, FusedEqualsDecode) {
   for (const char* spec : {"turbo2", "turbo2.5", "turbo3", "turbo3.5", "turbo4",
                            "turbo:bits=2,variant=prod", "turbo:bits=3,variant=prod",
-                           "turbo:bits=2.5,variant=prod", "turbo:bits=4,variant=mse,nc=1"}) {
+                           "turbo:bits=2.5,variant=prod", "turbo:bits=4,variant=mse,nc=1",
+                           "turbo:bits=3,split=8"}) {
     auto c = Make(spec);
     ASSERT_TRUE(c);
     for (uint32_t s = 0; s < 4; ++s) CheckFused(*c, 10 + s);

@@ -35,11 +35,12 @@ struct Part {
 
 class TurboCodec final : public Codec {
  public:
+  // split > 0: two parts (split channels at ceil(bits), the rest at floor(bits)); 0: one part.
   TurboCodec(int d, double bits, bool prod, bool nc, int split, uint64_t seed, std::string name)
       : d_(d), prod_(prod), nc_(nc), name_(std::move(name)) {
     const int lo = int(std::floor(bits)), hi = int(std::ceil(bits));
     std::vector<int> sizes, pbits;
-    if (lo == hi) { sizes = {d}; pbits = {lo}; }
+    if (split == 0) { sizes = {d}; pbits = {lo}; }
     else { sizes = {split, d - split}; pbits = {hi, lo}; }
     for (size_t p = 0; p < sizes.size(); ++p) {
       Part pt;
@@ -259,7 +260,7 @@ StatusOr<std::unique_ptr<Codec>> MakeTurboCodec(const CodecSpec& spec, const Cod
   auto bits = spec.GetDouble("bits", 3.0);
   auto variant = spec.GetString("variant", "mse");
   auto nc = spec.GetBool("nc", false);
-  auto split = spec.GetInt("split", ctx.dim / 2);
+  auto split = spec.GetInt("split", -1);
   auto boundary = spec.GetInt("boundary", 0);
   for (const Status& s : {bits.status(), variant.status(), nc.status(), split.status(),
                           boundary.status()}) {
@@ -283,19 +284,22 @@ StatusOr<std::unique_ptr<Codec>> MakeTurboCodec(const CodecSpec& spec, const Cod
     return MakeQ8_0Codec(q8, ctx);
   }
   const bool frac = std::floor(b) != b;
+  // Fractional bits always split (default d/2); integral bits split only when asked (split=N:
+  // N outlier channels get their own rotation and norm at the same bit width).
+  const int n_split = *split >= 0 ? *split : (frac ? ctx.dim / 2 : 0);
   if (ctx.dim < 4 || ctx.dim > 512) {
     return Unimplemented(fmt::format("turbo needs 4 <= dim <= 512, got {}", ctx.dim));
   }
-  if (frac && (*split < 4 || *split > ctx.dim - 4 || *split % 2 != 0)) {
+  if ((frac || n_split != 0) && (n_split < 4 || n_split > ctx.dim - 4 || n_split % 2 != 0)) {
     return InvalidArgument(fmt::format(
-        "turbo: split={} must be even and in [4, {}] (channels at the higher bit width)", *split,
+        "turbo: split={} must be even and in [4, {}] (channels at the higher bit width)", n_split,
         ctx.dim - 4));
   }
   std::string name = fmt::format("turbo:bits={},variant={}", b, *variant);
   if (*nc) name += ",nc=1";
-  if (frac) name += fmt::format(",split={}", *split);
+  if (n_split) name += fmt::format(",split={}", n_split);
   if (*boundary) name += fmt::format(",boundary={}", *boundary);
-  return std::unique_ptr<Codec>(new TurboCodec(ctx.dim, b, prod, *nc, *split, ctx.seed, name));
+  return std::unique_ptr<Codec>(new TurboCodec(ctx.dim, b, prod, *nc, n_split, ctx.seed, name));
 }
 
 }  // namespace kvc::kv

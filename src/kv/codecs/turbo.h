@@ -13,6 +13,8 @@
 //           r = y − ỹ with a Haar-orthogonal d×d sketch S (unit rows), estimator constant
 //           1/(d·E|u_1|), E|u_1| = Γ(d/2)/(√π Γ((d+1)/2)) (exact for rows uniform on the sphere).
 //   nc      (mse only) norm correction: store γ/‖ỹ‖ instead of γ so ‖x̂‖ = ‖x‖ (vLLM "NC").
+//           Integral bits with split=N: N outlier channels (pairs) get their own rotation and
+//           norm at the same width (+16 bits/vector), so outliers no longer set the norm of the rest.
 //   boundary first and last L layers use q8_0 instead (vLLM keeps boundary layers unquantized).
 //
 // Format, one token (block_tokens = 1), per part p (1 part, or 2 for fractional bits):
