@@ -179,6 +179,17 @@ TEST(Policies, ComposedHalvesRemoveThreeQuarters) {
   EXPECT_EQ(d.cache->n_cells(1, 1), 64);
 }
 
+TEST(Policies, OnceCompressesOnlyTheFirstPrompt) {
+  auto d = Driver::Make("knorm:ratio=0.5,once=1");
+  ASSERT_TRUE(d.Feed(64).ok());
+  ASSERT_TRUE(d.Feed(8).ok());
+  EXPECT_EQ(d.cache->n_cells(0, 0), 32 + 8);
+  auto e = Driver::Make("knorm:ratio=0.5");  // default: every prompt compresses (compounds)
+  ASSERT_TRUE(e.Feed(64).ok());
+  ASSERT_TRUE(e.Feed(8).ok());
+  EXPECT_EQ(e.cache->n_cells(0, 0), 20);
+}
+
 TEST(Policies, AdaKvRaggedHeadsFreeBytes) {
   auto full = Driver::Make("");
   ASSERT_TRUE(full.Feed(200).ok());

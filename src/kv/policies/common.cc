@@ -56,6 +56,7 @@ Status ParseCommon(const CodecSpec& spec, When default_when, CommonParams* p) {
   KVC_ASSIGN_OR_RETURN(int sink, spec.GetInt("sink", int(p->sink)));
   if (sink < 0) return InvalidArgument(fmt::format("{}: sink must be >= 0", spec.ToString()));
   p->sink = sink;
+  KVC_ASSIGN_OR_RETURN(p->once, spec.GetBool("once", false));
   KVC_ASSIGN_OR_RETURN(std::string pos, spec.GetString("pos", ""));
   if (!pos.empty()) {
     KVC_ASSIGN_OR_RETURN(p->pos, ParsePositionMode(pos));
@@ -175,6 +176,7 @@ Status ScoredPolicy::BeforeWrite(KvCache& cache, int n_incoming) {
 
 Status ScoredPolicy::AfterPrefill(KvCache& cache, int n_prompt) {
   if (n_prompt <= 0) return InvalidArgument(Name() + ": empty prompt (nothing to compress)");
+  if (p_.once && prompts_++ > 0) return Status::Ok();
   switch (p_.when) {
     case When::kPrefill:
       return CompressAll(cache, 0, false);

@@ -16,7 +16,8 @@
 //   when=step      after the prompt and before every decode write once over budget (H2O, TOVA):
 //                  evict-for-space, so a head never holds more than the budget after the prompt;
 //   every=R,target=T  every R decode steps, down to T tokens (kvpress DecodingPress).
-// Positions (pos=original|in-cache|rerotate, §0.1): original leaves gaps; in-cache is the
+// once=1: only the first prompt is compressed (ratio= otherwise compounds: each multi-token
+// prompt removes r of the cells present then). Positions (pos=original|in-cache|rerotate, §0.1): original leaves gaps; in-cache is the
 // cache's PositionMode::kInCache (pre-RoPE keys rotated with slot positions); rerotate relabels
 // the kept keys to 0..k−1 once per eviction (KvCache::Relabel) and sets pos_shift so the next
 // token's position is k.
@@ -57,6 +58,8 @@ struct CommonParams {
   int64_t window = 0;      // last cells always kept
   PositionMode pos = PositionMode::kOriginal;
   bool pos_given = false;
+  bool once = false;       // compress only the first prompt (context reuse: later questions
+                           // are not compressed); default: every multi-token prompt
 };
 
 // Reads budget=/ratio=/compression_ratio=/when=/every=/target=/sink=/pos= (window is read by
@@ -101,6 +104,7 @@ class ScoredPolicy : public EvictionPolicy {
   CommonParams p_;
   int64_t fixed_budget_ = -1;  // step mode: tokens per head, fixed at the first prompt
   int64_t steps_ = 0;
+  int64_t prompts_ = 0;
 };
 
 }  // namespace kvc::kv
