@@ -222,6 +222,8 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
     }
   }
 
+  FlushLayer(layer);
+
   // Merge statistics (serial, deterministic order).
   if (stats_.accumulate || stats_.obs_window > 0) {
     for (int h = 0; h < nkv; ++h) {

@@ -69,7 +69,7 @@ void Stream::EncodeBlocks(const float* x, int64_t n_tokens) {
   n_packed += n_tokens;
 }
 
-void Stream::Append(const float* y, int64_t n) {
+void Stream::Append(const float* y, int64_t n, bool defer) {
   const int64_t bt = block_tokens();
   const int64_t r = codec->residual_tokens();
   const int64_t q = codec->flush_quantum();
@@ -93,6 +93,16 @@ void Stream::Append(const float* y, int64_t n) {
   tail.resize(size_t((n_tail + add) * dim));
   Fp32ToFp16SatRow(y + start * dim, add * dim, tail.data() + n_tail * dim);
   n_tail += add;
+  if (!defer) Flush();
+}
+
+bool Stream::has_window() const {
+  return codec->residual_tokens() > 0 || codec->flush_quantum() > codec->block_tokens();
+}
+
+void Stream::Flush() {
+  const int64_t r = codec->residual_tokens();
+  const int64_t q = codec->flush_quantum();
   if (n_tail - r >= q) {
     const int64_t cnt = (n_tail - r) / q * q;
     std::vector<float> tmp(size_t(cnt * dim));
@@ -305,6 +315,11 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
   std::vector<int64_t> pos(n);
   for (int h = 0; h < nkv; ++h) {
     HeadCache& hc = heads[h];
+    // Tokens still waiting from a Write that was not followed by Attend.
+    for (auto& seg : hc.segs) {
+      seg.k.Flush();
+      seg.v.Flush();
+    }
     for (int i = 0; i < n; ++i) {
       std::memcpy(&kx[size_t(i) * hd], k + (int64_t(i) * nkv + h) * hd, hd * sizeof(float));
       std::memcpy(&vx[size_t(i) * dv], v + (int64_t(i) * nkv + h) * dv, dv * sizeof(float));
@@ -322,17 +337,17 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
       if (seg.k.transform) {
         y.resize(size_t(take) * seg.k.dim);
         seg.k.transform->Forward(kp, take, y.data());
-        seg.k.Append(y.data(), take);
+        seg.k.Append(y.data(), take, seg.k.has_window());
       } else {
-        seg.k.Append(kp, take);
+        seg.k.Append(kp, take, seg.k.has_window());
       }
       float* vp = &vx[size_t(done) * dv];
       if (seg.v.transform) {
         y.resize(size_t(take) * seg.v.dim);
         seg.v.transform->Forward(vp, take, y.data());
-        seg.v.Append(y.data(), take);
+        seg.v.Append(y.data(), take, seg.v.has_window());
       } else {
-        seg.v.Append(vp, take);
+        seg.v.Append(vp, take, seg.v.has_window());
       }
       done += take;
     }
@@ -524,6 +539,19 @@ Status KvCache::TruncateAfter(int64_t last_seq) {
     }
   }
   return Status::Ok();
+}
+
+void KvCache::FlushLayer(int layer) {
+  for (auto& hc : impl_->layers[layer]) {
+    for (auto& seg : hc.segs) {
+      seg.k.Flush();
+      seg.v.Flush();
+    }
+  }
+}
+
+void KvCache::Flush() {
+  for (int l = 0; l < shape_.n_layer; ++l) FlushLayer(l);
 }
 
 void KvCache::Clear() {

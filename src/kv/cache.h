@@ -115,8 +115,13 @@ class KvCache {
   // INVALID_ARGUMENT on NaN/inf input (naming layer and seq); the cache is unchanged then.
   Status Write(int layer, const int64_t* seq, int n, const float* k, const float* v);
 
+  // Codecs with an fp16 residual window (KIVI, residual_tokens() > 0 or a flush quantum larger
+  // than the block) keep the tokens of the current Write in fp16 until the layer's Attend has
+  // run, then apply their flush rule (KIVI §3.2: attention first, then quantize). Per-token
+  // codecs encode on Write, so the current tokens already attend through the codec.
+  //
   // q [n_q, n_head, head_dim] f32 pre-RoPE, q_seq [n_q]; out [n_q, n_head, DimV()] f32.
-  // Gathers statistics per the current request.
+  // Gathers statistics per the current request; flushes the layer's window codecs at the end.
   void Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out);
 
   void SetStatsRequest(const AttnStatsRequest& r) { stats_ = r; }
@@ -161,6 +166,9 @@ class KvCache {
   // consumed. Context reuse: compress a context once, then answer several questions from it.
   // n_consumed() is unchanged (it is the causal clock; new tokens must still get seq >= it).
   Status TruncateAfter(int64_t last_seq);
+  // Applies pending flushes (window codecs) now: one layer, or all layers.
+  void FlushLayer(int layer);
+  void Flush();
   void Clear();  // drops every cell, frees storage
   MemoryReport Memory() const;
   // Bits per value of the body codecs (from descriptors), K and V, averaged over layers.

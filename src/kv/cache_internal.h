@@ -26,7 +26,13 @@ struct Stream {
   size_t block_bytes() const { return codec->BlockBytes(); }
   int block_tokens() const { return codec->block_tokens(); }
   // Appends y [n, dim] f32 (already transformed / rotated as stored), flushing per codec rule.
-  void Append(const float* y, int64_t n);
+  // With defer (window codecs during Write), the new tokens stay in the fp16 tail until Flush():
+  // KIVI §3.2 computes attention with the current tokens in full precision, then quantizes.
+  void Append(const float* y, int64_t n, bool defer = false);
+  // Encodes what the codec's flush rule allows (residual_tokens / flush_quantum).
+  void Flush();
+  // True for codecs with an fp16 residual window (residual > 0 or flush quantum > block).
+  bool has_window() const;
   // All tokens decoded: out [n(), dim] f32 (stored domain, before Reconstruct).
   void DecodeAll(float* out) const;
   // Drops everything; replaces with y [n, dim].

@@ -2,6 +2,7 @@
 // Flag names follow llama.cpp where the concept exists.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -429,6 +430,78 @@ int CmdRetrieval(Common& c, const RetrievalArgs& a) {
   return 0;
 }
 
+// llama-bench style speed: pp = n_prompt tokens in one batch from an empty cache; tg = n_gen
+// single-token steps after a depth-token context. Fixed pseudo-random token ids; median of reps
+// after one warm-up. Peak RSS (VmHWM) is reported too.
+int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  if (n_prompt < 1 || n_gen < 1 || depth < 1 || reps < 1) {
+    return Fail(InvalidArgument("-p, -n, --depth and -r must be >= 1"));
+  }
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  Session::Options so;
+  so.n_ctx = std::max<int64_t>(n_prompt, depth + n_gen);
+  so.n_batch = std::max(n_prompt, depth);
+  auto s = Session::Create(**m, rc->cache, rc->evict, so);
+  if (!s.ok()) return Fail(s.status());
+  std::mt19937 rng(0);
+  std::uniform_int_distribution<int> tok(100, (*m)->config().n_vocab - 1);
+  std::vector<int32_t> prompt(n_prompt), ctx(depth), gen(n_gen);
+  for (auto& t : prompt) t = tok(rng);
+  for (auto& t : ctx) t = tok(rng);
+  for (auto& t : gen) t = tok(rng);
+  std::vector<double> pp, tg;
+  std::vector<float> logits;
+  size_t kv_bytes = 0;
+  for (int r = 0; r <= reps; ++r) {
+    (*s)->Reset();
+    double t0 = NowSeconds();
+    Status st = (*s)->Eval(prompt, false, &logits);
+    if (!st.ok()) return Fail(st);
+    const double tpp = NowSeconds() - t0;
+    (*s)->Reset();
+    st = (*s)->Eval(ctx, false, &logits);
+    if (!st.ok()) return Fail(st);
+    t0 = NowSeconds();
+    for (int32_t t : gen) {
+      st = (*s)->Eval({t}, false, &logits);
+      if (!st.ok()) return Fail(st);
+    }
+    const double ttg = NowSeconds() - t0;
+    kv_bytes = (*s)->cache().Memory().KvBytes();
+    if (r == 0) continue;  // warm-up
+    pp.push_back(n_prompt / tpp);
+    tg.push_back(n_gen / ttg);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  nlohmann::json j;
+  j["model"] = c.model;
+  j["threads"] = c.threads;
+  j["cache"] = (*s)->cache().Describe();
+  j["n_prompt"] = n_prompt;
+  j["n_gen"] = n_gen;
+  j["depth"] = depth;
+  j["pp_tokens_per_second"] = median(pp);
+  j["tg_tokens_per_second"] = median(tg);
+  j["kv_bytes"] = kv_bytes;
+  j["weight_bytes"] = (*m)->weight_bytes();
+  j["gguf_bytes"] = (*m)->file().file_size();
+  j["peak_rss_bytes"] = PeakRssBytes();
+  if (json) {
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("%s | pp%d %.1f t/s | tg%d @ d%d %.1f t/s | KV %zu B | peak RSS %.1f MiB\n",
+                (*s)->cache().Describe().c_str(), n_prompt, median(pp), n_gen, depth, median(tg),
+                kv_bytes, PeakRssBytes() / 1048576.0);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -506,7 +579,18 @@ int main(int argc, char** argv) {
   auto* rt = AddRetrievalCommand(app, &retrieval_args);
   AddModelFlags(rt, c);
 
+  int bench_p = 512, bench_n = 128, bench_depth = 512, bench_reps = 3;
+  auto* bn = app.add_subcommand("bench", "speed: prompt processing and decode tokens/s (llama-bench style)");
+  AddModelFlags(bn, c);
+  AddKvFlags(bn, c);
+  bn->add_option("-p,--n-prompt", bench_p, "prompt tokens (pp)");
+  bn->add_option("-n,--n-gen", bench_n, "generated tokens (tg)");
+  bn->add_option("--depth", bench_depth, "context before tg");
+  bn->add_option("-r,--reps", bench_reps, "repetitions after one warm-up (median reported)");
+  bn->add_flag("--json", json, "JSON output");
+
   CLI11_PARSE(app, int(argv2.size()), argv2.data());
+  if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
   if (*info) return CmdInfo(c);
   if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
   if (*lg) return CmdLogits(c, ids, out_path);
