@@ -46,7 +46,18 @@ void Axpy(float a, const float* x, int64_t n, float* y);
 // in-place softmax over [n] f32; returns nothing; max-subtracted, sums in double-free f32.
 void Softmax(float* x, int64_t n);
 
+// fp16 KV rows (IEEE binary16 bit patterns):
+// out [n] f32 = h [n] fp16.
+void F16ToF32(const uint16_t* h, int64_t n, float* out);
+// out[r * ld + t] = <q[r], k[t]>; q [n_q, d] f32, k [n, d] fp16, out rows of stride ld.
+void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld);
+// out[r] += Σ_t p[r * ld + t] · v[t]; p rows of stride ld, v [n, d] fp16, out [n_q, d] f32.
+void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out);
+
 namespace ref {
+void F16ToF32(const uint16_t* h, int64_t n, float* out);
+void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld);
+void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out);
 void MatMul(const Weight& w, const float* x, int64_t n_tokens, float* y);  // dequantize + f64 sums
 void RmsNorm(const float* x, const float* w, int64_t n_rows, int64_t n, float eps, float* y);
 void SwiGlu(const float* gate, const float* up, int64_t n, float* out);

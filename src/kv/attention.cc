@@ -127,24 +127,22 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           st.codec->PrepareQuery(qsrc, rows, qp.data());
           const int bt = st.block_tokens();
           const size_t bb = st.block_bytes();
-          std::vector<float> tmp(size_t(rows) * bt);
-          for (int64_t b = 0; b < st.n_packed / bt && off + b * bt < n_eff; ++b) {
-            st.codec->Score(qp.data(), rows, st.packed.data() + b * bb, tmp.data());
+          // Full blocks below n_eff in one call; a block straddling n_eff via a temp buffer.
+          const int64_t n_blocks = st.n_packed / bt;
+          const int64_t full = std::min(n_blocks, std::max<int64_t>(0, (n_eff - off) / bt));
+          if (full > 0) st.codec->ScoreBlocks(qp.data(), rows, st.packed.data(), full, &s[off], n_eff);
+          if (full < n_blocks && off + full * bt < n_eff) {
+            std::vector<float> tmp(size_t(rows) * bt);
+            st.codec->Score(qp.data(), rows, st.packed.data() + full * bb, tmp.data());
             for (int r = 0; r < rows; ++r) {
-              for (int t = 0; t < bt; ++t) {
-                const int64_t c = off + b * bt + t;
-                if (c < n_eff) s[size_t(r) * n_eff + c] = tmp[size_t(r) * bt + t];
+              for (int t = 0; t < bt && off + full * bt + t < n_eff; ++t) {
+                s[size_t(r) * n_eff + off + full * bt + t] = tmp[size_t(r) * bt + t];
               }
             }
           }
-          std::vector<float> row(st.dim);
-          for (int64_t t = 0; t < st.n_tail; ++t) {
-            const int64_t c = off + st.n_packed + t;
-            if (c >= n_eff) break;
-            Fp16ToFp32Row(st.tail.data() + t * st.dim, st.dim, row.data());
-            for (int r = 0; r < rows; ++r) {
-              s[size_t(r) * n_eff + c] = cpu::Dot(qsrc + size_t(r) * st.dim, row.data(), st.dim);
-            }
+          const int64_t tail_n = std::min<int64_t>(st.n_tail, std::max<int64_t>(0, n_eff - off - st.n_packed));
+          if (tail_n > 0) {
+            cpu::DotF16Rows(qsrc, rows, st.tail.data(), tail_n, st.dim, &s[off + st.n_packed], n_eff);
           }
           off += n_seg;
         }
@@ -184,24 +182,21 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           std::vector<float> acc(size_t(rows) * st.dim, 0.f);
           const int bt = st.block_tokens();
           const size_t bb = st.block_bytes();
-          std::vector<float> pb(size_t(rows) * bt);
-          for (int64_t b = 0; b < st.n_packed / bt && off + b * bt < n_eff; ++b) {
+          const int64_t n_blocks = st.n_packed / bt;
+          const int64_t full = std::min(n_blocks, std::max<int64_t>(0, (n_eff - off) / bt));
+          if (full > 0) st.codec->AccumulateBlocks(&s[off], n_eff, rows, st.packed.data(), full, acc.data());
+          if (full < n_blocks && off + full * bt < n_eff) {
+            std::vector<float> pb(size_t(rows) * bt, 0.f);
             for (int r = 0; r < rows; ++r) {
-              for (int t = 0; t < bt; ++t) {
-                const int64_t c = off + b * bt + t;
-                pb[size_t(r) * bt + t] = c < n_eff ? s[size_t(r) * n_eff + c] : 0.f;
+              for (int t = 0; t < bt && off + full * bt + t < n_eff; ++t) {
+                pb[size_t(r) * bt + t] = s[size_t(r) * n_eff + off + full * bt + t];
               }
             }
-            st.codec->AccumulateWeighted(pb.data(), rows, st.packed.data() + b * bb, acc.data());
+            st.codec->AccumulateWeighted(pb.data(), rows, st.packed.data() + full * bb, acc.data());
           }
-          std::vector<float> row(st.dim);
-          for (int64_t t = 0; t < st.n_tail; ++t) {
-            const int64_t c = off + st.n_packed + t;
-            if (c >= n_eff) break;
-            Fp16ToFp32Row(st.tail.data() + t * st.dim, st.dim, row.data());
-            for (int r = 0; r < rows; ++r) {
-              cpu::Axpy(s[size_t(r) * n_eff + c], row.data(), st.dim, &acc[size_t(r) * st.dim]);
-            }
+          const int64_t tail_n = std::min<int64_t>(st.n_tail, std::max<int64_t>(0, n_eff - off - st.n_packed));
+          if (tail_n > 0) {
+            cpu::AxpyF16Rows(&s[off + st.n_packed], n_eff, rows, st.tail.data(), tail_n, st.dim, acc.data());
           }
           if (st.transform) {
             std::vector<float> rec(size_t(rows) * dv);

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/ops.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 #include "util/check.h"
@@ -18,9 +19,7 @@ uint16_t Fp32ToFp16Sat(float f) {
   if (f < -65504.f) f = -65504.f;
   return gguf::Fp32ToFp16(f);
 }
-void Fp16ToFp32Row(const uint16_t* h, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
-}
+void Fp16ToFp32Row(const uint16_t* h, int64_t n, float* out) { cpu::F16ToF32(h, n, out); }
 void Fp32ToFp16SatRow(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToFp16Sat(x[i]);
 }

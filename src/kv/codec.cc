@@ -128,4 +128,34 @@ void Codec::AccumulateWeighted(const float* p, int n_q, const uint8_t* block, fl
   }
 }
 
+void Codec::ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                        float* scores, int64_t ld) const {
+  const int bt = block_tokens();
+  const size_t bb = BlockBytes();
+  std::vector<float> tmp(size_t(n_q) * bt);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    Score(qp, n_q, blocks + b * bb, tmp.data());
+    for (int r = 0; r < n_q; ++r) {
+      std::copy(&tmp[size_t(r) * bt], &tmp[size_t(r) * bt] + bt, scores + r * ld + b * bt);
+    }
+  }
+}
+
+void Codec::AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                             int64_t n_blocks, float* out) const {
+  const int bt = block_tokens();
+  const size_t bb = BlockBytes();
+  std::vector<float> pb(size_t(n_q) * bt);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    bool any = false;
+    for (int r = 0; r < n_q; ++r) {
+      for (int t = 0; t < bt; ++t) {
+        pb[size_t(r) * bt + t] = p[r * ld + b * bt + t];
+        any = any || pb[size_t(r) * bt + t] != 0.f;
+      }
+    }
+    if (any) AccumulateWeighted(pb.data(), n_q, blocks + b * bb, out);
+  }
+}
+
 }  // namespace kvc::kv

@@ -93,6 +93,15 @@ class Codec {
   virtual void Score(const float* q_prepared, int n_q, const uint8_t* block, float* scores) const;
   // out [n_q, dim] += p [n_q, block_tokens] · decode(block). Default decodes then accumulates.
   virtual void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const;
+
+  // Many consecutive blocks at once (what attention calls; one virtual call per segment):
+  // scores[r * ld + b * block_tokens + t] for b in [0, n_blocks); blocks [n_blocks, BlockBytes()].
+  // Default: Score per block. Per-token formats override for a tight loop.
+  virtual void ScoreBlocks(const float* q_prepared, int n_q, const uint8_t* blocks,
+                           int64_t n_blocks, float* scores, int64_t ld) const;
+  // out [n_q, dim] += Σ_b p[r * ld + b * block_tokens + t] · decode(block b).
+  virtual void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                                int64_t n_blocks, float* out) const;
 };
 
 using CodecFactory = std::function<StatusOr<std::unique_ptr<Codec>>(const CodecSpec&, const CodecContext&)>;

@@ -44,6 +44,16 @@ class F16Codec final : public Codec {
       Fp32ToFp16SatRow(x, d_, h);
     }
   }
+  void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                   float* scores, int64_t ld) const override {
+    if (bf16_) return Codec::ScoreBlocks(qp, n_q, blocks, n_blocks, scores, ld);
+    cpu::DotF16Rows(qp, n_q, reinterpret_cast<const uint16_t*>(blocks), n_blocks, d_, scores, ld);
+  }
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                        int64_t n_blocks, float* out) const override {
+    if (bf16_) return Codec::AccumulateBlocks(p, ld, n_q, blocks, n_blocks, out);
+    cpu::AxpyF16Rows(p, ld, n_q, reinterpret_cast<const uint16_t*>(blocks), n_blocks, d_, out);
+  }
   void Decode(const uint8_t* block, float* x) const override {
     const auto* h = reinterpret_cast<const uint16_t*>(block);
     if (bf16_) {

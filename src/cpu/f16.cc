@@ -1,0 +1,133 @@
+// fp16 KV kernels (Highway, runtime dispatch): conversion, multi-row dot products and weighted
+// accumulation over fp16 rows, used by the f16 codec's fused attention path and the fp16 tails.
+// Scalar references: ref::F16ToF32 / ref::DotF16Rows / ref::AxpyF16Rows (tests/unit/cpu_f16_test.cc).
+#ifndef KVC_CPU_F16_SHARED_
+#define KVC_CPU_F16_SHARED_
+#include <cstring>
+
+#include "cpu/ops.h"
+#include "gguf/types.h"
+#endif  // KVC_CPU_F16_SHARED_
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/f16.cc"
+// clang-format off
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+// clang-format on
+
+HWY_BEFORE_NAMESPACE();
+namespace kvc::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DH = hn::Rebind<hwy::float16_t, DF>;
+
+HWY_INLINE hn::Vec<DF> LoadH(const uint16_t* p) {
+  return hn::PromoteTo(DF(), hn::LoadU(DH(), reinterpret_cast<const hwy::float16_t*>(p)));
+}
+
+void F16ToF32Impl(const uint16_t* HWY_RESTRICT h, int64_t n, float* HWY_RESTRICT out) {
+  const DF df;
+  const int64_t kN = hn::Lanes(df);
+  int64_t i = 0;
+  for (; i + kN <= n; i += kN) hn::StoreU(LoadH(h + i), df, out + i);
+  for (; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
+}
+
+// out[r * ld + t] = <q[r], k[t]>: q [n_q, d] f32, k [n, d] fp16.
+void DotF16RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint16_t* HWY_RESTRICT k, int64_t n,
+                    int d, float* HWY_RESTRICT out, int64_t ld) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  if (d % kN != 0 || n_q > 16) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int r = 0; r < n_q; ++r) {
+        float s = 0;
+        for (int c = 0; c < d; ++c) s += q[size_t(r) * d + c] * gguf::Fp16ToFp32(k[t * d + c]);
+        out[size_t(r) * ld + t] = s;
+      }
+    }
+    return;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* kt = k + t * d;
+    hn::Vec<DF> acc[16];
+    for (int r = 0; r < n_q; ++r) acc[r] = hn::Zero(df);
+    for (int c = 0; c < d; c += kN) {
+      const auto kv = LoadH(kt + c);
+      for (int r = 0; r < n_q; ++r) acc[r] = hn::MulAdd(hn::LoadU(df, q + size_t(r) * d + c), kv, acc[r]);
+    }
+    for (int r = 0; r < n_q; ++r) out[size_t(r) * ld + t] = hn::GetLane(hn::SumOfLanes(df, acc[r]));
+  }
+}
+
+// out[r] [d] += Σ_t p[r * ld + t] · v[t]: v [n, d] fp16.
+void AxpyF16RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint16_t* HWY_RESTRICT v,
+                     int64_t n, int d, float* HWY_RESTRICT out) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  if (d % kN != 0) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int r = 0; r < n_q; ++r) {
+        const float w = p[size_t(r) * ld + t];
+        for (int c = 0; c < d; ++c) out[size_t(r) * d + c] += w * gguf::Fp16ToFp32(v[t * d + c]);
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < n_q; ++r) {
+    for (int c = 0; c < d; c += kN) {
+      auto acc = hn::LoadU(df, out + size_t(r) * d + c);
+      for (int64_t t = 0; t < n; ++t) {
+        acc = hn::MulAdd(hn::Set(df, p[size_t(r) * ld + t]), LoadH(v + t * d + c), acc);
+      }
+      hn::StoreU(acc, df, out + size_t(r) * d + c);
+    }
+  }
+}
+
+}  // namespace kvc::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kvc::cpu {
+HWY_EXPORT(F16ToF32Impl);
+HWY_EXPORT(DotF16RowsImpl);
+HWY_EXPORT(AxpyF16RowsImpl);
+
+void F16ToF32(const uint16_t* h, int64_t n, float* out) {
+  HWY_DYNAMIC_DISPATCH(F16ToF32Impl)(h, n, out);
+}
+void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(DotF16RowsImpl)(q, n_q, k, n, d, out, ld);
+}
+void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(AxpyF16RowsImpl)(p, ld, n_q, v, n, d, out);
+}
+
+namespace ref {
+void F16ToF32(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
+}
+void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld) {
+  for (int64_t t = 0; t < n; ++t) {
+    for (int r = 0; r < n_q; ++r) {
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += double(q[size_t(r) * d + c]) * gguf::Fp16ToFp32(k[t * d + c]);
+      out[size_t(r) * ld + t] = float(s);
+    }
+  }
+}
+void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out) {
+  for (int r = 0; r < n_q; ++r) {
+    for (int c = 0; c < d; ++c) {
+      double s = out[size_t(r) * d + c];
+      for (int64_t t = 0; t < n; ++t) s += double(p[size_t(r) * ld + t]) * gguf::Fp16ToFp32(v[t * d + c]);
+      out[size_t(r) * d + c] = float(s);
+    }
+  }
+}
+}  // namespace ref
+}  // namespace kvc::cpu
+#endif  // HWY_ONCE
