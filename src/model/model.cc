@@ -12,7 +12,8 @@
 namespace kvc {
 
 double ModelConfig::KvBytesPerToken(double k_bits, double v_bits) const {
-  return double(n_layer) * n_head_kv * head_dim * (k_bits + v_bits) / 8.0;
+  const int dv = head_dim_v > 0 ? head_dim_v : head_dim;
+  return double(n_layer) * n_head_kv * (head_dim * k_bits + dv * v_bits) / 8.0;
 }
 
 namespace {
@@ -29,6 +30,7 @@ constexpr ArchInfo kArchs[] = {
     {"mistral", false, false},
     {"smollm", false, false},
     {"qwen2", true, true},
+    {"deepseek2", false, false},  // multi-head latent attention (model/mla.h), dense FFN only
 };
 
 StatusOr<std::vector<float>> LoadF32(const gguf::GgufFile& f, const std::string& name, int64_t n) {
@@ -75,7 +77,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
   }
   if (!arch) {
     return Unimplemented(fmt::format(
-        "architecture '{}' is not supported (supported: llama, mistral, smollm, qwen2)", c.arch));
+        "architecture '{}' is not supported (supported: llama, mistral, smollm, qwen2, deepseek2)", c.arch));
   }
   auto name = f.GetString("general.name");
   c.name = name.ok() ? *name : "";
@@ -102,18 +104,28 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
                                        c.n_head_kv, c.n_ff));
   }
   c.head_dim = c.n_embd / c.n_head;
-  KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "attention.key_length", c.head_dim));
-  if (v != c.head_dim) return Unimplemented("attention.key_length != n_embd / n_head");
   KVC_ASSIGN_OR_RETURN(c.rope.theta, f.GetFloatOr(p + "rope.freq_base", 10000.0));
+  if (c.arch == "deepseek2") {
+    m->mla_ = std::make_unique<MlaWeights>();
+    KVC_ASSIGN_OR_RETURN(m->mla_->cfg, LoadMlaConfig(f, c.n_layer, c.n_embd, c.n_head, c.rms_eps));
+    const kv::KvShape s = MlaKvShape(m->mla_->cfg, c.n_layer, c.rope.theta);
+    c.n_head_kv = s.n_head_kv;
+    c.head_dim = s.head_dim;
+    c.head_dim_v = s.head_dim_v;
+    c.attn_scale = s.attn_scale;
+    c.rope = s.rope;
+  }
+  KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "attention.key_length", c.head_dim));
+  if (!m->mla_ && v != c.head_dim) return Unimplemented("attention.key_length != n_embd / n_head");
   KVC_ASSIGN_OR_RETURN(v, f.GetIntOr(p + "rope.dimension_count", c.head_dim));
-  c.rope.n_rot = int(v);
-  if (c.rope.n_rot <= 0 || c.rope.n_rot > c.head_dim || c.rope.n_rot % 2) {
+  if (!m->mla_) c.rope.n_rot = int(v);
+  if (c.rope.n_rot <= 0 || c.rope.rot_offset + c.rope.n_rot > c.head_dim || c.rope.n_rot % 2) {
     return InvalidArgument(fmt::format("rope.dimension_count {} invalid for head_dim {}",
                                        c.rope.n_rot, c.head_dim));
   }
   c.rope.neox = arch->rope_neox;
   auto scaling = f.GetString(p + "rope.scaling.type");
-  if (scaling.ok() && *scaling == "linear") {
+  if (scaling.ok() && *scaling == "linear" && !m->mla_) {
     KVC_ASSIGN_OR_RETURN(d, f.GetFloatOr(p + "rope.scaling.factor", 1.0));
     if (d <= 0) return InvalidArgument("rope.scaling.factor must be > 0");
     c.rope.freq_scale = 1.0 / d;
@@ -141,10 +153,15 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
     const std::string b = fmt::format("blk.{}.", l);
     KVC_ASSIGN_OR_RETURN(L.attn_norm, LoadF32(f, b + "attn_norm.weight", c.n_embd));
     KVC_ASSIGN_OR_RETURN(L.ffn_norm, LoadF32(f, b + "ffn_norm.weight", c.n_embd));
-    KVC_ASSIGN_OR_RETURN(L.wq, LoadW(f, b + "attn_q.weight", c.n_embd, c.n_head * hd));
-    KVC_ASSIGN_OR_RETURN(L.wk, LoadW(f, b + "attn_k.weight", c.n_embd, c.n_head_kv * hd));
-    KVC_ASSIGN_OR_RETURN(L.wv, LoadW(f, b + "attn_v.weight", c.n_embd, c.n_head_kv * hd));
-    KVC_ASSIGN_OR_RETURN(L.wo, LoadW(f, b + "attn_output.weight", c.n_head * hd, c.n_embd));
+    if (m->mla_) {
+      KVC_ASSIGN_OR_RETURN(MlaLayer ml, LoadMlaLayer(f, m->mla_->cfg, l));
+      m->mla_->layers.push_back(std::move(ml));
+    } else {
+      KVC_ASSIGN_OR_RETURN(L.wq, LoadW(f, b + "attn_q.weight", c.n_embd, c.n_head * hd));
+      KVC_ASSIGN_OR_RETURN(L.wk, LoadW(f, b + "attn_k.weight", c.n_embd, c.n_head_kv * hd));
+      KVC_ASSIGN_OR_RETURN(L.wv, LoadW(f, b + "attn_v.weight", c.n_embd, c.n_head_kv * hd));
+      KVC_ASSIGN_OR_RETURN(L.wo, LoadW(f, b + "attn_output.weight", c.n_head * hd, c.n_embd));
+    }
     KVC_ASSIGN_OR_RETURN(L.w_gate, LoadW(f, b + "ffn_gate.weight", c.n_embd, c.n_ff));
     KVC_ASSIGN_OR_RETURN(L.w_up, LoadW(f, b + "ffn_up.weight", c.n_embd, c.n_ff));
     KVC_ASSIGN_OR_RETURN(L.w_down, LoadW(f, b + "ffn_down.weight", c.n_ff, c.n_embd));
@@ -170,15 +187,18 @@ kv::KvShape Model::kv_shape() const {
   s.n_head = cfg_.n_head;
   s.n_head_kv = cfg_.n_head_kv;
   s.head_dim = cfg_.head_dim;
+  s.head_dim_v = cfg_.head_dim_v;
+  s.attn_scale = cfg_.attn_scale;
   s.rope = cfg_.rope;
   return s;
 }
 
 size_t Model::weight_bytes() const {
-  size_t s = output_->bytes();
+  size_t s = output_->bytes() + (mla_ ? mla_->bytes() : 0);
   for (const auto& L : layers_) {
-    s += L.wq->bytes() + L.wk->bytes() + L.wv->bytes() + L.wo->bytes() + L.w_gate->bytes() +
-         L.w_up->bytes() + L.w_down->bytes();
+    for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
+      s += *w ? (*w)->bytes() : 0;
+    }
   }
   return s;
 }
@@ -271,16 +291,21 @@ Status Session::Forward(const int32_t* tokens, int n, bool all_logits, float* lo
   for (int l = 0; l < c.n_layer; ++l) {
     const Model::Layer& L = model_.layers()[l];
     cpu::RmsNorm(x_.data(), L.attn_norm.data(), n, E, c.rms_eps, h_.data());
-    cpu::MatMul(*L.wq, h_.data(), n, q_.data());
-    cpu::MatMul(*L.wk, h_.data(), n, k_.data());
-    cpu::MatMul(*L.wv, h_.data(), n, v_.data());
-    add_bias(q_, L.bq, nq);
-    add_bias(k_, L.bk, nkv);
-    add_bias(v_, L.bv, nkv);
-    Status st = cache_->Write(l, seq.data(), n, k_.data(), v_.data());
-    if (!st.ok()) return Status(st.code(), "activations: " + st.message());
-    cache_->Attend(l, q_.data(), seq.data(), n, attn_.data());
-    cpu::MatMul(*L.wo, attn_.data(), n, tmp_.data());
+    if (model_.mla()) {
+      KVC_RETURN_IF_ERROR(MlaAttention(*model_.mla(), l, *cache_, h_.data(), seq.data(), n,
+                                       tmp_.data()));
+    } else {
+      cpu::MatMul(*L.wq, h_.data(), n, q_.data());
+      cpu::MatMul(*L.wk, h_.data(), n, k_.data());
+      cpu::MatMul(*L.wv, h_.data(), n, v_.data());
+      add_bias(q_, L.bq, nq);
+      add_bias(k_, L.bk, nkv);
+      add_bias(v_, L.bv, nkv);
+      Status st = cache_->Write(l, seq.data(), n, k_.data(), v_.data());
+      if (!st.ok()) return Status(st.code(), "activations: " + st.message());
+      cache_->Attend(l, q_.data(), seq.data(), n, attn_.data());
+      cpu::MatMul(*L.wo, attn_.data(), n, tmp_.data());
+    }
     for (size_t i = 0; i < size_t(n) * E; ++i) x_[i] += tmp_[i];
     cpu::RmsNorm(x_.data(), L.ffn_norm.data(), n, E, c.rms_eps, h_.data());
     cpu::MatMul(*L.w_gate, h_.data(), n, gate_.data());

@@ -14,6 +14,7 @@
 #include "kv/cache.h"
 #include "kv/policy.h"
 #include "kvcrunch/status.h"
+#include "model/mla.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvc {
@@ -25,7 +26,9 @@ struct ModelConfig {
   int n_embd = 0;
   int n_head = 0;
   int n_head_kv = 0;
-  int head_dim = 0;
+  int head_dim = 0;        // K dim per KV head (deepseek2: kv_lora_rank + rope dims, 1 latent head)
+  int head_dim_v = 0;      // V dim per KV head (0: head_dim)
+  float attn_scale = 0;    // softmax scale (0: 1/sqrt(head_dim))
   int n_ff = 0;
   int n_vocab = 0;
   int64_t n_ctx_train = 0;
@@ -33,7 +36,8 @@ struct ModelConfig {
   kv::RopeParams rope;
   bool qkv_bias = false;
   bool tied_output = false;
-  // KV bytes per token for a codec's bits/value: 2 · n_layer · n_head_kv · head_dim · bits / 8.
+  // KV bytes per token for a codec's bits/value: n_layer · n_head_kv · (head_dim · k_bits +
+  // DimV · v_bits) / 8 (= 2 · n_layer · n_head_kv · head_dim · bits / 8 when K and V match).
   double KvBytesPerToken(double k_bits, double v_bits) const;
 };
 
@@ -58,6 +62,8 @@ class Model {
   const cpu::Weight& output() const { return *output_; }
   const std::vector<float>& output_norm() const { return output_norm_; }
   const gguf::TensorInfo& token_embd() const { return *token_embd_; }
+  // deepseek2: multi-head latent attention weights (Layer::wq..wo are null then); else null.
+  const MlaWeights* mla() const { return mla_.get(); }
 
  private:
   Model() = default;
@@ -68,6 +74,7 @@ class Model {
   std::vector<Layer> layers_;
   std::vector<float> output_norm_;
   std::unique_ptr<cpu::Weight> output_;
+  std::unique_ptr<MlaWeights> mla_;
 };
 
 // One sequence being evaluated: the model, its KV cache and an optional eviction policy.
