@@ -30,7 +30,47 @@ struct HeadPlan {
   std::vector<float> k_tile;   // [n, head_dim] decoded keys (post-RoPE), tiled path
   std::vector<float> v_tile;   // [n, dv]
   std::vector<int64_t> rope_pos;  // [n] key RoPE positions as attention sees them
+  // Tokens of window codecs (KIVI) written by this call: they are flushed (encoded) before the
+  // tiles are decoded, but each query must see them as a token-by-token stream would: token j is
+  // read quantized only if the codec's flush rule had already encoded it when the query's own
+  // token arrived; otherwise from its fp16 copy. That makes a batched prefill attend exactly
+  // like streaming decode (KIVI §3.2), so perplexity measures what decoding would see.
+  struct Pending {
+    int64_t begin = 0, end = 0;  // cell range [begin, end)
+    int64_t seg_off = 0;         // first cell of the segment
+    int64_t residual = 0, quantum = 1;
+    std::vector<float> alt;      // [end - begin, dim] fp16 values, reconstructed (+RoPE for keys)
+    // Packed tokens of the stream at the moment its token `idx` (segment-local) attends.
+    int64_t Boundary(int64_t idx) const {
+      return idx - residual >= quantum ? (idx - residual) / quantum * quantum : 0;
+    }
+  };
+  std::vector<Pending> k_pend, v_pend;
 };
+
+// Saves the fp16 tail of a window stream as seen before its flush, then flushes it.
+void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* rope_pos,
+                 std::vector<HeadPlan::Pending>* out) {
+  if (!st.has_window() || st.n_tail == 0) return;
+  HeadPlan::Pending pd;
+  pd.seg_off = seg_off;
+  pd.begin = seg_off + st.n_packed;
+  pd.end = seg_off + st.n();
+  pd.residual = st.codec->residual_tokens();
+  pd.quantum = st.codec->flush_quantum();
+  const int64_t n = st.n_tail;
+  std::vector<float> raw(size_t(n) * st.dim);
+  Fp16ToFp32Row(st.tail.data(), n * st.dim, raw.data());
+  if (st.transform) {
+    pd.alt.resize(size_t(n) * st.dim_in);
+    st.transform->Reconstruct(raw.data(), int(n), pd.alt.data());
+  } else {
+    pd.alt.swap(raw);
+  }
+  if (rope && st.pre_rope) rope->Apply(pd.alt.data(), int(n), st.dim_in, rope_pos + (pd.begin));
+  st.Flush();
+  out->push_back(std::move(pd));
+}
 
 }  // namespace
 
@@ -58,9 +98,22 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
     const int64_t n = hc.n();
     p.rope_pos = hc.pos;
     if (in_cache) std::iota(p.rope_pos.begin(), p.rope_pos.end(), 0);
-    bool any_pre = false;
-    for (const auto& seg : hc.segs) any_pre = any_pre || seg.k.pre_rope;
-    p.tiled = want_tiled || any_pre;
+    bool any_pre = false, any_window = false;
+    for (const auto& seg : hc.segs) {
+      any_pre = any_pre || seg.k.pre_rope;
+      any_window = any_window || (seg.k.has_window() && seg.k.n_tail > 0) ||
+                   (seg.v.has_window() && seg.v.n_tail > 0);
+    }
+    p.tiled = want_tiled || any_pre || (n_q > 1 && any_window);
+    if (p.tiled && n_q > 1 && any_window) {
+      HeadCache& hm = heads[h];
+      int64_t off = 0;
+      for (auto& seg : hm.segs) {
+        TakePending(seg.k, off, &rope, p.rope_pos.data(), &p.k_pend);
+        TakePending(seg.v, off, nullptr, nullptr, &p.v_pend);
+        off += seg.n();
+      }
+    }
     if (p.tiled) {
       p.k_tile.resize(size_t(n) * hd);
       p.v_tile.resize(size_t(n) * dv);
@@ -109,6 +162,21 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       if (p.tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_eff), hd, 1.0f, qh.data(),
                     hd, p.k_tile.data(), hd, 0.0f, s.data(), int(n_eff));
+        for (const auto& pd : p.k_pend) {
+          const int64_t a = pd.begin, b = std::min(pd.end, n_eff);
+          if (a >= b) continue;
+          std::vector<float> sa(size_t(rows) * (b - a));
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(b - a), hd, 1.0f,
+                      qh.data(), hd, pd.alt.data(), hd, 0.0f, sa.data(), int(b - a));
+          for (int r = 0; r < rows; ++r) {
+            const int64_t ci = std::lower_bound(hc.seq.begin(), hc.seq.end(), q_seq[t0 + r / g]) -
+                               hc.seq.begin();
+            const int64_t gb = pd.seg_off + pd.Boundary(ci - pd.seg_off);
+            for (int64_t j = std::max(a, gb); j < b; ++j) {
+              s[size_t(r) * n_eff + j] = sa[size_t(r) * (b - a) + (j - a)];
+            }
+          }
+        }
       } else {
         int64_t off = 0;
         for (const auto& seg : hc.segs) {
@@ -173,6 +241,27 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       if (p.tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_eff), 1.0f,
                     s.data(), int(n_eff), p.v_tile.data(), dv, 0.0f, o.data(), dv);
+        for (const auto& pd : p.v_pend) {
+          const int64_t a = pd.begin, b = std::min(pd.end, n_eff);
+          if (a >= b) continue;
+          // o += P_fp16-part · (v_fp16 − v_quantized) over the columns still in the window.
+          std::vector<float> delta(size_t(b - a) * dv), pm(size_t(rows) * (b - a), 0.f);
+          for (int64_t j = a; j < b; ++j) {
+            for (int c = 0; c < dv; ++c) {
+              delta[size_t(j - a) * dv + c] = pd.alt[size_t(j - a) * dv + c] - p.v_tile[size_t(j) * dv + c];
+            }
+          }
+          for (int r = 0; r < rows; ++r) {
+            const int64_t ci = std::lower_bound(hc.seq.begin(), hc.seq.end(), q_seq[t0 + r / g]) -
+                               hc.seq.begin();
+            const int64_t gb = pd.seg_off + pd.Boundary(ci - pd.seg_off);
+            for (int64_t j = std::max(a, gb); j < b; ++j) {
+              pm[size_t(r) * (b - a) + (j - a)] = s[size_t(r) * n_eff + j];
+            }
+          }
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(b - a), 1.0f,
+                      pm.data(), int(b - a), delta.data(), dv, 1.0f, o.data(), dv);
+        }
       } else {
         int64_t off = 0;
         for (const auto& seg : hc.segs) {

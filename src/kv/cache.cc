@@ -96,7 +96,7 @@ void Stream::Append(const float* y, int64_t n, bool defer) {
 }
 
 bool Stream::has_window() const {
-  return codec->residual_tokens() > 0 || codec->flush_quantum() > codec->block_tokens();
+  return codec->residual_tokens() > 0 || codec->flush_quantum() > 1;
 }
 
 void Stream::Flush() {

@@ -115,10 +115,13 @@ class KvCache {
   // INVALID_ARGUMENT on NaN/inf input (naming layer and seq); the cache is unchanged then.
   Status Write(int layer, const int64_t* seq, int n, const float* k, const float* v);
 
-  // Codecs with an fp16 residual window (KIVI, residual_tokens() > 0 or a flush quantum larger
-  // than the block) keep the tokens of the current Write in fp16 until the layer's Attend has
-  // run, then apply their flush rule (KIVI §3.2: attention first, then quantize). Per-token
-  // codecs encode on Write, so the current tokens already attend through the codec.
+  // Codecs whose tokens wait in the fp16 tail (residual_tokens() > 0 or flush_quantum() > 1:
+  // KIVI windows, per-channel blocks) keep the tokens of the current Write in fp16 until the
+  // layer's Attend has run, then apply their flush rule (KIVI §3.2: attention first, then
+  // quantize). Within one batched Attend each query reads every such token exactly as a
+  // token-by-token stream would have (quantized iff already flushed when the query's own token
+  // arrived), so batched prefill == streaming decode. Per-token codecs encode on Write, so the
+  // current tokens already attend through the codec.
   //
   // q [n_q, n_head, head_dim] f32 pre-RoPE, q_seq [n_q]; out [n_q, n_head, DimV()] f32.
   // Gathers statistics per the current request; flushes the layer's window codecs at the end.

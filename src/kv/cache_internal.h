@@ -31,7 +31,8 @@ struct Stream {
   void Append(const float* y, int64_t n, bool defer = false);
   // Encodes what the codec's flush rule allows (residual_tokens / flush_quantum).
   void Flush();
-  // True for codecs with an fp16 residual window (residual > 0 or flush quantum > block).
+  // True for codecs whose tokens wait in the fp16 tail (residual > 0 or a flush quantum > 1:
+  // per-channel blocks, KIVI windows); they flush after attention.
   bool has_window() const;
   // All tokens decoded: out [n(), dim] f32 (stored domain, before Reconstruct).
   void DecodeAll(float* out) const;

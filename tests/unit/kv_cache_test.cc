@@ -120,6 +120,29 @@ TEST(KvCache, F32MatchesReferencePrefillAndDecode) {
   EXPECT_LT(MaxAbsDiff(out, ref), 2e-5);
 }
 
+// A window codec (KIVI) prefilled in one batch must attend exactly as the same tokens streamed
+// one at a time (write, attend, flush), so perplexity measures what decoding sees.
+TEST(KvCache, WindowCodecBatchedPrefillEqualsStreaming) {
+  const KvShape s = SmallShape();
+  const int n = 100;
+  Stream st = MakeStream(s, n, 21);
+  for (const char* spec : {"kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=64"}) {
+    KvCacheConfig cfg;
+    cfg.k_codec = cfg.v_codec = spec;
+    auto batched = KvCache::Create(s, cfg);
+    auto streamed = KvCache::Create(s, cfg);
+    ASSERT_TRUE(batched.ok() && streamed.ok()) << spec;
+    auto ob = RunCache(**batched, s, st, n, n);  // one Write + one Attend of 100 queries
+    auto os = RunCache(**streamed, s, st, n, 1);  // 100 x (Write 1, Attend 1)
+    EXPECT_LT(MaxAbsDiff(ob, os), 2e-5) << spec;
+    // And it is not simply the f16 answer: the quantized past is really read.
+    KvCacheConfig f16;
+    auto full = KvCache::Create(s, f16);
+    auto of = RunCache(**full, s, st, n, n);
+    EXPECT_GT(MaxAbsDiff(ob, of), 1e-3) << spec;
+  }
+}
+
 TEST(KvCache, SinkSegmentMergesExactly) {
   const KvShape s = SmallShape();
   const int n = 40;
