@@ -34,7 +34,8 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   while (in >> tok) {
     any = true;
     const size_t eq = tok.find('=');
-    if (eq == std::string::npos) {
+    // A bare codec spec (may carry its own parameters: "q4_0:rot=0") sets K = V.
+    if (eq == std::string::npos || tok.find(':') < eq) {
       // bare codec: K = V = codec
       c.cache.k_codec = c.cache.v_codec = tok;
       continue;
