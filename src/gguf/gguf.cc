@@ -300,6 +300,20 @@ GgufFile::~GgufFile() {
   if (owns_mapping_ && base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
 }
 
+void GgufFile::ReleasePages(const TensorInfo& t) const {
+  if (!owns_mapping_ || base_ == nullptr || t.data == nullptr) return;
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (uintptr_t(t.data) + page - 1) / page * page;
+  const uintptr_t end = (uintptr_t(t.data) + t.n_bytes) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+void GgufFile::ReleasePages() const {
+  if (owns_mapping_ && base_ != nullptr) {
+    ::madvise(const_cast<uint8_t*>(base_), size_, MADV_DONTNEED);
+  }
+}
+
 Status GgufFile::Parse() {
   Cursor cur(base_, size_);
   const std::string header = "header";

@@ -68,6 +68,13 @@ class GgufFile {
   const std::map<std::string, MetaValue>& metadata() const { return meta_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
 
+  // Drops the mapped pages from the resident set (madvise MADV_DONTNEED; the mapping stays valid
+  // and pages fault back in from the file when read). Called after weights were repacked so the
+  // process does not hold both copies. No-op for FromBuffer files.
+  void ReleasePages() const;
+  // The same for the whole pages inside one tensor's data (after that tensor was repacked).
+  void ReleasePages(const TensorInfo& t) const;
+
   const MetaValue* Find(std::string_view key) const;
   const TensorInfo* FindTensor(std::string_view name) const;
 

@@ -60,7 +60,11 @@ StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std:
     return InvalidArgument(fmt::format("tensor '{}' has dims [{}], expected [{}x{}]", name, dims,
                                        n_in, n_out));
   }
-  return cpu::PrepareWeight(*t);
+  auto w = cpu::PrepareWeight(*t);
+  // A repacked weight owns its bytes: drop the mapped copy from RSS as we go, so the peak never
+  // holds both (pages fault back in if the mapping is read again).
+  if (w.ok() && (*w)->bytes() > 0) f.ReleasePages(*t);
+  return w;
 }
 
 }  // namespace
@@ -178,6 +182,9 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
     c.tied_output = true;
     KVC_ASSIGN_OR_RETURN(m->output_, cpu::PrepareWeight(*m->token_embd_));
   }
+  // Quantized weights were repacked into their own buffers; the mapped copy is only read again
+  // for embedding rows (and by non-repacked types), so let the kernel drop it from RSS.
+  m->file_->ReleasePages();
   return m;
 }
 
