@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,22 +28,26 @@ size_t MlaWeights::bytes() const {
 
 namespace {
 
+// Whole tensor dequantized to f32, row by row; ne must equal `ne` (innermost first).
 StatusOr<std::vector<float>> LoadDense(const gguf::GgufFile& f, const std::string& name,
-                                       int64_t n_in, int64_t n_out) {
+                                       const std::vector<int64_t>& ne) {
   const gguf::TensorInfo* t = f.FindTensor(name);
   if (!t) return NotFound(fmt::format("missing tensor '{}'", name));
-  if (t->ne.size() > 2 || t->ne[0] != n_in || (n_out > 1 && (t->ne.size() < 2 || t->ne[1] != n_out))) {
-    return InvalidArgument(fmt::format("tensor '{}' has the wrong shape (expected [{}x{}])", name,
-                                       n_in, n_out));
+  std::vector<int64_t> got(t->ne.begin(), t->ne.end());
+  while (got.size() > 1 && got.back() == 1) got.pop_back();
+  if (got != ne) {
+    return InvalidArgument(fmt::format("tensor '{}' has dims [{}], expected [{}]", name,
+                                       fmt::join(got, "x"), fmt::join(ne, "x")));
   }
   const auto* tr = gguf::GetTypeTraits(t->type_id);
   if (!tr || !tr->supported) {
     return Unimplemented(fmt::format("tensor '{}' has unsupported type {}", name,
                                      gguf::TypeName(t->type_id)));
   }
-  std::vector<float> out(size_t(n_in) * n_out);
-  const size_t row_bytes = t->n_bytes / size_t(n_out);
-  for (int64_t r = 0; r < n_out; ++r) {
+  const int64_t n_in = ne[0], rows = t->NumElements() / n_in;
+  std::vector<float> out(size_t(n_in * rows));
+  const size_t row_bytes = t->n_bytes / size_t(rows);
+  for (int64_t r = 0; r < rows; ++r) {
     gguf::DequantizeRow(t->type(), t->data + r * row_bytes, out.data() + r * n_in, n_in);
   }
   return out;
@@ -79,11 +84,20 @@ StatusOr<MlaConfig> LoadMlaConfig(const gguf::GgufFile& f, int n_layer, int n_em
   c.qk_nope = int(v) - c.qk_rope;
   KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "attention.value_length"));
   c.v_head_dim = int(v);
-  if (f.GetInt(p + "attention.key_length_mla").ok() ||
-      f.GetInt(p + "attention.value_length_mla").ok()) {
-    return Unimplemented(
-        "deepseek2: the split attn_k_b/attn_v_b layout (attention.key_length_mla) is not supported; "
-        "convert with attn_kv_b.weight");
+  if (auto klm = f.GetInt(p + "attention.key_length_mla"); klm.ok()) {
+    // Newer llama.cpp conversions (split attn_k_b / attn_v_b): key_length / value_length describe
+    // the MQA view over the latent (kv_lora_rank + rope, kv_lora_rank); the per-head sizes move to
+    // the *_mla keys.
+    if (c.qk_nope + c.qk_rope != c.kv_lora_rank + c.qk_rope || c.v_head_dim != c.kv_lora_rank) {
+      return InvalidArgument(fmt::format(
+          "deepseek2: with attention.key_length_mla, key_length ({}) / value_length ({}) must be "
+          "kv_lora_rank + rope ({}) / kv_lora_rank ({})", c.qk_nope + c.qk_rope, c.v_head_dim,
+          c.kv_lora_rank + c.qk_rope, c.kv_lora_rank));
+    }
+    c.split_kv_b = true;
+    c.qk_nope = int(*klm) - c.qk_rope;
+    KVC_ASSIGN_OR_RETURN(v, f.GetInt(p + "attention.value_length_mla"));
+    c.v_head_dim = int(v);
   }
   auto scaling = f.GetString(p + "rope.scaling.type");
   if (scaling.ok() && *scaling != "none") {
@@ -118,26 +132,57 @@ StatusOr<MlaLayer> LoadMlaLayer(const gguf::GgufFile& f, const MlaConfig& c, int
                                        "only dense FFN layers are supported", layer, b + moe));
     }
   }
-  if (f.FindTensor(b + "attn_k_b.weight")) {
-    return Unimplemented(fmt::format("deepseek2: '{}attn_k_b.weight' (split MLA layout) is not "
-                                     "supported; expected attn_kv_b.weight", b));
-  }
   MlaLayer L;
   const int nq = c.n_head * c.KeyLength();
   if (c.q_lora_rank > 0) {
     KVC_ASSIGN_OR_RETURN(L.wq_a, LoadMat(f, b + "attn_q_a.weight", c.n_embd, c.q_lora_rank));
-    KVC_ASSIGN_OR_RETURN(L.q_a_norm, LoadDense(f, b + "attn_q_a_norm.weight", c.q_lora_rank, 1));
+    KVC_ASSIGN_OR_RETURN(L.q_a_norm, LoadDense(f, b + "attn_q_a_norm.weight", {c.q_lora_rank}));
     KVC_ASSIGN_OR_RETURN(L.wq_b, LoadMat(f, b + "attn_q_b.weight", c.q_lora_rank, nq));
   } else {
     KVC_ASSIGN_OR_RETURN(L.wq, LoadMat(f, b + "attn_q.weight", c.n_embd, nq));
   }
   KVC_ASSIGN_OR_RETURN(L.wkv_a, LoadMat(f, b + "attn_kv_a_mqa.weight", c.n_embd, c.LatentDim()));
-  KVC_ASSIGN_OR_RETURN(L.kv_a_norm, LoadDense(f, b + "attn_kv_a_norm.weight", c.kv_lora_rank, 1));
-  KVC_ASSIGN_OR_RETURN(L.wkv_b, LoadDense(f, b + "attn_kv_b.weight", c.kv_lora_rank,
-                                          int64_t(c.n_head) * (c.qk_nope + c.v_head_dim)));
+  KVC_ASSIGN_OR_RETURN(L.kv_a_norm, LoadDense(f, b + "attn_kv_a_norm.weight", {c.kv_lora_rank}));
+  const int R = c.kv_lora_rank, H = c.n_head, Wrow = c.qk_nope + c.v_head_dim;
+  if (!c.split_kv_b) {
+    KVC_ASSIGN_OR_RETURN(L.wkv_b, LoadDense(f, b + "attn_kv_b.weight", {R, int64_t(H) * Wrow}));
+  } else {
+    // Split layout: attn_k_b [qk_nope, R, H] (W_UK,hᵀ per head), attn_v_b [R, v_head_dim, H].
+    std::vector<float> kb, vb;
+    KVC_ASSIGN_OR_RETURN(kb, LoadDense(f, b + "attn_k_b.weight", {c.qk_nope, R, H}));
+    KVC_ASSIGN_OR_RETURN(vb, LoadDense(f, b + "attn_v_b.weight", {R, c.v_head_dim, H}));
+    L.wkv_b.resize(size_t(H) * Wrow * R);
+    for (int h = 0; h < H; ++h) {
+      for (int d = 0; d < c.qk_nope; ++d) {
+        for (int e = 0; e < R; ++e) {
+          L.wkv_b[(size_t(h) * Wrow + d) * R + e] = kb[(size_t(h) * R + e) * c.qk_nope + d];
+        }
+      }
+      for (int d = 0; d < c.v_head_dim; ++d) {
+        std::copy_n(&vb[(size_t(h) * c.v_head_dim + d) * R], R,
+                    &L.wkv_b[(size_t(h) * Wrow + c.qk_nope + d) * R]);
+      }
+    }
+  }
   KVC_ASSIGN_OR_RETURN(L.wo, LoadMat(f, b + "attn_output.weight", c.n_head * c.v_head_dim,
                                      c.n_embd));
   return L;
+}
+
+std::string DescribeMlaKv(const MlaConfig& c, int n_layer, double bytes) {
+  const double lat = double(c.LatentDim()) * bytes * n_layer;
+  const double vcopy = double(c.kv_lora_rank) * bytes * n_layer;
+  const double mha = double(c.n_head) * (c.KeyLength() + c.v_head_dim) * bytes * n_layer;
+  return fmt::format(
+      "MLA latent KV bytes per token = (kv_lora_rank + rope dims) · bytes · n_layer = "
+      "({} + {})·{}·{} = {:.0f} B\n"
+      "  + V copy of the latent (the seam stores V separately) = {}·{}·{} = {:.0f} B -> stored "
+      "{:.0f} B/token\n"
+      "equivalent multi-head attention = n_head · (key_length + value_length) · bytes · n_layer = "
+      "{}·({} + {})·{}·{} = {:.0f} B/token; latent saves {:.1f}x ({:.1f}x as stored)\n",
+      c.kv_lora_rank, c.qk_rope, bytes, n_layer, lat, c.kv_lora_rank, bytes, n_layer, vcopy,
+      lat + vcopy, c.n_head, c.KeyLength(), c.v_head_dim, bytes, n_layer, mha, mha / lat,
+      mha / (lat + vcopy));
 }
 
 kv::KvShape MlaKvShape(const MlaConfig& c, int n_layer, double rope_theta) {

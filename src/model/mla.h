@@ -42,6 +42,7 @@ struct MlaConfig {
   int qk_rope = 0;       // d_h^R (decoupled RoPE part; rope.dimension_count)
   int v_head_dim = 0;
   float rms_eps = 1e-6f;
+  bool split_kv_b = false;  // attn_k_b/attn_v_b tensors (attention.key_length_mla) not attn_kv_b
   int KeyLength() const { return qk_nope + qk_rope; }
   int LatentDim() const { return kv_lora_rank + qk_rope; }  // cached K dim per token and layer
   float Scale() const;                                       // 1/sqrt(qk_nope + qk_rope)
@@ -54,6 +55,7 @@ struct MlaLayer {
   std::unique_ptr<cpu::Weight> wkv_a;          // [n_embd -> kv_lora_rank + qk_rope]
   std::vector<float> kv_a_norm;                // [kv_lora_rank]
   std::vector<float> wkv_b;                    // [n_head*(qk_nope+v_head_dim), kv_lora_rank] f32
+                                               // (built from attn_k_b/attn_v_b if split)
   std::unique_ptr<cpu::Weight> wo;             // [n_head*v_head_dim -> n_embd]
   size_t bytes() const;
 };
@@ -65,14 +67,20 @@ struct MlaWeights {
 };
 
 // Reads deepseek2 MLA hyper-parameters (prefix "deepseek2."). n_head / n_embd / rms_eps come from
-// the caller. UNIMPLEMENTED for YaRN or other rope scaling, the split attn_k_b/attn_v_b format
-// (key_length_mla), and MoE (expert_count > 0 with MoE layers present); INVALID_ARGUMENT for
-// inconsistent sizes.
+// the caller. Both layouts: attn_kv_b.weight, or attn_k_b/attn_v_b with attention.key_length_mla /
+// value_length_mla (key_length/value_length are then the latent's MQA sizes). UNIMPLEMENTED for
+// YaRN or other rope scaling and MoE (expert_count > 0 with MoE layers present);
+// INVALID_ARGUMENT for inconsistent sizes.
 StatusOr<MlaConfig> LoadMlaConfig(const gguf::GgufFile& f, int n_layer, int n_embd, int n_head,
                                   float rms_eps);
 // Loads blk.<layer>.attn_* MLA tensors; NOT_FOUND / INVALID_ARGUMENT naming the tensor;
 // UNIMPLEMENTED if the layer has MoE tensors (ffn_gate_inp / ffn_*_exps / ffn_*_shexp).
 StatusOr<MlaLayer> LoadMlaLayer(const gguf::GgufFile& f, const MlaConfig& c, int layer);
+
+// Lines for `kvcrunch info`: latent bytes per token (K = latent + rope), the V copy, and the
+// equivalent multi-head attention cache (n_head · (key_length + value_length) per layer), at
+// `bytes` per value.
+std::string DescribeMlaKv(const MlaConfig& c, int n_layer, double bytes);
 
 // KV shape of the latent cache (see the header comment). theta from rope.freq_base.
 kv::KvShape MlaKvShape(const MlaConfig& c, int n_layer, double rope_theta);

@@ -28,6 +28,7 @@ struct Opts {
   int q_lora = 0;           // 0: attn_q.weight
   bool moe = false;         // add an ffn_gate_inp tensor to layer 1
   std::string scaling;      // rope.scaling.type if non-empty
+  bool split = false;       // attn_k_b/attn_v_b + key_length_mla (newer llama.cpp conversions)
 };
 
 std::string WriteModel(const Opts& o, uint32_t seed) {
@@ -48,14 +49,21 @@ std::string WriteModel(const Opts& o, uint32_t seed) {
   const std::string p = "deepseek2.";
   w.AddString("general.architecture", "deepseek2").AddString("general.name", "mla-test");
   w.AddUint32(p + "block_count", kLayers).AddUint32(p + "embedding_length", kEmbd);
-  w.AddUint32(p + "attention.head_count", kHeads).AddUint32(p + "attention.head_count_kv", kHeads);
+  w.AddUint32(p + "attention.head_count", kHeads)
+      .AddUint32(p + "attention.head_count_kv", o.split ? 1 : kHeads);
   w.AddUint32(p + "feed_forward_length", kFf).AddUint32(p + "context_length", 4096);
   w.AddFloat32(p + "attention.layer_norm_rms_epsilon", 1e-6f);
   w.AddFloat32(p + "rope.freq_base", 10000.f);
   w.AddUint32(p + "attention.kv_lora_rank", kRank);
   if (o.q_lora) w.AddUint32(p + "attention.q_lora_rank", o.q_lora);
-  w.AddUint32(p + "attention.key_length", kNope + kRope);
-  w.AddUint32(p + "attention.value_length", kV);
+  if (o.split) {
+    w.AddUint32(p + "attention.key_length", kRank + kRope).AddUint32(p + "attention.value_length", kRank);
+    w.AddUint32(p + "attention.key_length_mla", kNope + kRope);
+    w.AddUint32(p + "attention.value_length_mla", kV);
+  } else {
+    w.AddUint32(p + "attention.key_length", kNope + kRope);
+    w.AddUint32(p + "attention.value_length", kV);
+  }
   w.AddUint32(p + "rope.dimension_count", kRope);
   if (!o.scaling.empty()) w.AddString(p + "rope.scaling.type", o.scaling);
   std::vector<std::string> toks;
@@ -81,8 +89,24 @@ std::string WriteModel(const Opts& o, uint32_t seed) {
     for (auto& x : kva) x *= 3;
     w.AddTensorF32(b + "attn_kv_a_mqa.weight", {kEmbd, kRank + kRope}, kva);
     w.AddTensorF32(b + "attn_kv_a_norm.weight", {kRank}, norm(kRank));
-    w.AddTensorF32(b + "attn_kv_b.weight", {kRank, kHeads * (kNope + kV)},
-                   mat(kRank, kHeads * (kNope + kV)));
+    const auto kvb = mat(kRank, kHeads * (kNope + kV));  // [H*(nope+v), R]
+    if (!o.split) {
+      w.AddTensorF32(b + "attn_kv_b.weight", {kRank, kHeads * (kNope + kV)}, kvb);
+    } else {
+      // As convert_hf_to_gguf.py: k_b = kv_b[h, :nope, :]ᵀ -> [H, R, nope]; v_b = kv_b[h, nope:, :].
+      std::vector<float> kb(size_t(kHeads) * kRank * kNope), vb(size_t(kHeads) * kV * kRank);
+      for (int h = 0; h < kHeads; ++h) {
+        for (int d = 0; d < kNope + kV; ++d) {
+          for (int e = 0; e < kRank; ++e) {
+            const float x = kvb[(size_t(h) * (kNope + kV) + d) * kRank + e];
+            if (d < kNope) kb[(size_t(h) * kRank + e) * kNope + d] = x;
+            else vb[(size_t(h) * kV + d - kNope) * kRank + e] = x;
+          }
+        }
+      }
+      w.AddTensorF32(b + "attn_k_b.weight", {kNope, kRank, kHeads}, kb);
+      w.AddTensorF32(b + "attn_v_b.weight", {kRank, kV, kHeads}, vb);
+    }
     w.AddTensorF32(b + "attn_output.weight", {kHeads * kV, kEmbd}, mat(kHeads * kV, kEmbd));
     w.AddTensorF32(b + "ffn_norm.weight", {kEmbd}, norm(kEmbd));
     w.AddTensorF32(b + "ffn_gate.weight", {kEmbd, kFf}, mat(kEmbd, kFf));
@@ -287,6 +311,49 @@ TEST(Mla, LatentBytesPerToken) {
     EXPECT_EQ(v, size_t(n) * kRank * bytes * kLayers) << codec;
   }
   std::remove(path.c_str());
+}
+
+// The split attn_k_b/attn_v_b layout of the same weights gives the same logits.
+TEST(Mla, SplitKvbLayoutMatches) {
+  Opts a, b;
+  b.split = true;
+  const std::string pa = WriteModel(a, 23), pb = WriteModel(b, 23);
+  auto ma = Model::Load(pa);
+  auto mb = Model::Load(pb);
+  ASSERT_TRUE(ma.ok()) << ma.status().message();
+  ASSERT_TRUE(mb.ok()) << mb.status().message();
+  EXPECT_TRUE((*mb)->mla()->cfg.split_kv_b);
+  EXPECT_EQ((*mb)->mla()->cfg.qk_nope, kNope);
+  EXPECT_EQ((*mb)->mla()->cfg.v_head_dim, kV);
+  kv::KvCacheConfig cc;
+  cc.k_codec = cc.v_codec = "f32";
+  auto sa = Session::Create(**ma, cc, "", Session::Options{});
+  auto sb = Session::Create(**mb, cc, "", Session::Options{});
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  std::mt19937 rng(9);
+  const auto toks = RandomTokens(33, rng);
+  std::vector<float> la, lb;
+  ASSERT_TRUE((*sa)->Eval(toks, true, &la).ok());
+  ASSERT_TRUE((*sb)->Eval(toks, true, &lb).ok());
+  EXPECT_LT(RelErr(lb, la), 1e-6);
+  std::remove(pa.c_str());
+  std::remove(pb.c_str());
+}
+
+TEST(Mla, InfoLinesReportLatentAndMhaBytes) {
+  MlaConfig c;
+  c.n_head = kHeads;
+  c.kv_lora_rank = kRank;
+  c.qk_rope = kRope;
+  c.qk_nope = kNope;
+  c.v_head_dim = kV;
+  const std::string s = DescribeMlaKv(c, kLayers, 2);
+  const int lat = (kRank + kRope) * 2 * kLayers, vcopy = kRank * 2 * kLayers;
+  const int mha = kHeads * (kNope + kRope + kV) * 2 * kLayers;
+  EXPECT_NE(s.find("= " + std::to_string(lat) + " B"), std::string::npos) << s;
+  EXPECT_NE(s.find("= " + std::to_string(vcopy) + " B"), std::string::npos) << s;
+  EXPECT_NE(s.find("stored " + std::to_string(lat + vcopy) + " B"), std::string::npos) << s;
+  EXPECT_NE(s.find("= " + std::to_string(mha) + " B/token"), std::string::npos) << s;
 }
 
 TEST(Mla, RefusesUnsupported) {

@@ -117,10 +117,14 @@ int CmdInfo(Common& c) {
              (*m)->weight_bytes() / 1048576.0, (*m)->file().file_size() / 1048576.0);
   const double f16_tok = mc.KvBytesPerToken(16, 16);
   const double mha_tok = f16_tok * mc.n_head / mc.n_head_kv;
-  fmt::print("\nKV bytes per token = 2 · n_layer · n_head_kv · head_dim · bytes = 2·{}·{}·{}·2 = {:.0f} B at f16\n",
-             mc.n_layer, mc.n_head_kv, mc.head_dim, f16_tok);
-  fmt::print("with full multi-head attention (n_head_kv = n_head = {}): {:.0f} B/token; GQA saves {:.1f}x\n\n",
-             mc.n_head, mha_tok, mha_tok / f16_tok);
+  if ((*m)->mla()) {
+    fmt::print("\n{}\n", DescribeMlaKv((*m)->mla()->cfg, mc.n_layer, 2));  // f16
+  } else {
+    fmt::print("\nKV bytes per token = 2 · n_layer · n_head_kv · head_dim · bytes = 2·{}·{}·{}·2 = {:.0f} B at f16\n",
+               mc.n_layer, mc.n_head_kv, mc.head_dim, f16_tok);
+    fmt::print("with full multi-head attention (n_head_kv = n_head = {}): {:.0f} B/token; GQA saves {:.1f}x\n\n",
+               mc.n_head, mha_tok, mha_tok / f16_tok);
+  }
   fmt::print("{:<12} {:>10} {:>14} {:>14} {:>12}  {}\n", "codec", "bits/value", "bytes/token", "bytes @ n_ctx", "measured", "summary");
   kv::KvShape shape = (*m)->kv_shape();
   for (const auto& info : kv::RegisteredCodecs()) {
