@@ -146,6 +146,7 @@ int CmdInfo(Common& c) {
     for (int i = 0; i < n; ++i) seq[i] = i;
     bool ok = true;
     for (int l = 0; l < shape.n_layer && ok; ++l) ok = (*cache)->Write(l, seq.data(), n, k.data(), v.data()).ok();
+    (*cache)->Flush();  // window codecs encode after attention; no attention runs here
     const double bpv = ((*cache)->KBitsPerValue() + (*cache)->VBitsPerValue()) / 2;
     const double per_tok = mc.KvBytesPerToken((*cache)->KBitsPerValue(), (*cache)->VBitsPerValue());
     const double measured = ok ? double((*cache)->Memory().KvBytes()) / n : 0;
@@ -191,7 +192,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
     if (toks.empty()) return Fail(InvalidArgument("the prompt tokenizes to nothing"));
   }
   if (n_predict < 0) return Fail(InvalidArgument("-n must be >= 0"));
-  if (!(temp >= 0) || !(top_p > 0 && top_p <= 1)) {
+  if (!(temp >= 0) || !std::isfinite(temp) || !(top_p > 0 && top_p <= 1)) {
     return Fail(InvalidArgument("--temp must be >= 0 and --top-p in (0, 1]"));
   }
   auto rc = RunConfigFromFlags(c);
@@ -258,6 +259,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
     std::printf("%s\n", line.c_str());
   } else {
     std::printf("\n");
+    std::fflush(stdout);
   }
   const auto mem = (*s)->cache().Memory();
   std::fprintf(stderr, "prompt %zu tokens %.1f t/s | generated %zu tokens %.1f t/s | KV %zu bytes (%s)\n",
@@ -408,6 +410,13 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
     configs.push_back(*r);
   }
   if (configs.empty()) configs = DefaultRunConfigs();
+  // Every configuration must build before anything runs: bad input is an error, not a table row.
+  for (const auto& cfg : configs) {
+    auto probe = kv::KvCache::Create((*m)->kv_shape(), cfg.cache);
+    if (!probe.ok()) return Fail(Status(probe.status().code(), cfg.Label() + ": " + probe.status().message()));
+    auto pol = kv::MakePolicy(cfg.evict, (*m)->kv_shape());
+    if (!pol.ok()) return Fail(Status(pol.status().code(), cfg.Label() + ": " + pol.status().message()));
+  }
   auto res = RunEval(**m, *toks, configs, opt);
   if (!res.ok()) return Fail(res.status());
   res->model = c.model;

@@ -50,6 +50,14 @@ class H2oPolicy : public ScoredPolicy {
 }  // namespace
 
 StatusOr<std::unique_ptr<EvictionPolicy>> MakeH2oPolicy(const CodecSpec& spec, const KvShape&) {
+  // H2O's budget is heavy + recent (fractions of the prompt, or tokens); a plain budget= or
+  // ratio= would be silently ignored, so refuse it with the right spelling.
+  for (const char* k : {"budget", "ratio", "compression_ratio"}) {
+    if (spec.params.count(k)) {
+      return InvalidArgument(fmt::format("{}: h2o takes heavy= and recent= (fractions of the prompt "
+                                         "when < 1, tokens when >= 1), not {}=", spec.ToString(), k));
+    }
+  }
   KVC_ASSIGN_OR_RETURN(double heavy, spec.GetDouble("heavy", 0.1));
   KVC_ASSIGN_OR_RETURN(double recent, spec.GetDouble("recent", 0.1));
   if (!(heavy >= 0) || !(recent >= 0)) {

@@ -357,6 +357,19 @@ static StatusOr<std::string> DefaultBooks() {
 
 StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   std::string text;
+  // Bad numbers are errors before any work (a negative size used to throw or loop).
+  for (int len : a.lengths) {
+    if (len < 16) return InvalidArgument(fmt::format("--lengths: {} is too short (>= 16 tokens)", len));
+  }
+  for (double d : a.depths) {
+    if (!(d >= 0.0 && d <= 1.0)) return InvalidArgument(fmt::format("--depths: {} is outside [0, 1]", d));
+  }
+  if (a.seeds < 1) return InvalidArgument("--seeds must be >= 1");
+  if (a.n_tokens < 1) return InvalidArgument("--n-tokens must be >= 1");
+  if (a.prefix < 1 || a.score < 1 || a.windows < 1) {
+    return InvalidArgument("--prefix, --score and --windows must be >= 1");
+  }
+  if (a.n_decode < 0) return InvalidArgument("--n-decode must be >= 0");
   if (a.task != "passkey" && a.task != "reuse") {
     if (a.text.empty()) {
       KVC_ASSIGN_OR_RETURN(text, DefaultBooks());
