@@ -38,10 +38,12 @@
 
 namespace kvc::cpu {
 namespace internal {
-float HalfToFloat(uint16_t h);
-uint16_t FloatToHalf(float f);
-bool CanDequantize(gguf::GgmlType type);
-void DequantizeRowScalar(gguf::GgmlType type, const void* src, float* dst, int64_t n);
+// The GGUF reader's scalar conversions / dequantizers are the one implementation.
+inline float HalfToFloat(uint16_t h) { return gguf::Fp16ToFp32(h); }
+inline uint16_t FloatToHalf(float f) { return gguf::Fp32ToFp16(f); }
+inline void DequantizeRowScalar(gguf::GgmlType type, const void* src, float* dst, int64_t n) {
+  gguf::DequantizeRow(type, src, dst, n);
+}
 }  // namespace internal
 namespace mm {
 constexpr int kRows = 16;                            // output rows per packed group
