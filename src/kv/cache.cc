@@ -276,6 +276,7 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
         auto vs = MakeStream(sink ? cfg.sink_codec : vc, cfg.v_transform, ctx, shape.DimV(), cfg);
         if (!vs.ok()) return vs.status();
         seg.v = std::move(vs).value();
+        if (sink) seg.k.limit_tokens = seg.v.limit_tokens = cfg.sink_tokens;  // no 64-token step
         heads[h].segs.push_back(std::move(seg));
       }
     }
@@ -515,8 +516,11 @@ void KvCache::SetStorageLimit(int64_t tokens) {
   for (auto& heads : impl_->layers) {
     for (auto& hc : heads) {
       for (auto& seg : hc.segs) {
-        seg.k.limit_tokens = tokens;
-        seg.v.limit_tokens = tokens;
+        // A bounded segment (sinks) never needs more than its capacity.
+        int64_t lim = tokens;
+        if (seg.capacity >= 0) lim = lim < 0 ? seg.capacity : std::min(lim, seg.capacity);
+        seg.k.limit_tokens = lim;
+        seg.v.limit_tokens = lim;
       }
     }
   }

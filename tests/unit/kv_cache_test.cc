@@ -159,6 +159,9 @@ TEST(KvCache, SinkSegmentMergesExactly) {
   auto ob = RunCache(**b, s, st, n, 9);
   EXPECT_LT(MaxAbsDiff(oa, ob), 1e-6);
   EXPECT_EQ((*b)->n_cells(0, 0), n);
+  // The sink segment holds exactly its 4 tokens (no 64-token growth step); the body 36 -> 64.
+  const size_t per_token = size_t(s.head_dim) * 4 * 2;  // f32 K + V of one head
+  EXPECT_EQ((*b)->Memory().KvBytes(), size_t(s.n_layer) * s.n_head_kv * (4 + 64) * per_token);
 }
 
 TEST(KvCache, FusedEqualsTiledForQ8) {
