@@ -72,6 +72,10 @@ std::vector<KvRunConfig> DefaultRunConfigs() {
     c.cache.k_codec = c.cache.v_codec = info.name;
     out.push_back(c);
   }
+  // Composition rows: the attention-sink-aware variant (first 4 tokens in an fp16 segment,
+  // KVQuant §3.5 / StreamingLLM) of the 2-bit codec, the one that needs it most on SmolLM2.
+  auto sinks = ParseRunConfig("kivi2 sinks=4");
+  if (sinks.ok()) out.push_back(*sinks);
   return out;
 }
 
