@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Bad input through the CLI: every case must exit non-zero with a message on stderr naming the
+# problem, and never crash (no signal exit: 128+N) or hang (timeout).
+#   tests/cli/bad_input_test.sh path/to/kvcrunch path/to/model.gguf
+set -u
+BIN="$1"; MODEL="$2"
+[ -f "$MODEL" ] || { echo "model missing: skip"; exit 77; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+head -c 1000000 "$MODEL" > "$tmp/trunc.gguf"
+python3 - "$MODEL" "$tmp/corrupt.gguf" <<'PY'
+import sys
+b = bytearray(open(sys.argv[1], "rb").read(200000))
+b[8:16] = (2**40).to_bytes(8, "little")      # absurd tensor count
+open(sys.argv[2], "wb").write(b)
+PY
+printf 'not a gguf file at all\n' > "$tmp/notgguf.gguf"
+: > "$tmp/empty.txt"
+printf '\xff\xfe abc' > "$tmp/bad.txt"
+python3 - "$MODEL" "$tmp/arch.gguf" <<'PY'
+import sys
+b = open(sys.argv[1], "rb").read()
+i = b.find(b"llama", 0, 4096)                  # general.architecture value
+open(sys.argv[2], "wb").write(b[:i] + b"xxxxx" + b[i + 5:])
+PY
+long=$(python3 -c "print('word ' * 400)")
+pass=0; fail=0
+check() {  # check "expected message fragment" cmd...
+  local want="$1"; shift
+  local out rc
+  out=$(timeout 120 "$@" 2>&1 >/dev/null); rc=$?
+  if [ $rc -eq 0 ] || [ $rc -ge 124 ]; then
+    echo "FAIL (rc=$rc): $*"; echo "   $out" | head -3; fail=$((fail+1)); return
+  fi
+  if ! grep -qi -- "$want" <<<"$out"; then
+    echo "FAIL (message lacks '$want'): $*"; echo "   $out" | head -3; fail=$((fail+1)); return
+  fi
+  pass=$((pass+1))
+}
+check "cannot open"       "$BIN" info -m /nonexistent.gguf
+check "DATA_LOSS"         "$BIN" info -m "$tmp/trunc.gguf"
+check "DATA_LOSS"         "$BIN" info -m "$tmp/corrupt.gguf"
+check "DATA_LOSS"         "$BIN" info -m "$tmp/notgguf.gguf"
+check "architecture"      "$BIN" info -m "$tmp/arch.gguf"
+check "empty"             "$BIN" perplexity -m "$MODEL" -f "$tmp/empty.txt"
+check "UTF-8"             "$BIN" perplexity -m "$MODEL" -f "$tmp/bad.txt" -c 16
+check "context size"      "$BIN" generate -m "$MODEL" -c 16 -p "$long" -n 1
+check "unknown cache type" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk q3_wat
+check "unknown parameter" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk q8_0:foo=1
+check "keys only"         "$BIN" generate -m "$MODEL" -p hi -n 1 -ctv qjl
+check "unknown eviction"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-evict nosuch
+check "-n must"           "$BIN" generate -m "$MODEL" -p hi -n -1
+check "top-p"             "$BIN" generate -m "$MODEL" -p hi -n 1 --top-p 2
+check "token id"          "$BIN" logits -m "$MODEL" --tokens 99999999 --out "$tmp/l.bin"
+check "empty prompt"      "$BIN" generate -m "$MODEL" -p "" -n 1
+check "threads"           "$BIN" info -m "$MODEL" -t 0
+# Beyond the trained context is a warning, not an error.
+out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
+if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));
+else echo "FAIL: -c 9000 should warn and run (rc=$rc)"; echo "   $out" | head -3; fail=$((fail+1)); fi
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
