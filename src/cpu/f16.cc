@@ -87,6 +87,67 @@ void AxpyF16RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uin
   }
 }
 
+// q8_0 rows (ggml block: fp16 d + 32 int8, 34 bytes; d_blocks per row):
+// out[r * ld + t] = Σ_b d_tb · <q[r][32b..], c_tb>.
+HWY_INLINE hn::Vec<DF> LoadI8(const int8_t* p) {
+  using DI = hn::Rebind<int32_t, DF>;
+  using D8 = hn::Rebind<int8_t, DF>;
+  return hn::ConvertTo(DF(), hn::PromoteTo(DI(), hn::LoadU(D8(), p)));
+}
+
+void DotQ8RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint8_t* HWY_RESTRICT rows_,
+                   int64_t n, int d, float* HWY_RESTRICT out, int64_t ld) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int nb = d / 32;
+  const size_t row_bytes = size_t(nb) * 34;
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows_ + t * row_bytes;
+    for (int r = 0; r < n_q; ++r) {
+      const float* qr = q + size_t(r) * d;
+      float acc = 0.f;
+      for (int b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const auto* c = reinterpret_cast<const int8_t*>(blk + 2);
+        auto s = hn::Zero(df);
+        for (int i = 0; i < 32; i += kN) s = hn::MulAdd(hn::LoadU(df, qr + b * 32 + i), LoadI8(c + i), s);
+        acc += gguf::Fp16ToFp32(dh) * hn::GetLane(hn::SumOfLanes(df, s));
+      }
+      out[size_t(r) * ld + t] = acc;
+    }
+  }
+}
+
+// out[r] [d] += Σ_t p[r * ld + t] · decode(row t).
+void AxpyQ8RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint8_t* HWY_RESTRICT rows_,
+                    int64_t n, int d, float* HWY_RESTRICT out) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int nb = d / 32;
+  const size_t row_bytes = size_t(nb) * 34;
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows_ + t * row_bytes;
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * 34;
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const float dd = gguf::Fp16ToFp32(dh);
+      const auto* c = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int r = 0; r < n_q; ++r) {
+        const float w = p[size_t(r) * ld + t] * dd;
+        if (w == 0.f) continue;
+        const auto wv = hn::Set(df, w);
+        float* o = out + size_t(r) * d + b * 32;
+        for (int i = 0; i < 32; i += kN) {
+          hn::StoreU(hn::MulAdd(wv, LoadI8(c + i), hn::LoadU(df, o + i)), df, o + i);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -95,6 +156,15 @@ namespace kvc::cpu {
 HWY_EXPORT(F16ToF32Impl);
 HWY_EXPORT(DotF16RowsImpl);
 HWY_EXPORT(AxpyF16RowsImpl);
+HWY_EXPORT(DotQ8RowsImpl);
+HWY_EXPORT(AxpyQ8RowsImpl);
+
+void DotQ8Rows(const float* q, int n_q, const uint8_t* rows, int64_t n, int d, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(DotQ8RowsImpl)(q, n_q, rows, n, d, out, ld);
+}
+void AxpyQ8Rows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(AxpyQ8RowsImpl)(p, ld, n_q, rows, n, d, out);
+}
 
 void F16ToF32(const uint16_t* h, int64_t n, float* out) {
   HWY_DYNAMIC_DISPATCH(F16ToF32Impl)(h, n, out);

@@ -54,6 +54,11 @@ void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, fl
 // out[r] += Σ_t p[r * ld + t] · v[t]; p rows of stride ld, v [n, d] fp16, out [n_q, d] f32.
 void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out);
 
+// q8_0 KV rows (d / 32 ggml Q8_0 blocks of 34 bytes per row; d % 32 == 0), same contracts as the
+// fp16 versions. Checked against the q8_0 codec's scalar Score / AccumulateWeighted.
+void DotQ8Rows(const float* q, int n_q, const uint8_t* rows, int64_t n, int d, float* out, int64_t ld);
+void AxpyQ8Rows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n, int d, float* out);
+
 namespace ref {
 void F16ToF32(const uint16_t* h, int64_t n, float* out);
 void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld);

@@ -70,6 +70,17 @@ class Q8_0Codec final : public Codec {
     }
   }
 
+  // Many tokens per call (decode attention): Highway kernels in src/cpu/f16.cc; the per-block
+  // Score / AccumulateWeighted above and below are their scalar references (codec contract test).
+  void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks, float* scores,
+                   int64_t ld) const override {
+    cpu::DotQ8Rows(qp, n_q, blocks, n_blocks, d_, scores, ld);
+  }
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                        float* out) const override {
+    cpu::AxpyQ8Rows(p, ld, n_q, blocks, n_blocks, d_, out);
+  }
+
   void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
     for (int b = 0; b < nb_; ++b) {
       const uint8_t* in = block + b * kBlockBytes;
