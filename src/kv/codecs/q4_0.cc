@@ -1,4 +1,5 @@
 #include "kv/codecs/q4_0.h"
+#include "kv/codecs/legacy_block.h"
 
 #include <cmath>
 #include <cstring>
@@ -119,43 +120,10 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 }  // namespace q4_0
 
-namespace {
-
-class Q4_0Codec final : public Codec {
- public:
-  explicit Q4_0Codec(int d) : d_(d) {}
-  std::string Name() const override { return "q4_0"; }
-  int dim() const override { return d_; }
-  size_t BlockBytes() const override { return size_t(d_ / q4_0::kBlock) * q4_0::kBlockBytes; }
-  void Encode(const float* x, uint8_t* block) override { q4_0::QuantizeRowRef(x, d_, block); }
-  void Decode(const uint8_t* block, float* x) const override {
-    q4_0::DequantizeRowRef(block, d_, x);
-  }
-  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
-    for (int r = 0; r < n_q; ++r) scores[r] = q4_0::Dot(qp + size_t(r) * d_, block, d_);
-  }
-  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
-    for (int r = 0; r < n_q; ++r) {
-      if (p[r] != 0.f) q4_0::Axpy(p[r], block, d_, out + size_t(r) * d_);
-    }
-  }
-
- private:
-  int d_;
-};
-
-}  // namespace
-
 StatusOr<std::unique_ptr<Codec>> MakeQ4_0Codec(const CodecSpec& spec, const CodecContext& ctx) {
-  KVC_ASSIGN_OR_RETURN(bool rot, spec.GetBool("rot", false));
-  (void)rot;  // consumed by the store (a "hadamard" transform); see q4_0.h
-  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
-  if (ctx.dim % q4_0::kBlock != 0) {
-    return Unimplemented(fmt::format(
-        "q4_0 needs a dimension divisible by 32, got {} (use q8_0 with a smaller block, or f16)",
-        ctx.dim));
-  }
-  return std::unique_ptr<Codec>(new Q4_0Codec(ctx.dim));
+  static const LegacyBlockFormat kFormat = {"q4_0", q4_0::kBlockBytes, q4_0::QuantizeRowRef,
+                                            q4_0::DequantizeRowRef, q4_0::Dot, q4_0::Axpy};
+  return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 
 }  // namespace kvc::kv

@@ -1,4 +1,5 @@
 #include "kv/codecs/q4_1.h"
+#include "kv/codecs/legacy_block.h"
 
 #include <cfloat>
 #include <cmath>
@@ -124,42 +125,10 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 }  // namespace q4_1
 
-namespace {
-
-class Q4_1Codec final : public Codec {
- public:
-  explicit Q4_1Codec(int d) : d_(d) {}
-  std::string Name() const override { return "q4_1"; }
-  int dim() const override { return d_; }
-  size_t BlockBytes() const override { return size_t(d_ / q4_1::kBlock) * q4_1::kBlockBytes; }
-  void Encode(const float* x, uint8_t* block) override { q4_1::QuantizeRowRef(x, d_, block); }
-  void Decode(const uint8_t* block, float* x) const override {
-    q4_1::DequantizeRowRef(block, d_, x);
-  }
-  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
-    for (int r = 0; r < n_q; ++r) scores[r] = q4_1::Dot(qp + size_t(r) * d_, block, d_);
-  }
-  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
-    for (int r = 0; r < n_q; ++r) {
-      if (p[r] != 0.f) q4_1::Axpy(p[r], block, d_, out + size_t(r) * d_);
-    }
-  }
-
- private:
-  int d_;
-};
-
-}  // namespace
-
 StatusOr<std::unique_ptr<Codec>> MakeQ4_1Codec(const CodecSpec& spec, const CodecContext& ctx) {
-  KVC_ASSIGN_OR_RETURN(bool rot, spec.GetBool("rot", false));
-  (void)rot;  // consumed by the store (a "hadamard" transform); see q4_0.h
-  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
-  if (ctx.dim % q4_1::kBlock != 0) {
-    return Unimplemented(
-        fmt::format("q4_1 needs a dimension divisible by 32, got {} (use f16 or q8_0)", ctx.dim));
-  }
-  return std::unique_ptr<Codec>(new Q4_1Codec(ctx.dim));
+  static const LegacyBlockFormat kFormat = {"q4_1", q4_1::kBlockBytes, q4_1::QuantizeRowRef,
+                                            q4_1::DequantizeRowRef, q4_1::Dot, q4_1::Axpy};
+  return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 
 }  // namespace kvc::kv

@@ -1,4 +1,5 @@
 #include "kv/codecs/q5_0.h"
+#include "kv/codecs/legacy_block.h"
 
 #include <cmath>
 #include <cstring>
@@ -124,42 +125,10 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 }  // namespace q5_0
 
-namespace {
-
-class Q5_0Codec final : public Codec {
- public:
-  explicit Q5_0Codec(int d) : d_(d) {}
-  std::string Name() const override { return "q5_0"; }
-  int dim() const override { return d_; }
-  size_t BlockBytes() const override { return size_t(d_ / q5_0::kBlock) * q5_0::kBlockBytes; }
-  void Encode(const float* x, uint8_t* block) override { q5_0::QuantizeRowRef(x, d_, block); }
-  void Decode(const uint8_t* block, float* x) const override {
-    q5_0::DequantizeRowRef(block, d_, x);
-  }
-  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
-    for (int r = 0; r < n_q; ++r) scores[r] = q5_0::Dot(qp + size_t(r) * d_, block, d_);
-  }
-  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
-    for (int r = 0; r < n_q; ++r) {
-      if (p[r] != 0.f) q5_0::Axpy(p[r], block, d_, out + size_t(r) * d_);
-    }
-  }
-
- private:
-  int d_;
-};
-
-}  // namespace
-
 StatusOr<std::unique_ptr<Codec>> MakeQ5_0Codec(const CodecSpec& spec, const CodecContext& ctx) {
-  KVC_ASSIGN_OR_RETURN(bool rot, spec.GetBool("rot", false));
-  (void)rot;  // consumed by the store (a "hadamard" transform); see q4_0.h
-  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
-  if (ctx.dim % q5_0::kBlock != 0) {
-    return Unimplemented(
-        fmt::format("q5_0 needs a dimension divisible by 32, got {} (use f16 or q8_0)", ctx.dim));
-  }
-  return std::unique_ptr<Codec>(new Q5_0Codec(ctx.dim));
+  static const LegacyBlockFormat kFormat = {"q5_0", q5_0::kBlockBytes, q5_0::QuantizeRowRef,
+                                            q5_0::DequantizeRowRef, q5_0::Dot, q5_0::Axpy};
+  return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 
 }  // namespace kvc::kv
