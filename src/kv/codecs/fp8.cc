@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 
@@ -82,9 +83,21 @@ class Fp8Codec final : public Codec {
     for (int i = 0; i < d_; ++i) block[2 + i] = fp8::FloatToE4M3(x[i] * is);
   }
 
-  void Decode(const uint8_t* block, float* x) const override {
-    const float s = Scale(block);
-    for (int i = 0; i < d_; ++i) x[i] = lut_[block[2 + i]] * s;
+  // Highway decoder, bit-identical to the table lookup lut_[code] · s (kv_kernels_test checks all
+  // 256 codes against fp8::E4M3ToFloat).
+  void Decode(const uint8_t* block, float* x) const override { cpu::DecodeE4M3Rows(block, 1, d_, x); }
+
+  // Many tokens (decode attention): SIMD-decoded f32 tiles then SIMD dot / axpy over the query
+  // rows; Score / AccumulateWeighted below are the scalar references (codec_blocks_test).
+  void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks, float* scores,
+                   int64_t ld) const override {
+    cpu::ScoreViaTile(qp, n_q, blocks, BlockBytes(), n_blocks, d_, scores, ld,
+                      [this](const uint8_t* rows, int64_t m, float* x) { cpu::DecodeE4M3Rows(rows, m, d_, x); });
+  }
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                        float* out) const override {
+    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, out,
+                           [this](const uint8_t* rows, int64_t m, float* x) { cpu::DecodeE4M3Rows(rows, m, d_, x); });
   }
 
   void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {

@@ -18,6 +18,11 @@ struct LegacyBlockFormat {
   void (*dequantize)(const uint8_t* blocks, int n, float* x);       // blocks -> x [n]
   float (*dot)(const float* q, const uint8_t* blocks, int n);       // <q, decode(blocks)>
   void (*axpy)(float a, const uint8_t* blocks, int n, float* y);    // y += a · decode(blocks)
+  // Highway row decoder (cpu/kv_kernels.h): rows [n_rows, dim / 32 · block_bytes] -> [n_rows, dim].
+  // Used by Decode and by ScoreBlocks / AccumulateBlocks (decode a small f32 tile, then SIMD dot /
+  // axpy over all query rows); Score / AccumulateWeighted (dot / axpy above) stay the per-block
+  // references they are tested against.
+  void (*decode_rows)(const uint8_t* rows, int64_t n_rows, int dim, float* x);
 };
 
 // Consumes `rot` (turned into a "hadamard" transform by the store), rejects unknown parameters,

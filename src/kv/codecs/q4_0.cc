@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 
@@ -122,7 +123,8 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 StatusOr<std::unique_ptr<Codec>> MakeQ4_0Codec(const CodecSpec& spec, const CodecContext& ctx) {
   static const LegacyBlockFormat kFormat = {"q4_0", q4_0::kBlockBytes, q4_0::QuantizeRowRef,
-                                            q4_0::DequantizeRowRef, q4_0::Dot, q4_0::Axpy};
+                                            q4_0::DequantizeRowRef, q4_0::Dot, q4_0::Axpy,
+                                            cpu::DecodeQ4_0Rows};
   return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 
@@ -127,7 +128,8 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 StatusOr<std::unique_ptr<Codec>> MakeQ4_1Codec(const CodecSpec& spec, const CodecContext& ctx) {
   static const LegacyBlockFormat kFormat = {"q4_1", q4_1::kBlockBytes, q4_1::QuantizeRowRef,
-                                            q4_1::DequantizeRowRef, q4_1::Dot, q4_1::Axpy};
+                                            q4_1::DequantizeRowRef, q4_1::Dot, q4_1::Axpy,
+                                            cpu::DecodeQ4_1Rows};
   return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 

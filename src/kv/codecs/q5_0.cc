@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 
@@ -127,7 +128,8 @@ void Axpy(float a, const uint8_t* blocks, int n, float* y) {
 
 StatusOr<std::unique_ptr<Codec>> MakeQ5_0Codec(const CodecSpec& spec, const CodecContext& ctx) {
   static const LegacyBlockFormat kFormat = {"q5_0", q5_0::kBlockBytes, q5_0::QuantizeRowRef,
-                                            q5_0::DequantizeRowRef, q5_0::Dot, q5_0::Axpy};
+                                            q5_0::DequantizeRowRef, q5_0::Dot, q5_0::Axpy,
+                                            cpu::DecodeQ5_0Rows};
   return MakeLegacyBlockCodec(kFormat, spec, ctx);
 }
 

@@ -1,0 +1,381 @@
+// Packed-KV attention kernels (Highway, runtime dispatch); contracts in cpu/kv_kernels.h.
+#ifndef KVC_CPU_KV_KERNELS_SHARED_
+#define KVC_CPU_KV_KERNELS_SHARED_
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/kv_kernels.h"
+#include "gguf/types.h"
+#endif  // KVC_CPU_KV_KERNELS_SHARED_
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/kv_kernels.cc"
+// clang-format off
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+// clang-format on
+
+HWY_BEFORE_NAMESPACE();
+namespace kvc::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU = hn::RebindToUnsigned<DF>;
+using D8 = hn::Rebind<uint8_t, DF>;
+
+static inline float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return gguf::Fp16ToFp32(h);
+}
+
+// ---- f32 rows
+void DotF32RowsImpl(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTRICT x, int64_t n,
+                    int d, float* HWY_RESTRICT out, int64_t ld) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int dv = d / kN * kN;
+  for (int r0 = 0; r0 < n_q; r0 += 8) {
+    const int nr = std::min(8, n_q - r0);
+    const float* qb = q + size_t(r0) * d;
+    float* ob = out + size_t(r0) * ld;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = x + t * d;
+      hn::Vec<DF> acc[8];
+      for (int r = 0; r < nr; ++r) acc[r] = hn::Zero(df);
+      for (int c = 0; c < dv; c += kN) {
+        const auto xv = hn::LoadU(df, xt + c);
+        for (int r = 0; r < nr; ++r) acc[r] = hn::MulAdd(hn::LoadU(df, qb + size_t(r) * d + c), xv, acc[r]);
+      }
+      for (int r = 0; r < nr; ++r) {
+        float s = hn::GetLane(hn::SumOfLanes(df, acc[r]));
+        for (int c = dv; c < d; ++c) s += qb[size_t(r) * d + c] * xt[c];
+        ob[size_t(r) * ld + t] = s;
+      }
+    }
+  }
+}
+
+void AxpyF32RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const float* HWY_RESTRICT x,
+                     int64_t n, int d, float* HWY_RESTRICT out) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int dv = d / kN * kN;
+  for (int r = 0; r < n_q; ++r) {
+    const float* pr = p + size_t(r) * ld;
+    float* o = out + size_t(r) * d;
+    int c = 0;
+    // Two vectors of the row at a time: two independent FMA chains.
+    for (; c + 2 * kN <= dv; c += 2 * kN) {
+      auto a0 = hn::LoadU(df, o + c), a1 = hn::LoadU(df, o + c + kN);
+      for (int64_t t = 0; t < n; ++t) {
+        const auto w = hn::Set(df, pr[t]);
+        a0 = hn::MulAdd(w, hn::LoadU(df, x + t * d + c), a0);
+        a1 = hn::MulAdd(w, hn::LoadU(df, x + t * d + c + kN), a1);
+      }
+      hn::StoreU(a0, df, o + c);
+      hn::StoreU(a1, df, o + c + kN);
+    }
+    for (; c < dv; c += kN) {
+      auto a0 = hn::LoadU(df, o + c);
+      for (int64_t t = 0; t < n; ++t) a0 = hn::MulAdd(hn::Set(df, pr[t]), hn::LoadU(df, x + t * d + c), a0);
+      hn::StoreU(a0, df, o + c);
+    }
+    for (; c < d; ++c) {
+      float s = o[c];
+      for (int64_t t = 0; t < n; ++t) s += pr[t] * x[t * d + c];
+      o[c] = s;
+    }
+  }
+}
+
+// ---- ggml legacy blocks. kN lanes of float; the 16 packed bytes of a block are processed kN at
+// a time (kN <= 16 on every x86 target; larger vectors fall back to the scalar loop).
+template <int kHeader, int kKind>  // kKind 0: q4_0, 1: q4_1, 2: q5_0
+HWY_INLINE void DecodeLegacyRows(const uint8_t* HWY_RESTRICT rows, int64_t n, int d,
+                                 float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const DU du;
+  const D8 d8;
+  const int kN = int(hn::Lanes(df));
+  const int nb = d / 32;
+  constexpr size_t kBytes = kHeader + 16;
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows + size_t(t) * nb * kBytes;
+    float* o = out + t * d;
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * kBytes;
+      const uint8_t* qs = blk + kHeader;
+      float* ob = o + b * 32;
+      const float dd = HalfAt(blk);
+      const float mm = kKind == 1 ? HalfAt(blk + 2) : 0.f;
+      uint32_t qh = 0;
+      if (kKind == 2) std::memcpy(&qh, blk + 2, 4);
+      if (kN > 16) {
+        for (int j = 0; j < 16; ++j) {
+          int c0 = qs[j] & 0x0F, c1 = qs[j] >> 4;
+          if (kKind == 2) {
+            c0 |= int((qh >> j) & 1u) << 4;
+            c1 |= int((qh >> (j + 16)) & 1u) << 4;
+          }
+          if (kKind == 0) { ob[j] = float(c0 - 8) * dd; ob[j + 16] = float(c1 - 8) * dd; }
+          if (kKind == 1) { ob[j] = float(c0) * dd + mm; ob[j + 16] = float(c1) * dd + mm; }
+          if (kKind == 2) { ob[j] = float(c0 - 16) * dd; ob[j + 16] = float(c1 - 16) * dd; }
+        }
+        continue;
+      }
+      const auto vd = hn::Set(df, dd);
+      const auto vm = hn::Set(df, mm);
+      const auto off = hn::Set(di, kKind == 0 ? 8 : (kKind == 2 ? 16 : 0));
+      for (int j = 0; j < 16; j += kN) {
+        const auto v = hn::LoadU(d8, qs + j);
+        auto lo = hn::PromoteTo(di, hn::And(v, hn::Set(d8, uint8_t(0x0F))));
+        auto hi = hn::PromoteTo(di, hn::ShiftRight<4>(v));
+        if (kKind == 2) {
+          const auto qv = hn::Set(du, qh);
+          const auto one = hn::Set(du, 1u);
+          const auto h0 = hn::And(qv >> hn::Iota(du, uint32_t(j)), one);
+          const auto h1 = hn::And(qv >> hn::Iota(du, uint32_t(j + 16)), one);
+          lo = hn::Or(lo, hn::BitCast(di, hn::ShiftLeft<4>(h0)));
+          hi = hn::Or(hi, hn::BitCast(di, hn::ShiftLeft<4>(h1)));
+        }
+        const auto flo = hn::ConvertTo(df, hn::Sub(lo, off));
+        const auto fhi = hn::ConvertTo(df, hn::Sub(hi, off));
+        if (kKind == 1) {
+          hn::StoreU(hn::Add(hn::Mul(flo, vd), vm), df, ob + j);
+          hn::StoreU(hn::Add(hn::Mul(fhi, vd), vm), df, ob + j + 16);
+        } else {
+          hn::StoreU(hn::Mul(flo, vd), df, ob + j);
+          hn::StoreU(hn::Mul(fhi, vd), df, ob + j + 16);
+        }
+      }
+    }
+  }
+}
+
+void DecodeQ4_0RowsImpl(const uint8_t* rows, int64_t n, int d, float* out) {
+  DecodeLegacyRows<2, 0>(rows, n, d, out);
+}
+void DecodeQ4_1RowsImpl(const uint8_t* rows, int64_t n, int d, float* out) {
+  DecodeLegacyRows<4, 1>(rows, n, d, out);
+}
+void DecodeQ5_0RowsImpl(const uint8_t* rows, int64_t n, int d, float* out) {
+  DecodeLegacyRows<6, 2>(rows, n, d, out);
+}
+
+// ---- E4M3: bits (e,m) placed in an f32 exponent/mantissa with the bias moved from 7 to 127 for
+// normals; subnormals (e == 0) are m · 2^-9 exactly. Integer ops only (no denormal operands).
+void DecodeE4M3RowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n, int d, float* HWY_RESTRICT out) {
+  const DF df;
+  const DU du;
+  const D8 d8;
+  const int kN = int(hn::Lanes(df));
+  const int dv = d / kN * kN;
+  const auto m7f = hn::Set(du, 0x7Fu);
+  const auto bias = hn::Set(du, 120u << 23);
+  const auto sub_scale = hn::Set(df, 1.0f / 512.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows + size_t(t) * (d + 2);
+    const float s = HalfAt(row);
+    const uint8_t* c = row + 2;
+    float* o = out + t * d;
+    const auto vs = hn::Set(df, s);
+    int i = 0;
+    for (; i < dv; i += kN) {
+      const auto cu = hn::PromoteTo(du, hn::LoadU(d8, c + i));
+      const auto em = hn::And(cu, m7f);
+      const auto sign = hn::ShiftLeft<24>(hn::AndNot(m7f, cu));
+      const auto normal = hn::BitCast(df, hn::Add(hn::ShiftLeft<20>(em), bias));
+      const auto subn = hn::Mul(hn::ConvertTo(df, hn::BitCast(DI(), em)), sub_scale);
+      const auto is_sub = hn::RebindMask(df, hn::Lt(hn::BitCast(DI(), em), hn::Set(DI(), 8)));
+      const auto mag = hn::IfThenElse(is_sub, subn, normal);
+      const auto v = hn::BitCast(df, hn::Or(hn::BitCast(du, mag), sign));
+      hn::StoreU(hn::Mul(v, vs), df, o + i);
+    }
+    for (; i < d; ++i) {
+      const int em = c[i] & 0x7F;
+      float v = (em < 8) ? float(em) / 512.f : [&] {
+        const uint32_t bits = (uint32_t(em) << 20) + (120u << 23);
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+      }();
+      if (c[i] & 0x80) v = -v;
+      o[i] = v * s;
+    }
+  }
+}
+
+// ---- LSB-first b-bit code streams. Lane j's code: 32-bit word at byte (j·b)/8, shifted by (j·b)%8.
+// Lanes past code n - 1 re-read code n - 1 (so nothing beyond the stream's padding is touched).
+HWY_INLINE hn::Vec<DU> CodesAt(const uint8_t* HWY_RESTRICT bits, int j0, int n, int b) {
+  const DU du;
+  const DI di;
+  const auto j = hn::BitCast(du, hn::Min(hn::Iota(di, j0), hn::Set(di, n - 1)));
+  const auto pos = hn::Mul(j, hn::Set(du, uint32_t(b)));
+  const auto off = hn::BitCast(di, hn::ShiftRight<3>(pos));
+  const auto sh = hn::And(pos, hn::Set(du, 7u));
+  const auto w = hn::BitCast(du, hn::GatherOffset(di, reinterpret_cast<const int32_t*>(bits), off));
+  return hn::And(w >> sh, hn::Set(du, (1u << b) - 1u));
+}
+
+template <class F>
+HWY_INLINE void ForCodes(const uint8_t* bits, int n, int b, F&& f) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  int j = 0;
+  for (; j + kN <= n; j += kN) f(j, CodesAt(bits, j, n, b), kN);
+  if (j < n) f(j, CodesAt(bits, j, n, b), n - j);
+}
+
+void CodebookRowImpl(const uint8_t* HWY_RESTRICT bits, int n_codes, int b, const float* HWY_RESTRICT cb,
+                     float g, float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  const auto vg = hn::Set(df, g);
+  if ((1 << b) <= kN) {
+    // Whole codebook in one register: a lane permute per vector instead of a gather.
+    HWY_ALIGN float tab[hn::MaxLanes(df)];
+    for (int i = 0; i < kN; ++i) tab[i] = i < (1 << b) ? cb[i] : 0.f;
+    const auto vt = hn::Load(df, tab);
+    ForCodes(bits, n_codes, b, [&](int j, hn::Vec<DU> c, int cnt) {
+      const auto v = hn::Mul(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, c))), vg);
+      if (cnt == kN) hn::StoreU(v, df, out + j);
+      else {
+        HWY_ALIGN float tmp[hn::MaxLanes(df)];
+        hn::Store(v, df, tmp);
+        std::copy(tmp, tmp + cnt, out + j);
+      }
+    });
+  } else {
+    ForCodes(bits, n_codes, b, [&](int j, hn::Vec<DU> c, int cnt) {
+      const auto v = hn::Mul(hn::GatherIndex(df, cb, hn::BitCast(di, c)), vg);
+      if (cnt == kN) hn::StoreU(v, df, out + j);
+      else {
+        HWY_ALIGN float tmp[hn::MaxLanes(df)];
+        hn::Store(v, df, tmp);
+        std::copy(tmp, tmp + cnt, out + j);
+      }
+    });
+  }
+}
+
+void AffineCodesRowImpl(const uint8_t* HWY_RESTRICT bits, int n_codes, int b, float s, float z,
+                        float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  const auto vs = hn::Set(df, s), vz = hn::Set(df, z);
+  ForCodes(bits, n_codes, b, [&](int j, hn::Vec<DU> c, int cnt) {
+    const auto v = hn::Add(hn::Mul(hn::ConvertTo(df, hn::BitCast(di, c)), vs), vz);
+    if (cnt == kN) hn::StoreU(v, df, out + j);
+    else {
+      HWY_ALIGN float tmp[hn::MaxLanes(df)];
+      hn::Store(v, df, tmp);
+      std::copy(tmp, tmp + cnt, out + j);
+    }
+  });
+}
+
+void AxpyCodesImpl(const uint8_t* HWY_RESTRICT bits, int n, int b, float w, float* HWY_RESTRICT acc) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  const auto vw = hn::Set(df, w);
+  ForCodes(bits, n, b, [&](int j, hn::Vec<DU> c, int cnt) {
+    const auto cf = hn::ConvertTo(df, hn::BitCast(di, c));
+    if (cnt == kN) {
+      hn::StoreU(hn::MulAdd(vw, cf, hn::LoadU(df, acc + j)), df, acc + j);
+    } else {
+      HWY_ALIGN float tmp[hn::MaxLanes(df)];
+      hn::Store(cf, df, tmp);
+      for (int i = 0; i < cnt; ++i) acc[j + i] += w * tmp[i];
+    }
+  });
+}
+
+}  // namespace kvc::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kvc::cpu {
+HWY_EXPORT(DotF32RowsImpl);
+HWY_EXPORT(AxpyF32RowsImpl);
+HWY_EXPORT(DecodeQ4_0RowsImpl);
+HWY_EXPORT(DecodeQ4_1RowsImpl);
+HWY_EXPORT(DecodeQ5_0RowsImpl);
+HWY_EXPORT(DecodeE4M3RowsImpl);
+HWY_EXPORT(CodebookRowImpl);
+HWY_EXPORT(AffineCodesRowImpl);
+HWY_EXPORT(AxpyCodesImpl);
+
+void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(DotF32RowsImpl)(q, n_q, x, n, d, out, ld);
+}
+void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(AxpyF32RowsImpl)(p, ld, n_q, x, n, d, out);
+}
+void DecodeQ4_0Rows(const uint8_t* rows, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(DecodeQ4_0RowsImpl)(rows, n, d, out);
+}
+void DecodeQ4_1Rows(const uint8_t* rows, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(DecodeQ4_1RowsImpl)(rows, n, d, out);
+}
+void DecodeQ5_0Rows(const uint8_t* rows, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(DecodeQ5_0RowsImpl)(rows, n, d, out);
+}
+void DecodeE4M3Rows(const uint8_t* rows, int64_t n, int d, float* out) {
+  HWY_DYNAMIC_DISPATCH(DecodeE4M3RowsImpl)(rows, n, d, out);
+}
+void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out) {
+  HWY_DYNAMIC_DISPATCH(CodebookRowImpl)(bits, n_codes, b, cb, g, out);
+}
+void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out) {
+  HWY_DYNAMIC_DISPATCH(AffineCodesRowImpl)(bits, n_codes, b, s, z, out);
+}
+void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
+  HWY_DYNAMIC_DISPATCH(AxpyCodesImpl)(bits, n, b, w, acc);
+}
+
+namespace ref {
+static uint32_t CodeAt(const uint8_t* bits, int j, int b) {
+  uint32_t v = 0;
+  for (int i = 0; i < b; ++i) {
+    const int pos = j * b + i;
+    v |= uint32_t((bits[pos >> 3] >> (pos & 7)) & 1) << i;
+  }
+  return v;
+}
+void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld) {
+  for (int64_t t = 0; t < n; ++t) {
+    for (int r = 0; r < n_q; ++r) {
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += double(q[size_t(r) * d + c]) * x[t * d + c];
+      out[size_t(r) * ld + t] = float(s);
+    }
+  }
+}
+void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out) {
+  for (int r = 0; r < n_q; ++r) {
+    for (int c = 0; c < d; ++c) {
+      double s = out[size_t(r) * d + c];
+      for (int64_t t = 0; t < n; ++t) s += double(p[size_t(r) * ld + t]) * x[t * d + c];
+      out[size_t(r) * d + c] = float(s);
+    }
+  }
+}
+void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out) {
+  for (int j = 0; j < n_codes; ++j) out[j] = cb[CodeAt(bits, j, b)] * g;
+}
+void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out) {
+  for (int j = 0; j < n_codes; ++j) out[j] = float(CodeAt(bits, j, b)) * s + z;
+}
+void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
+  for (int j = 0; j < n; ++j) acc[j] += w * float(CodeAt(bits, j, b));
+}
+}  // namespace ref
+}  // namespace kvc::cpu
+#endif  // HWY_ONCE

@@ -1,0 +1,75 @@
+// Highway (runtime-dispatched) kernels for attention over packed KV codecs: row decoders that
+// turn many packed tokens into f32 rows in a small L1 tile, and the f32 multi-row dot / axpy the
+// tile is then fed to. Codecs use them in ScoreBlocks / AccumulateBlocks (many tokens per call);
+// their per-block Score / AccumulateWeighted stay the scalar references, and
+// tests/unit/kv_kernels_test.cc checks every kernel against a scalar reference.
+//
+// All row decoders: rows [n, row_bytes] in, out [n, d] f32. They equal the codec's scalar Decode
+// bit for bit (same operations in the same order, no FMA contraction), except where noted.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace kvc::cpu {
+
+// out[r * ld + t] = <q[r], x[t]>: q [n_q, d], x [n, d] f32 (any n_q, any d).
+void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld);
+// out[r] [d] += Σ_t p[r * ld + t] · x[t]: x [n, d] f32.
+void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out);
+
+// ggml q4_0 / q4_1 / q5_0 rows: d / 32 blocks of 18 / 20 / 22 bytes per row (d % 32 == 0).
+void DecodeQ4_0Rows(const uint8_t* rows, int64_t n, int d, float* out);
+void DecodeQ4_1Rows(const uint8_t* rows, int64_t n, int d, float* out);
+void DecodeQ5_0Rows(const uint8_t* rows, int64_t n, int d, float* out);
+
+// fp8 codec rows: fp16 scale s then d E4M3 codes (row_bytes = d + 2); x = e4m3(code) · s.
+// Code 0x7F / 0xFF (NaN, never written by the encoder) decodes to ±480 instead of NaN.
+void DecodeE4M3Rows(const uint8_t* rows, int64_t n, int d, float* out);
+
+// Codebook rows: out[j] = g · cb[code_j] for j < n_codes, where code_j is the b-bit field at bit
+// j·b of `bits` (LSB first, 1 <= b <= 8, cb has 2^b entries). May read up to 3 bytes beyond the
+// last code byte: callers pad.
+void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
+// Affine code groups: out[j] = code_j · s + z over n_codes codes (same stream and padding rules).
+void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
+// acc[t] += w · code_t over n codes (same stream and padding rules).
+void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
+
+// Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns
+// m consecutive rows into [m, d] f32). One tile is at most ~16 KiB, so it stays in L1.
+template <class Decode>
+void ScoreViaTile(const float* q, int n_q, const uint8_t* rows, size_t row_bytes, int64_t n, int d,
+                  float* out, int64_t ld, Decode&& decode) {
+  thread_local std::vector<float> tile;
+  const int64_t tt = d >= 4096 ? 1 : 4096 / d;
+  tile.resize(size_t(tt) * d);
+  for (int64_t t0 = 0; t0 < n; t0 += tt) {
+    const int64_t m = n - t0 < tt ? n - t0 : tt;
+    decode(rows + size_t(t0) * row_bytes, m, tile.data());
+    DotF32Rows(q, n_q, tile.data(), m, d, out + t0, ld);
+  }
+}
+template <class Decode>
+void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows, size_t row_bytes,
+                       int64_t n, int d, float* out, Decode&& decode) {
+  thread_local std::vector<float> tile;
+  const int64_t tt = d >= 4096 ? 1 : 4096 / d;
+  tile.resize(size_t(tt) * d);
+  for (int64_t t0 = 0; t0 < n; t0 += tt) {
+    const int64_t m = n - t0 < tt ? n - t0 : tt;
+    decode(rows + size_t(t0) * row_bytes, m, tile.data());
+    AxpyF32Rows(p + t0, ld, n_q, tile.data(), m, d, out);
+  }
+}
+
+namespace ref {
+void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld);
+void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out);
+void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
+void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
+void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
+}  // namespace ref
+
+}  // namespace kvc::cpu
