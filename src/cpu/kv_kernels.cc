@@ -208,17 +208,42 @@ void DecodeE4M3RowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n, int d, floa
   }
 }
 
-// ---- LSB-first b-bit code streams. Lane j's code: 32-bit word at byte (j·b)/8, shifted by (j·b)%8.
-// Lanes past code n - 1 re-read code n - 1 (so nothing beyond the stream's padding is touched).
+// ---- LSB-first b-bit code streams. Eight codes of b <= 4 bits are exactly b bytes, so a vector
+// of up to 16 codes comes from two little-endian words of b bytes, broadcast and shifted per lane
+// (no gathers: they are slow on these Xeons). Lanes past code n - 1 re-read code n - 1; nothing
+// beyond the last code byte is read. b > 4 (or vectors wider than 16 lanes) use a byte gather.
+HWY_INLINE uint32_t GroupWord(const uint8_t* bits, int g, int b, int n) {
+  const int avail = (n * b + 7) / 8 - g * b;  // bytes of the stream from this group on
+  uint32_t w = 0;
+  // Bytes past the group's b are never extracted (shifts stay below 8·b), so a 4-byte read is
+  // fine wherever 4 bytes of the stream remain.
+  if (avail >= 4) {
+    std::memcpy(&w, bits + size_t(g) * b, 4);
+  } else {
+    for (int i = 0; i < avail; ++i) w |= uint32_t(bits[size_t(g) * b + i]) << (8 * i);
+  }
+  return w;
+}
 HWY_INLINE hn::Vec<DU> CodesAt(const uint8_t* HWY_RESTRICT bits, int j0, int n, int b) {
   const DU du;
   const DI di;
-  const auto j = hn::BitCast(du, hn::Min(hn::Iota(di, j0), hn::Set(di, n - 1)));
+  const int kN = int(hn::Lanes(du));
+  const auto j = hn::BitCast(du, hn::Min(hn::Add(hn::Iota(di, 0), hn::Set(di, j0)), hn::Set(di, n - 1)));
+  const auto mask = hn::Set(du, (1u << b) - 1u);
+  if (b <= 4 && kN <= 16) {
+    const int g0 = j0 >> 3;
+    const auto w0 = hn::Set(du, GroupWord(bits, g0, b, n));
+    const auto w1 = kN > 8 ? hn::Set(du, GroupWord(bits, g0 + 1, b, n)) : w0;
+    const auto second = hn::RebindMask(du, hn::Gt(hn::BitCast(di, hn::ShiftRight<3>(j)), hn::Set(di, g0)));
+    const auto w = hn::IfThenElse(second, w1, w0);
+    const auto sh = hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b)));
+    return hn::And(w >> sh, mask);
+  }
   const auto pos = hn::Mul(j, hn::Set(du, uint32_t(b)));
   const auto off = hn::BitCast(di, hn::ShiftRight<3>(pos));
   const auto sh = hn::And(pos, hn::Set(du, 7u));
   const auto w = hn::BitCast(du, hn::GatherOffset(di, reinterpret_cast<const int32_t*>(bits), off));
-  return hn::And(w >> sh, hn::Set(du, (1u << b) - 1u));
+  return hn::And(w >> sh, mask);
 }
 
 template <class F>
@@ -297,6 +322,32 @@ void AxpyCodesImpl(const uint8_t* HWY_RESTRICT bits, int n, int b, float w, floa
   });
 }
 
+void AxpyCodesRowsImpl(const uint8_t* HWY_RESTRICT bits, int n_rows, size_t stride, int n, int b,
+                       const float* HWY_RESTRICT w, float* HWY_RESTRICT acc) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  if (n > 4 * kN) {
+    for (int c = 0; c < n_rows; ++c) AxpyCodesImpl(bits + size_t(c) * stride, n, b, w[c], acc);
+    return;
+  }
+  // Up to 4 vectors of codes per stream: accumulators stay in registers across all streams.
+  const int nv = (n + kN - 1) / kN;
+  hn::Vec<DF> a[4];
+  HWY_ALIGN float tmp[4 * hn::MaxLanes(df)] = {};
+  std::copy(acc, acc + n, tmp);
+  for (int v = 0; v < nv; ++v) a[v] = hn::Load(df, tmp + v * kN);
+  for (int c = 0; c < n_rows; ++c) {
+    const uint8_t* bc = bits + size_t(c) * stride;
+    const auto vw = hn::Set(df, w[c]);
+    for (int v = 0; v < nv; ++v) {
+      a[v] = hn::MulAdd(vw, hn::ConvertTo(df, hn::BitCast(di, CodesAt(bc, v * kN, n, b))), a[v]);
+    }
+  }
+  for (int v = 0; v < nv; ++v) hn::Store(a[v], df, tmp + v * kN);
+  std::copy(tmp, tmp + n, acc);
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -311,6 +362,11 @@ HWY_EXPORT(DecodeE4M3RowsImpl);
 HWY_EXPORT(CodebookRowImpl);
 HWY_EXPORT(AffineCodesRowImpl);
 HWY_EXPORT(AxpyCodesImpl);
+HWY_EXPORT(AxpyCodesRowsImpl);
+void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
+                   float* acc) {
+  HWY_DYNAMIC_DISPATCH(AxpyCodesRowsImpl)(bits, n_rows, stride, n, b, w, acc);
+}
 
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld) {
   HWY_DYNAMIC_DISPATCH(DotF32RowsImpl)(q, n_q, x, n, d, out, ld);
@@ -375,6 +431,14 @@ void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, f
 }
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
   for (int j = 0; j < n; ++j) acc[j] += w * float(CodeAt(bits, j, b));
+}
+void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
+                   float* acc) {
+  for (int j = 0; j < n; ++j) {
+    double s = acc[j];
+    for (int c = 0; c < n_rows; ++c) s += double(w[c]) * CodeAt(bits + size_t(c) * stride, j, b);
+    acc[j] = float(s);
+  }
 }
 }  // namespace ref
 }  // namespace kvc::cpu

@@ -29,13 +29,18 @@ void DecodeQ5_0Rows(const uint8_t* rows, int64_t n, int d, float* out);
 void DecodeE4M3Rows(const uint8_t* rows, int64_t n, int d, float* out);
 
 // Codebook rows: out[j] = g · cb[code_j] for j < n_codes, where code_j is the b-bit field at bit
-// j·b of `bits` (LSB first, 1 <= b <= 8, cb has 2^b entries). May read up to 3 bytes beyond the
+// j·b of `bits` (LSB first, 1 <= b <= 8, cb has 2^b entries). b <= 4 reads nothing past the last
+// code byte; b > 4 (a byte gather) may read up to 3 bytes beyond the
 // last code byte: callers pad.
 void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
 // Affine code groups: out[j] = code_j · s + z over n_codes codes (same stream and padding rules).
 void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
 // acc[t] += w · code_t over n codes (same stream and padding rules).
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
+// acc[t] += Σ_c w[c] · code_{c,t}: n_rows streams of n codes each, stream c at bits + c · stride
+// bytes (KIVI keys: one stream per channel, codes along tokens, w = q ∘ s).
+void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
+                   float* acc);
 
 // Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns
 // m consecutive rows into [m, d] f32). One tile is at most ~16 KiB, so it stays in L1.
@@ -70,6 +75,8 @@ void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n,
 void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
 void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
+void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
+                   float* acc);
 }  // namespace ref
 
 }  // namespace kvc::cpu
