@@ -42,6 +42,10 @@ StatusOr<PositionMode> ParsePositionMode(const std::string& s) {
 
 // ---------------------------------------------------------------- Stream
 
+// Positions covered by the cos/sin table of caches that store pre-RoPE keys (the model's
+// trained context for SmolLM2; 2 MiB for head_dim 64). Later positions use the direct path.
+constexpr int kRopeTablePositions = 8192;
+
 static int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 void Stream::ReservePacked(int64_t tokens) {
@@ -281,6 +285,15 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       }
     }
   }
+  // Keys stored pre-RoPE are rotated again at every attention call (in-cache positions, KVQuant,
+  // low-rank keys): give the cache's Rope a cos/sin table (bit-identical to the direct path).
+  bool any_pre_rope = false;
+  for (const auto& heads : c->impl_->layers) {
+    for (const auto& hc : heads) {
+      for (const auto& seg : hc.segs) any_pre_rope = any_pre_rope || seg.k.pre_rope;
+    }
+  }
+  if (any_pre_rope) c->impl_->rope = std::make_unique<Rope>(shape.rope, kRopeTablePositions);
   return c;
 }
 

@@ -18,7 +18,10 @@ struct RopeParams {
 
 class Rope {
  public:
-  explicit Rope(const RopeParams& p);
+  // table_positions > 0 precomputes cos/sin for positions [0, table_positions) (computed exactly
+  // as the direct path: double angle, then rounded to float, so results are bit-identical). The
+  // cache uses it for in-cache positions, which re-rotate every cached key at each step.
+  explicit Rope(const RopeParams& p, int table_positions = 0);
   const RopeParams& params() const { return p_; }
   // x [n, dim] f32, rotated in place; row r at position pos[r] (any int64, may be negative for
   // relative re-rotation).
@@ -30,6 +33,8 @@ class Rope {
   void RotateRow(float* x, int64_t pos) const;
   RopeParams p_;
   std::vector<double> inv_freq_;  // [n_rot/2]
+  int table_positions_ = 0;
+  std::vector<float> table_;      // [table_positions, n_rot/2, 2] (cos, sin)
 };
 
 }  // namespace kvc::kv

@@ -176,3 +176,26 @@ TEST(Positions, TruncateThenAttendEqualsFreshCache) {
 
 }  // namespace
 }  // namespace kvc::kv
+
+// The cos/sin table (used by caches that store pre-RoPE keys) must give the same bits as the
+// direct double-angle path, inside the table, at its edge and beyond it.
+TEST(Positions, RopeTableBitIdenticalToDirectPath) {
+  for (bool neox : {false, true}) {
+    kvc::kv::RopeParams p;
+    p.n_rot = 64;
+    p.neox = neox;
+    p.theta = 100000.0;
+    const kvc::kv::Rope direct(p), table(p, 1000);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    const int64_t positions[] = {0, 1, 17, 999, 1000, 1001, 123456789, -5};
+    for (int64_t pos : positions) {
+      std::vector<float> a(64), b;
+      for (float& x : a) x = nd(rng);
+      b = a;
+      direct.ApplySame(a.data(), 1, 64, pos);
+      table.ApplySame(b.data(), 1, 64, pos);
+      for (int i = 0; i < 64; ++i) ASSERT_EQ(a[i], b[i]) << "pos " << pos << " dim " << i;
+    }
+  }
+}
