@@ -199,29 +199,57 @@ StatusOr<json> Needle(const Model& m, const RetrievalArgs& a, const KvRunConfig&
 
 StatusOr<json> Streaming(const Model& m, const RetrievalArgs& a, const KvRunConfig& c,
                          const std::vector<int32_t>& toks) {
+  // Teacher-forced: token i predicts token i+1. With micro_batch B > 1 the tokens go through the
+  // model B at a time (all B rows scored); an eviction-for-space policy then frees B cells before
+  // the write, so the first query of a micro-batch sees B-1 fewer old tokens than token-by-token.
   const int64_t n = std::min<int64_t>(a.n_tokens + 1, int64_t(toks.size()));
+  const int B = a.micro_batch;
   KVC_ASSIGN_OR_RETURN(auto s, NewSession(m, c, n + 1));
   const int nv = m.config().n_vocab;
   std::vector<float> logits;
-  double nll = 0, nll_late = 0;
-  int64_t scored = 0, late = 0;
+  double nll = 0, nll_late = 0, nll_seg = 0;
+  int64_t scored = 0, late = 0, seg_n = 0;
+  json segments = json::array();
   CacheUse peak;
+  size_t min_bytes_late = SIZE_MAX, max_bytes_late = 0;
   const double t0 = NowSeconds();
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    KVC_RETURN_IF_ERROR(s->Eval({toks[i]}, false, &logits));
-    const double x = Nll(logits.data(), nv, toks[i + 1]);
-    nll += x;
-    ++scored;
-    if (i >= 1024) { nll_late += x; ++late; }
+  for (int64_t i = 0; i + 1 < n; i += B) {
+    const int64_t b = std::min<int64_t>(B, n - 1 - i);
+    KVC_RETURN_IF_ERROR(s->Eval(std::vector<int32_t>(toks.begin() + i, toks.begin() + i + b),
+                                /*all_logits=*/b > 1, &logits));
+    for (int64_t r = 0; r < b; ++r) {
+      const double x = Nll(logits.data() + size_t(r) * nv, nv, toks[i + r + 1]);
+      if (!std::isfinite(x)) return Internal(fmt::format("non-finite NLL at token {}", i + r));
+      nll += x;
+      ++scored;
+      if (i + r >= 1024) { nll_late += x; ++late; }
+      nll_seg += x;
+      if (++seg_n == a.segment) {
+        segments.push_back(std::exp(nll_seg / seg_n));
+        nll_seg = 0;
+        seg_n = 0;
+      }
+    }
     const CacheUse u = Use(s->cache());
     peak.kv_bytes = std::max(peak.kv_bytes, u.kv_bytes);
     peak.max_cells = std::max(peak.max_cells, u.max_cells);
+    if (i >= 2048) {
+      min_bytes_late = std::min(min_bytes_late, u.kv_bytes);
+      max_bytes_late = std::max(max_bytes_late, u.kv_bytes);
+    }
   }
+  if (seg_n > 0) segments.push_back(std::exp(nll_seg / seg_n));
   const double dt = NowSeconds() - t0;
-  return json{{"ppl", std::exp(nll / std::max<int64_t>(scored, 1))},
-              {"ppl_after_1024", late ? std::exp(nll_late / late) : 0.0},
-              {"n_scored", scored}, {"peak_kv_bytes", peak.kv_bytes},
-              {"peak_cells_per_head", peak.max_cells}, {"tokens_per_second", scored / dt}};
+  json out{{"ppl", std::exp(nll / std::max<int64_t>(scored, 1))},
+           {"ppl_after_1024", late ? std::exp(nll_late / late) : 0.0},
+           {"n_scored", scored}, {"micro_batch", B}, {"segment_tokens", a.segment},
+           {"ppl_by_segment", segments}, {"peak_kv_bytes", peak.kv_bytes},
+           {"peak_cells_per_head", peak.max_cells}, {"tokens_per_second", scored / dt}};
+  if (max_bytes_late > 0) {
+    out["kv_bytes_after_2048_min"] = min_bytes_late;
+    out["kv_bytes_after_2048_max"] = max_bytes_late;
+  }
+  return out;
 }
 
 StatusOr<json> Prefix(const Model& m, const RetrievalArgs& a, const KvRunConfig& c,
@@ -334,6 +362,10 @@ CLI::App* AddRetrievalCommand(CLI::App& app, RetrievalArgs* a) {
   r->add_option("--score", a->score, "prefix-compress: C");
   r->add_option("--windows", a->windows, "prefix-compress: windows");
   r->add_option("--n-decode", a->n_decode, "speed: decode steps");
+  r->add_option("--micro-batch", a->micro_batch,
+                "streaming: tokens per forward call (1 = token by token)")->check(CLI::Range(1, 512));
+  r->add_option("--segment", a->segment, "streaming: tokens per reported perplexity segment")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
   r->add_flag("--json", a->json, "JSON output");
   return r;
 }
@@ -425,7 +457,7 @@ std::string FormatRetrieval(const json& j) {
     for (const char* k : {"accuracy", "ppl", "ppl_after_1024", "n", "n_scored", "peak_cells_per_head",
                           "peak_kv_bytes", "kv_bytes_after_prefix", "removed", "decode_tps",
                           "decode_median_ms", "kv_bytes", "reuse_accuracy", "fresh_accuracy",
-                          "kv_bytes_after_context", "tokens_per_second", "error"}) {
+                          "kv_bytes_after_context", "tokens_per_second", "ppl_by_segment", "error"}) {
       if (r.contains(k)) s += fmt::format(" {}={}", k, r[k].dump());
     }
     s += "\n";

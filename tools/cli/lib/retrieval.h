@@ -35,6 +35,8 @@ struct RetrievalArgs {
   int64_t n_tokens = 2000;            // streaming: tokens scored; speed: prompt length
   int prefix = 1024, score = 256, windows = 4;  // prefix-compress protocol
   int n_decode = 32;                  // speed: decode steps timed
+  int micro_batch = 1;                // streaming: tokens per forward call (1 = token by token)
+  int64_t segment = 10000;            // streaming: tokens per reported perplexity segment
   bool json = false;
 };
 
