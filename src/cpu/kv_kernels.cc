@@ -31,18 +31,67 @@ static inline float HalfAt(const uint8_t* p) {
 }
 
 // ---- f32 rows
+// Horizontal sums of four vectors at once: two interleave-add levels leave, in every 128-bit
+// block, the block's partial sums of a0..a3; the blocks are then added up. About a third of the
+// shuffles of four separate SumOfLanes.
+HWY_INLINE void Sum4(hn::Vec<DF> a0, hn::Vec<DF> a1, hn::Vec<DF> a2, hn::Vec<DF> a3, float* out) {
+#if HWY_TARGET == HWY_SCALAR
+  out[0] = hn::GetLane(a0); out[1] = hn::GetLane(a1); out[2] = hn::GetLane(a2); out[3] = hn::GetLane(a3);
+#else
+  const DF df;
+  const hn::Repartition<uint64_t, DF> d64;
+  const auto v01 = hn::Add(hn::InterleaveLower(df, a0, a1), hn::InterleaveUpper(df, a0, a1));
+  const auto v23 = hn::Add(hn::InterleaveLower(df, a2, a3), hn::InterleaveUpper(df, a2, a3));
+  const auto lo = hn::InterleaveLower(d64, hn::BitCast(d64, v01), hn::BitCast(d64, v23));
+  const auto hi = hn::InterleaveUpper(d64, hn::BitCast(d64, v01), hn::BitCast(d64, v23));
+  const auto v = hn::Add(hn::BitCast(df, lo), hn::BitCast(df, hi));
+  HWY_ALIGN float buf[hn::MaxLanes(df)];
+  hn::Store(v, df, buf);
+  const int kN = int(hn::Lanes(df));
+  for (int k = 0; k < 4; ++k) {
+    float s = buf[k];
+    for (int blk = 4; blk < kN; blk += 4) s += buf[blk + k];
+    out[k] = s;
+  }
+#endif
+}
+
 void DotF32RowsImpl(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTRICT x, int64_t n,
                     int d, float* HWY_RESTRICT out, int64_t ld) {
   const DF df;
   const int kN = int(hn::Lanes(df));
   const int dv = d / kN * kN;
-  for (int r0 = 0; r0 < n_q; r0 += 8) {
-    const int nr = std::min(8, n_q - r0);
+  const bool four = dv == d && kN % 4 == 0;
+  for (int r0 = 0; r0 < n_q; r0 += 4) {
+    const int nr = std::min(4, n_q - r0);
     const float* qb = q + size_t(r0) * d;
     float* ob = out + size_t(r0) * ld;
-    for (int64_t t = 0; t < n; ++t) {
+    int64_t t = 0;
+    if (four) {
+      // Four tokens per step: every query load feeds four FMAs, one Sum4 per row.
+      for (; t + 4 <= n; t += 4) {
+        const float* xt = x + t * d;
+        hn::Vec<DF> acc[4][4];
+        for (int r = 0; r < nr; ++r) {
+          for (int k = 0; k < 4; ++k) acc[r][k] = hn::Zero(df);
+        }
+        for (int c = 0; c < d; c += kN) {
+          const auto x0 = hn::LoadU(df, xt + c), x1 = hn::LoadU(df, xt + d + c);
+          const auto x2 = hn::LoadU(df, xt + 2 * d + c), x3 = hn::LoadU(df, xt + 3 * d + c);
+          for (int r = 0; r < nr; ++r) {
+            const auto qv = hn::LoadU(df, qb + size_t(r) * d + c);
+            acc[r][0] = hn::MulAdd(qv, x0, acc[r][0]);
+            acc[r][1] = hn::MulAdd(qv, x1, acc[r][1]);
+            acc[r][2] = hn::MulAdd(qv, x2, acc[r][2]);
+            acc[r][3] = hn::MulAdd(qv, x3, acc[r][3]);
+          }
+        }
+        for (int r = 0; r < nr; ++r) Sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], ob + size_t(r) * ld + t);
+      }
+    }
+    for (; t < n; ++t) {
       const float* xt = x + t * d;
-      hn::Vec<DF> acc[8];
+      hn::Vec<DF> acc[4];
       for (int r = 0; r < nr; ++r) acc[r] = hn::Zero(df);
       for (int c = 0; c < dv; c += kN) {
         const auto xv = hn::LoadU(df, xt + c);
@@ -322,30 +371,135 @@ void AxpyCodesImpl(const uint8_t* HWY_RESTRICT bits, int n, int b, float w, floa
   });
 }
 
-void AxpyCodesRowsImpl(const uint8_t* HWY_RESTRICT bits, int n_rows, size_t stride, int n, int b,
-                       const float* HWY_RESTRICT w, float* HWY_RESTRICT acc) {
+// Per-chunk constants of a code stream (lanes j0 .. j0 + kN - 1), hoisted out of row loops.
+struct CodeChunk {
+  hn::Vec<DU> sh;
+  hn::Mask<DU> second;
+  int g0;
+};
+HWY_INLINE bool FastCodes(int b) { return b <= 4 && hn::Lanes(DF()) <= 16; }
+HWY_INLINE CodeChunk PlanChunk(int j0, int n, int b) {
+  const DU du;
+  const DI di;
+  const auto j = hn::BitCast(du, hn::Min(hn::Add(hn::Iota(di, 0), hn::Set(di, j0)), hn::Set(di, n - 1)));
+  CodeChunk c{hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b))),
+              hn::RebindMask(du, hn::Gt(hn::BitCast(di, hn::ShiftRight<3>(j)), hn::Set(di, j0 >> 3))),
+              j0 >> 3};
+  return c;
+}
+// FastCodes(b) only.
+HWY_INLINE hn::Vec<DU> CodesPlanned(const uint8_t* HWY_RESTRICT bits, const CodeChunk& c, int n, int b) {
+  const DU du;
+  const auto w0 = hn::Set(du, GroupWord(bits, c.g0, b, n));
+  const auto w = hn::Lanes(du) > 8 ? hn::IfThenElse(c.second, hn::Set(du, GroupWord(bits, c.g0 + 1, b, n)), w0) : w0;
+  return hn::And(w >> c.sh, hn::Set(du, (1u << b) - 1u));
+}
+
+void AxpyCodesRowsImpl(const uint8_t* HWY_RESTRICT bits, int n_streams, size_t stride, int n, int b,
+                       const float* HWY_RESTRICT w, int n_q, float* HWY_RESTRICT acc) {
   const DF df;
   const DI di;
   const int kN = int(hn::Lanes(df));
-  if (n > 4 * kN) {
-    for (int c = 0; c < n_rows; ++c) AxpyCodesImpl(bits + size_t(c) * stride, n, b, w[c], acc);
+  const int nv = (n + kN - 1) / kN;
+  if (!FastCodes(b) || nv > 2) {
+    for (int r = 0; r < n_q; ++r) {
+      for (int c = 0; c < n_streams; ++c) {
+        AxpyCodesImpl(bits + size_t(c) * stride, n, b, w[size_t(r) * n_streams + c], acc + size_t(r) * n);
+      }
+    }
     return;
   }
-  // Up to 4 vectors of codes per stream: accumulators stay in registers across all streams.
-  const int nv = (n + kN - 1) / kN;
-  hn::Vec<DF> a[4];
-  HWY_ALIGN float tmp[4 * hn::MaxLanes(df)] = {};
-  std::copy(acc, acc + n, tmp);
-  for (int v = 0; v < nv; ++v) a[v] = hn::Load(df, tmp + v * kN);
-  for (int c = 0; c < n_rows; ++c) {
-    const uint8_t* bc = bits + size_t(c) * stride;
-    const auto vw = hn::Set(df, w[c]);
-    for (int v = 0; v < nv; ++v) {
-      a[v] = hn::MulAdd(vw, hn::ConvertTo(df, hn::BitCast(di, CodesAt(bc, v * kN, n, b))), a[v]);
+  // Up to 2 vectors of codes per stream and 4 query rows: accumulators stay in registers across
+  // all streams; each stream's codes are unpacked once for all rows.
+  CodeChunk plan[2] = {PlanChunk(0, n, b), PlanChunk(nv > 1 ? kN : 0, n, b)};
+  for (int r0 = 0; r0 < n_q; r0 += 4) {
+    const int nr = std::min(4, n_q - r0);
+    hn::Vec<DF> a[4][2];
+    HWY_ALIGN float tmp[2 * hn::MaxLanes(df)];
+    for (int r = 0; r < nr; ++r) {
+      std::fill(tmp, tmp + 2 * kN, 0.f);
+      std::copy(acc + size_t(r0 + r) * n, acc + size_t(r0 + r) * n + n, tmp);
+      for (int v = 0; v < nv; ++v) a[r][v] = hn::Load(df, tmp + v * kN);
+    }
+    for (int c = 0; c < n_streams; ++c) {
+      const uint8_t* bc = bits + size_t(c) * stride;
+      for (int v = 0; v < nv; ++v) {
+        const auto cf = hn::ConvertTo(df, hn::BitCast(di, CodesPlanned(bc, plan[v], n, b)));
+        for (int r = 0; r < nr; ++r) {
+          a[r][v] = hn::MulAdd(hn::Set(df, w[size_t(r0 + r) * n_streams + c]), cf, a[r][v]);
+        }
+      }
+    }
+    for (int r = 0; r < nr; ++r) {
+      for (int v = 0; v < nv; ++v) hn::Store(a[r][v], df, tmp + v * kN);
+      std::copy(tmp, tmp + n, acc + size_t(r0 + r) * n);
     }
   }
-  for (int v = 0; v < nv; ++v) hn::Store(a[v], df, tmp + v * kN);
-  std::copy(tmp, tmp + n, acc);
+}
+
+// Many rows of [.. fp16 g at scale_off .. codes at code_off ..]: out[t * ld + j] = g_t · cb[code].
+void CodebookRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes,
+                      size_t code_off, size_t scale_off, int n_codes, int b,
+                      const float* HWY_RESTRICT cb, float* HWY_RESTRICT out, int64_t ld) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  if (!FastCodes(b) || (1 << b) > kN || n_codes % kN != 0 || n_codes / kN > 8) {
+    for (int64_t t = 0; t < n_rows; ++t) {
+      const uint8_t* row = rows + size_t(t) * row_bytes;
+      CodebookRowImpl(row + code_off, n_codes, b, cb, HalfAt(row + scale_off), out + t * ld);
+    }
+    return;
+  }
+  HWY_ALIGN float tab[hn::MaxLanes(df)];
+  for (int i = 0; i < kN; ++i) tab[i] = i < (1 << b) ? cb[i] : 0.f;
+  const auto vt = hn::Load(df, tab);
+  const int nv = n_codes / kN;
+  CodeChunk plan[8];
+  for (int v = 0; v < nv; ++v) plan[v] = PlanChunk(v * kN, n_codes, b);
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    const auto vg = hn::Set(df, HalfAt(row + scale_off));
+    for (int v = 0; v < nv; ++v) {
+      const auto c = CodesPlanned(row + code_off, plan[v], n_codes, b);
+      hn::StoreU(hn::Mul(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, c))), vg), df,
+                 out + t * ld + v * kN);
+    }
+  }
+}
+
+// Many rows of [n_groups × (fp16 s, fp16 z)][codes]: out[t · n_groups·group + j] = code · s_g + z_g.
+void AffineGroupRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes,
+                         int n_groups, int group, int b, float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  const int d = n_groups * group;
+  const size_t gb = size_t(group) * b / 8;
+  if (!FastCodes(b) || group % kN != 0 || group / kN > 8) {
+    for (int64_t t = 0; t < n_rows; ++t) {
+      const uint8_t* row = rows + size_t(t) * row_bytes;
+      for (int g = 0; g < n_groups; ++g) {
+        AffineCodesRowImpl(row + 4 * n_groups + g * gb, group, b, HalfAt(row + 4 * g),
+                           HalfAt(row + 4 * g + 2), out + t * d + g * group);
+      }
+    }
+    return;
+  }
+  const int nv = group / kN;
+  CodeChunk plan[8];
+  for (int v = 0; v < nv; ++v) plan[v] = PlanChunk(v * kN, group, b);
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    for (int g = 0; g < n_groups; ++g) {
+      const uint8_t* codes = row + 4 * n_groups + g * gb;
+      const auto vs = hn::Set(df, HalfAt(row + 4 * g)), vz = hn::Set(df, HalfAt(row + 4 * g + 2));
+      for (int v = 0; v < nv; ++v) {
+        const auto cf = hn::ConvertTo(df, hn::BitCast(di, CodesPlanned(codes, plan[v], group, b)));
+        hn::StoreU(hn::Add(hn::Mul(cf, vs), vz), df, out + t * d + g * group + v * kN);
+      }
+    }
+  }
 }
 
 }  // namespace kvc::cpu::HWY_NAMESPACE
@@ -363,9 +517,19 @@ HWY_EXPORT(CodebookRowImpl);
 HWY_EXPORT(AffineCodesRowImpl);
 HWY_EXPORT(AxpyCodesImpl);
 HWY_EXPORT(AxpyCodesRowsImpl);
-void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
-                   float* acc) {
-  HWY_DYNAMIC_DISPATCH(AxpyCodesRowsImpl)(bits, n_rows, stride, n, b, w, acc);
+HWY_EXPORT(CodebookRowsImpl);
+HWY_EXPORT(AffineGroupRowsImpl);
+void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
+                   int n_q, float* acc) {
+  HWY_DYNAMIC_DISPATCH(AxpyCodesRowsImpl)(bits, n_streams, stride, n, b, w, n_q, acc);
+}
+void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                  size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(CodebookRowsImpl)(rows, n_rows, row_bytes, code_off, scale_off, n_codes, b, cb, out, ld);
+}
+void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
+                     int b, float* out) {
+  HWY_DYNAMIC_DISPATCH(AffineGroupRowsImpl)(rows, n_rows, row_bytes, n_groups, group, b, out);
 }
 
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld) {
@@ -432,12 +596,38 @@ void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, f
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
   for (int j = 0; j < n; ++j) acc[j] += w * float(CodeAt(bits, j, b));
 }
-void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
-                   float* acc) {
-  for (int j = 0; j < n; ++j) {
-    double s = acc[j];
-    for (int c = 0; c < n_rows; ++c) s += double(w[c]) * CodeAt(bits + size_t(c) * stride, j, b);
-    acc[j] = float(s);
+void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
+                   int n_q, float* acc) {
+  for (int r = 0; r < n_q; ++r) {
+    for (int j = 0; j < n; ++j) {
+      double s = acc[size_t(r) * n + j];
+      for (int c = 0; c < n_streams; ++c) {
+        s += double(w[size_t(r) * n_streams + c]) * CodeAt(bits + size_t(c) * stride, j, b);
+      }
+      acc[size_t(r) * n + j] = float(s);
+    }
+  }
+}
+void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                  size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld) {
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    uint16_t h;
+    std::memcpy(&h, row + scale_off, 2);
+    CodebookRow(row + code_off, n_codes, b, cb, gguf::Fp16ToFp32(h), out + t * ld);
+  }
+}
+void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
+                     int b, float* out) {
+  const size_t gb = size_t(group) * b / 8;
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    for (int g = 0; g < n_groups; ++g) {
+      uint16_t sz[2];
+      std::memcpy(sz, row + 4 * g, 4);
+      AffineCodesRow(row + 4 * n_groups + g * gb, group, b, gguf::Fp16ToFp32(sz[0]),
+                     gguf::Fp16ToFp32(sz[1]), out + t * n_groups * group + g * group);
+    }
   }
 }
 }  // namespace ref

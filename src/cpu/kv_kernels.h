@@ -37,10 +37,19 @@ void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float
 void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
 // acc[t] += w · code_t over n codes (same stream and padding rules).
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
-// acc[t] += Σ_c w[c] · code_{c,t}: n_rows streams of n codes each, stream c at bits + c · stride
-// bytes (KIVI keys: one stream per channel, codes along tokens, w = q ∘ s).
-void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
-                   float* acc);
+// acc[r][t] += Σ_c w[r][c] · code_{c,t} for r < n_q: n_streams streams of n codes each, stream c
+// at bits + c · stride bytes; w [n_q, n_streams], acc [n_q, n]. (KIVI keys: one stream per
+// channel, codes along the group's tokens, w = q ∘ s.)
+void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
+                   int n_q, float* acc);
+// Many rows (row t at rows + t · row_bytes) with an fp16 scale g at scale_off and a code stream at
+// code_off: out[t · ld + j] = g_t · cb[code_j], j < n_codes (TurboQuant parts).
+void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                  size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld);
+// Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
+// out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
+void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
+                     int b, float* out);
 
 // Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns
 // m consecutive rows into [m, d] f32). One tile is at most ~16 KiB, so it stays in L1.
@@ -75,8 +84,12 @@ void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n,
 void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
 void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
-void AxpyCodesRows(const uint8_t* bits, int n_rows, size_t stride, int n, int b, const float* w,
-                   float* acc);
+void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
+                   int n_q, float* acc);
+void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                  size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld);
+void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
+                     int b, float* out);
 }  // namespace ref
 
 }  // namespace kvc::cpu

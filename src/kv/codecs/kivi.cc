@@ -176,22 +176,15 @@ class KiviCodec final : public Codec {
                    int64_t ld) const override {
     const size_t bb = BlockBytes();
     const uint8_t* end = blocks + size_t(n_blocks) * bb;
-    if (kind_ == KvKind::kValue && bb > 4096) return Codec::ScoreBlocks(qp, n_q, blocks, n_blocks, scores, ld);
     if (kind_ == KvKind::kValue) {
       cpu::ScoreViaTile(qp, n_q, blocks, bb, n_blocks, d_, scores, ld,
                         [&](const uint8_t* rows, int64_t m, float* x) { DecodeValueRows(rows, m, end, x); });
       return;
     }
     const size_t cb = size_t(g_) * bits_ / 8;
-    std::vector<float> s(d_), z(d_), w(d_), acc(g_);
-    std::vector<uint8_t> pad;
+    std::vector<float> s(d_), z(d_), w(size_t(n_q) * d_), acc(size_t(n_q) * g_);
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* blk = blocks + size_t(b) * bb;
-      if (blk + bb + 3 > end) {  // the code reader may touch 3 bytes past the last stream
-        pad.assign(bb + 8, 0);
-        std::memcpy(pad.data(), blk, bb);
-        blk = pad.data();
-      }
       for (int c = 0; c < d_; ++c) {
         uint16_t sz[2];
         std::memcpy(sz, blk + 4 * c, 4);
@@ -203,18 +196,21 @@ class KiviCodec final : public Codec {
         float qz = 0.f;
         for (int c = 0; c < d_; ++c) {
           qz += q[c] * z[c];
-          w[c] = q[c] * s[c];
+          w[size_t(r) * d_ + c] = q[c] * s[c];
         }
-        std::fill(acc.begin(), acc.end(), qz);
-        cpu::AxpyCodesRows(blk + 4 * d_, d_, cb, g_, bits_, w.data(), acc.data());
-        std::copy(acc.begin(), acc.end(), scores + size_t(r) * ld + size_t(b) * g_);
+        std::fill(acc.begin() + size_t(r) * g_, acc.begin() + size_t(r + 1) * g_, qz);
+      }
+      cpu::AxpyCodesRows(blk + 4 * d_, d_, cb, g_, bits_, w.data(), n_q, acc.data());
+      for (int r = 0; r < n_q; ++r) {
+        std::copy(acc.begin() + size_t(r) * g_, acc.begin() + size_t(r + 1) * g_,
+                  scores + size_t(r) * ld + size_t(b) * g_);
       }
     }
   }
   void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
                         float* out) const override {
     const size_t bb = BlockBytes();
-    if (kind_ == KvKind::kKey || bb > 4096) return Codec::AccumulateBlocks(p, ld, n_q, blocks, n_blocks, out);
+    if (kind_ == KvKind::kKey) return Codec::AccumulateBlocks(p, ld, n_q, blocks, n_blocks, out);
     const uint8_t* end = blocks + size_t(n_blocks) * bb;
     cpu::AccumulateViaTile(p, ld, n_q, blocks, bb, n_blocks, d_, out,
                            [&](const uint8_t* rows, int64_t m, float* x) { DecodeValueRows(rows, m, end, x); });
@@ -222,25 +218,8 @@ class KiviCodec final : public Codec {
 
  private:
   // Value tokens [m] -> x [m, d] (SIMD, per group code · s + z).
-  void DecodeValueRows(const uint8_t* rows, int64_t m, const uint8_t* end, float* x) const {
-    const size_t bb = BlockBytes();
-    const int ng = d_ / g_;
-    const size_t gb = size_t(g_) * bits_ / 8;
-    uint8_t pad[4096 + 8];
-    for (int64_t t = 0; t < m; ++t) {
-      const uint8_t* row = rows + size_t(t) * bb;
-      if (row + bb + 3 > end) {
-        std::memset(pad, 0, sizeof(pad));
-        std::memcpy(pad, row, bb);
-        row = pad;
-      }
-      for (int gi = 0; gi < ng; ++gi) {
-        uint16_t sz[2];
-        std::memcpy(sz, row + 4 * gi, 4);
-        cpu::AffineCodesRow(row + 4 * ng + gi * gb, g_, bits_, gguf::Fp16ToFp32(sz[0]),
-                            gguf::Fp16ToFp32(sz[1]), x + size_t(t) * d_ + gi * g_);
-      }
-    }
+  void DecodeValueRows(const uint8_t* rows, int64_t m, const uint8_t* /*end*/, float* x) const {
+    cpu::AffineGroupRows(rows, m, BlockBytes(), d_ / g_, g_, bits_, x);
   }
 
   // Scales/mins as f32 and all codes unpacked: K: s, z [d], codes [d][G]; V: s, z [d/G], codes [d].

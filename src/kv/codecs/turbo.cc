@@ -79,6 +79,7 @@ class TurboCodec final : public Codec {
     size_t bit = 0;
     for (const auto& pt : parts_) {
       fast_ = fast_ && !pt.prod && pt.bm >= 1 && pt.bm <= 8 && bit % 8 == 0;
+      narrow_ = narrow_ && pt.bm <= 4;
       bit += size_t(pt.n) * pt.bm;
     }
   }
@@ -163,6 +164,17 @@ class TurboCodec final : public Codec {
   }
   // m consecutive tokens -> y [m, d] rotated; the last token of the array goes through a padded copy.
   void DecodeRotatedRows(const uint8_t* rows, int64_t m, const uint8_t* end, float* y) const {
+    if (narrow_) {  // codes of <= 4 bits: many-row kernel, reads nothing past a row's last code byte
+      size_t bit = 0;
+      int hoff = 0, off = 0;
+      for (const auto& pt : parts_) {
+        cpu::CodebookRows(rows, m, bytes_, header_ + bit / 8, hoff, pt.n, pt.bm, pt.cb.data(), y + off, d_);
+        bit += size_t(pt.n) * pt.bm;
+        hoff += pt.header;
+        off += pt.n;
+      }
+      return;
+    }
     for (int64_t t = 0; t < m; ++t) {
       const uint8_t* row = rows + size_t(t) * bytes_;
       if (row + bytes_ + 3 > end) {
@@ -332,6 +344,7 @@ class TurboCodec final : public Codec {
   size_t bytes_ = 0;
   bool frozen_ = false;
   bool fast_ = false;
+  bool narrow_ = true;
 };
 
 }  // namespace
