@@ -1,0 +1,208 @@
+// Every Highway packed-KV kernel (src/cpu/kv_kernels.cc, whatever target the machine dispatches
+// to) against its scalar reference, on random data with odd row counts, odd dimensions and
+// partial vectors. Tolerances:
+//   - decoders (q4_0 / q5_0 / fp8 / codebook / affine codes): bit-identical (same operations);
+//     q4_1 within 1 ulp-ish (2e-7 relative: the scalar reference may be FMA-contracted);
+//   - dot / axpy / code-FMA kernels vs double-precision references:
+//     |simd − ref| <= 1e-5 · Σ|terms| + 1e-6 (float summation in a different order).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cpu/kv_kernels.h"
+#include "gguf/types.h"
+#include "kv/cache_internal.h"
+#include "kv/codecs/fp8.h"
+#include "kv/codecs/q4_0.h"
+#include "kv/codecs/q4_1.h"
+#include "kv/codecs/q5_0.h"
+
+namespace kvc::cpu {
+namespace {
+
+std::vector<float> Randn(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+std::vector<uint8_t> RandBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<uint8_t> v(n);
+  for (auto& x : v) x = uint8_t(rng());
+  return v;
+}
+
+TEST(KvKernels, DotAndAxpyF32RowsMatchReference) {
+  for (int d : {64, 32, 17, 128, 5}) {
+    for (int n_q : {1, 3, 4, 5, 9}) {
+      for (int64_t n : {1, 3, 4, 5, 7, 33, 130}) {
+        const int64_t ld = n + 3;
+        const auto q = Randn(size_t(n_q) * d, 1), x = Randn(size_t(n) * d, 2);
+        std::vector<float> got(size_t(n_q) * ld, -7.f), want(got);
+        DotF32Rows(q.data(), n_q, x.data(), n, d, got.data(), ld);
+        ref::DotF32Rows(q.data(), n_q, x.data(), n, d, want.data(), ld);
+        for (int r = 0; r < n_q; ++r) {
+          for (int64_t t = 0; t < ld; ++t) {
+            double mag = 0;
+            for (int c = 0; c < d && t < n; ++c) mag += std::fabs(q[size_t(r) * d + c] * x[t * d + c]);
+            ASSERT_NEAR(got[size_t(r) * ld + t], want[size_t(r) * ld + t], 1e-5 * mag + 1e-6)
+                << "d=" << d << " n_q=" << n_q << " n=" << n << " r=" << r << " t=" << t;
+          }
+        }
+        const auto p = Randn(size_t(n_q) * ld, 3);
+        std::vector<float> ya = Randn(size_t(n_q) * d, 4), yb = ya;
+        AxpyF32Rows(p.data(), ld, n_q, x.data(), n, d, ya.data());
+        ref::AxpyF32Rows(p.data(), ld, n_q, x.data(), n, d, yb.data());
+        for (int r = 0; r < n_q; ++r) {
+          for (int c = 0; c < d; ++c) {
+            double mag = std::fabs(yb[size_t(r) * d + c]);
+            for (int64_t t = 0; t < n; ++t) mag += std::fabs(p[size_t(r) * ld + t] * x[t * d + c]);
+            ASSERT_NEAR(ya[size_t(r) * d + c], yb[size_t(r) * d + c], 1e-5 * mag + 1e-6)
+                << "d=" << d << " n_q=" << n_q << " n=" << n;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(KvKernels, LegacyRowDecodersEqualScalarDequantizers) {
+  for (int d : {32, 64, 128}) {
+    for (int64_t n : {1, 3, 17}) {
+      const auto x = Randn(size_t(n) * d, 5);
+      struct F {
+        size_t bytes;
+        void (*quant)(const float*, int, uint8_t*);
+        void (*deq)(const uint8_t*, int, float*);
+        void (*rows)(const uint8_t*, int64_t, int, float*);
+        double tol;
+      } fs[] = {{kv::q4_0::kBlockBytes, kv::q4_0::QuantizeRowRef, kv::q4_0::DequantizeRowRef, DecodeQ4_0Rows, 0},
+                {kv::q4_1::kBlockBytes, kv::q4_1::QuantizeRowRef, kv::q4_1::DequantizeRowRef, DecodeQ4_1Rows, 2e-7},
+                {kv::q5_0::kBlockBytes, kv::q5_0::QuantizeRowRef, kv::q5_0::DequantizeRowRef, DecodeQ5_0Rows, 0}};
+      for (const F& f : fs) {
+        const size_t rb = size_t(d / 32) * f.bytes;
+        std::vector<uint8_t> rows(size_t(n) * rb);
+        for (int64_t t = 0; t < n; ++t) f.quant(&x[size_t(t) * d], d, &rows[size_t(t) * rb]);
+        std::vector<float> got(size_t(n) * d), want(size_t(n) * d);
+        f.rows(rows.data(), n, d, got.data());
+        for (int64_t t = 0; t < n; ++t) f.deq(&rows[size_t(t) * rb], d, &want[size_t(t) * d]);
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_NEAR(got[i], want[i], f.tol * std::fabs(want[i])) << "bytes=" << f.bytes << " d=" << d << " i=" << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(KvKernels, E4M3RowsEqualTableForEveryCode) {
+  for (int d : {256, 64, 19}) {
+    const int64_t n = 3;
+    std::vector<uint8_t> rows(size_t(n) * (d + 2));
+    const float scales[3] = {1.f, 0.0371f, 1234.5f};
+    for (int64_t t = 0; t < n; ++t) {
+      uint8_t* row = &rows[size_t(t) * (d + 2)];
+      const uint16_t h = kv::Fp32ToFp16Sat(scales[t]);
+      std::memcpy(row, &h, 2);
+      for (int i = 0; i < d; ++i) {
+        uint8_t c = uint8_t((i * 37 + t * 11) & 0xFF);
+        if ((c & 0x7F) == 0x7F) c ^= 1;  // NaN codes are never written
+        row[2 + i] = c;
+      }
+    }
+    std::vector<float> got(size_t(n) * d);
+    DecodeE4M3Rows(rows.data(), n, d, got.data());
+    for (int64_t t = 0; t < n; ++t) {
+      const uint8_t* row = &rows[size_t(t) * (d + 2)];
+      uint16_t h;
+      std::memcpy(&h, row, 2);
+      const float s = gguf::Fp16ToFp32(h);
+      for (int i = 0; i < d; ++i) {
+        ASSERT_EQ(got[size_t(t) * d + i], kv::fp8::E4M3ToFloat(row[2 + i]) * s) << "code " << int(row[2 + i]);
+      }
+    }
+  }
+  // All 254 non-NaN codes, scale 1.
+  std::vector<uint8_t> row(2 + 256, 0);
+  const uint16_t one = 0x3C00;
+  std::memcpy(row.data(), &one, 2);
+  for (int c = 0; c < 256; ++c) row[2 + c] = uint8_t((c & 0x7F) == 0x7F ? 0 : c);
+  std::vector<float> got(256);
+  DecodeE4M3Rows(row.data(), 1, 256, got.data());
+  for (int c = 0; c < 256; ++c) EXPECT_EQ(got[c], kv::fp8::E4M3ToFloat(row[2 + c])) << c;
+}
+
+TEST(KvKernels, CodeStreamKernelsMatchReference) {
+  for (int b = 1; b <= 8; ++b) {
+    std::vector<float> cb = Randn(size_t(1) << b, 6 + b);
+    for (int n : {1, 5, 8, 15, 16, 17, 31, 32, 33, 64, 100}) {
+      const size_t nbytes = (size_t(n) * b + 7) / 8;
+      auto bits = RandBytes(nbytes + 8, 9 * b + n);  // +8: b > 4 may read 3 bytes past the stream
+      std::vector<float> got(n), want(n);
+      CodebookRow(bits.data(), n, b, cb.data(), 0.75f, got.data());
+      ref::CodebookRow(bits.data(), n, b, cb.data(), 0.75f, want.data());
+      for (int j = 0; j < n; ++j) ASSERT_EQ(got[j], want[j]) << "b=" << b << " n=" << n << " j=" << j;
+      AffineCodesRow(bits.data(), n, b, 0.3f, -1.25f, got.data());
+      ref::AffineCodesRow(bits.data(), n, b, 0.3f, -1.25f, want.data());
+      for (int j = 0; j < n; ++j) ASSERT_NEAR(got[j], want[j], 1e-6 * (1 + std::fabs(want[j]))) << "b=" << b << " n=" << n;
+      std::vector<float> a = Randn(n, 10), r = a;
+      AxpyCodes(bits.data(), n, b, -0.7f, a.data());
+      ref::AxpyCodes(bits.data(), n, b, -0.7f, r.data());
+      for (int j = 0; j < n; ++j) ASSERT_NEAR(a[j], r[j], 1e-5 * (1 + std::fabs(r[j]))) << "b=" << b << " n=" << n;
+
+      // Many streams (KIVI keys) and many rows (turbo parts, KIVI value groups).
+      for (int n_q : {1, 3, 5}) {
+        const int ns = 7;
+        const size_t stride = nbytes + 1;
+        auto sb = RandBytes(stride * ns + 8, 77 + b + n);
+        auto w = Randn(size_t(n_q) * ns, 11);
+        auto acc = Randn(size_t(n_q) * n, 12), accr = acc;
+        AxpyCodesRows(sb.data(), ns, stride, n, b, w.data(), n_q, acc.data());
+        ref::AxpyCodesRows(sb.data(), ns, stride, n, b, w.data(), n_q, accr.data());
+        for (size_t i = 0; i < acc.size(); ++i) {
+          ASSERT_NEAR(acc[i], accr[i], 1e-5 * (8 * (1 << b) + std::fabs(accr[i]))) << "b=" << b << " n=" << n;
+        }
+      }
+      const int64_t n_rows = 5;
+      const size_t row_bytes = 3 + 2 + nbytes;  // 3 bytes of other header, fp16 g at 3, codes at 5
+      auto rows = RandBytes(row_bytes * n_rows + 8, 5 * b + n);
+      for (int64_t t = 0; t < n_rows; ++t) {
+        const uint16_t h = uint16_t(0x3800 + 37 * t);  // positive normal fp16 scales
+        std::memcpy(&rows[t * row_bytes + 3], &h, 2);
+      }
+      const int64_t ld = n + 2;
+      std::vector<float> mg(size_t(n_rows) * ld, 0.f), mr(mg);
+      CodebookRows(rows.data(), n_rows, row_bytes, 5, 3, n, b, cb.data(), mg.data(), ld);
+      ref::CodebookRows(rows.data(), n_rows, row_bytes, 5, 3, n, b, cb.data(), mr.data(), ld);
+      for (size_t i = 0; i < mg.size(); ++i) ASSERT_EQ(mg[i], mr[i]) << "b=" << b << " n=" << n << " i=" << i;
+    }
+  }
+  for (int b : {2, 4}) {
+    for (int group : {8, 16, 32, 64}) {
+      for (int ng : {1, 2, 4}) {
+        const size_t row_bytes = 4 * size_t(ng) + size_t(ng) * group * b / 8;
+        const int64_t n_rows = 7;
+        auto rows = RandBytes(row_bytes * n_rows, 100 + b + group + ng);
+        for (int64_t t = 0; t < n_rows; ++t) {
+          for (int g = 0; g < ng; ++g) {
+            const uint16_t sz[2] = {uint16_t(0x3000 + 13 * g + t), uint16_t(0xBC00 + 7 * g)};
+            std::memcpy(&rows[t * row_bytes + 4 * g], sz, 4);
+          }
+        }
+        std::vector<float> got(size_t(n_rows) * ng * group), want(got.size());
+        AffineGroupRows(rows.data(), n_rows, row_bytes, ng, group, b, got.data());
+        ref::AffineGroupRows(rows.data(), n_rows, row_bytes, ng, group, b, want.data());
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_NEAR(got[i], want[i], 1e-6 * (1 + std::fabs(want[i]))) << "b=" << b << " G=" << group;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvc::cpu
