@@ -502,6 +502,63 @@ void AffineGroupRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_
   }
 }
 
+// QJL: out[r * ld + t] = kappa · g_t · Σ_i (bit_ti ? sq[r][i] : −sq[r][i]).
+void SignDotRowsImpl(const float* HWY_RESTRICT sq, int n_q, int m, const uint8_t* HWY_RESTRICT rows,
+                     size_t row_bytes, size_t bits_off, size_t scale_off, float kappa, int64_t n,
+                     float* HWY_RESTRICT out, int64_t ld) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+#if HWY_TARGET != HWY_SCALAR
+  if (kN % 8 == 0 && m % kN == 0 && m <= 8192) {
+    const int nbytes = m / 8;
+    HWY_ALIGN uint8_t buf[4][8192 / 8 + 8] = {};
+    for (int r0 = 0; r0 < n_q; r0 += 4) {
+      const int nr = std::min(4, n_q - r0);
+      const float* qb = sq + size_t(r0) * m;
+      float* ob = out + size_t(r0) * ld;
+      for (int64_t t = 0; t < n; t += 4) {
+        const int nt = int(std::min<int64_t>(4, n - t));
+        float g[4] = {0, 0, 0, 0};
+        for (int k = 0; k < nt; ++k) {
+          const uint8_t* row = rows + size_t(t + k) * row_bytes;
+          std::memcpy(buf[k], row + bits_off, nbytes);  // LoadMaskBits may read 8 bytes ahead
+          g[k] = kappa * HalfAt(row + scale_off);
+        }
+        hn::Vec<DF> acc[4][4];
+        for (int r = 0; r < nr; ++r) {
+          for (int k = 0; k < 4; ++k) acc[r][k] = hn::Zero(df);
+        }
+        for (int c = 0; c < m; c += kN) {
+          hn::Mask<DF> mk[4];
+          for (int k = 0; k < 4; ++k) mk[k] = hn::LoadMaskBits(df, buf[k] + c / 8);
+          for (int r = 0; r < nr; ++r) {
+            const auto v = hn::LoadU(df, qb + size_t(r) * m + c);
+            const auto nv = hn::Neg(v);
+            for (int k = 0; k < 4; ++k) acc[r][k] = hn::Add(acc[r][k], hn::IfThenElse(mk[k], v, nv));
+          }
+        }
+        for (int r = 0; r < nr; ++r) {
+          float s4[4];
+          Sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s4);
+          for (int k = 0; k < nt; ++k) ob[size_t(r) * ld + t + k] = g[k] * s4[k];
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    const float g = kappa * HalfAt(row + scale_off);
+    const uint8_t* bits = row + bits_off;
+    for (int r = 0; r < n_q; ++r) {
+      float acc = 0.f;
+      for (int i = 0; i < m; ++i) acc += (bits[i >> 3] >> (i & 7)) & 1 ? sq[size_t(r) * m + i] : -sq[size_t(r) * m + i];
+      out[size_t(r) * ld + t] = g * acc;
+    }
+  }
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -518,6 +575,11 @@ HWY_EXPORT(AffineCodesRowImpl);
 HWY_EXPORT(AxpyCodesImpl);
 HWY_EXPORT(AxpyCodesRowsImpl);
 HWY_EXPORT(CodebookRowsImpl);
+HWY_EXPORT(SignDotRowsImpl);
+void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
+                 size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(SignDotRowsImpl)(sq, n_q, m, rows, row_bytes, bits_off, scale_off, kappa, n, out, ld);
+}
 HWY_EXPORT(AffineGroupRowsImpl);
 void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
                    int n_q, float* acc) {
@@ -605,6 +667,23 @@ void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int
         s += double(w[size_t(r) * n_streams + c]) * CodeAt(bits + size_t(c) * stride, j, b);
       }
       acc[size_t(r) * n + j] = float(s);
+    }
+  }
+}
+void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
+                 size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld) {
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    uint16_t h;
+    std::memcpy(&h, row + scale_off, 2);
+    const double g = double(kappa) * gguf::Fp16ToFp32(h);
+    for (int r = 0; r < n_q; ++r) {
+      double acc = 0;
+      for (int i = 0; i < m; ++i) {
+        const double v = sq[size_t(r) * m + i];
+        acc += (row[bits_off + (i >> 3)] >> (i & 7)) & 1 ? v : -v;
+      }
+      out[size_t(r) * ld + t] = float(g * acc);
     }
   }
 }

@@ -46,6 +46,10 @@ void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int
 // code_off: out[t · ld + j] = g_t · cb[code_j], j < n_codes (TurboQuant parts).
 void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                   size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld);
+// QJL keys: rows with an fp16 norm g at scale_off and m sign bits at bits_off (bit i of byte i/8,
+// LSB first); out[r * ld + t] = kappa · g_t · Σ_i (bit_ti ? sq[r][i] : −sq[r][i]), sq [n_q, m].
+void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
+                 size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
 // out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
@@ -90,6 +94,8 @@ void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t 
                   size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld);
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
                      int b, float* out);
+void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
+                 size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
 }  // namespace ref
 
 }  // namespace kvc::cpu

@@ -204,5 +204,33 @@ TEST(KvKernels, CodeStreamKernelsMatchReference) {
   }
 }
 
+TEST(KvKernels, SignDotRowsMatchReference) {
+  for (int m : {8, 16, 64, 72, 128, 256}) {
+    for (int n_q : {1, 3, 5}) {
+      for (int64_t n : {1, 3, 4, 7, 33}) {
+        const size_t row_bytes = 2 + m / 8;
+        auto rows = RandBytes(row_bytes * n, m + n_q + n);
+        for (int64_t t = 0; t < n; ++t) {
+          const uint16_t h = uint16_t(0x4000 + 97 * t);
+          std::memcpy(&rows[t * row_bytes], &h, 2);
+        }
+        const auto sq = Randn(size_t(n_q) * m, 21);
+        const int64_t ld = n + 1;
+        std::vector<float> got(size_t(n_q) * ld, 0.f), want(got);
+        SignDotRows(sq.data(), n_q, m, rows.data(), row_bytes, 2, 0, 0.05f, n, got.data(), ld);
+        ref::SignDotRows(sq.data(), n_q, m, rows.data(), row_bytes, 2, 0, 0.05f, n, want.data(), ld);
+        for (int r = 0; r < n_q; ++r) {
+          double mag = 0;
+          for (int i = 0; i < m; ++i) mag += std::fabs(sq[size_t(r) * m + i]);
+          for (int64_t t = 0; t < n; ++t) {
+            ASSERT_NEAR(got[size_t(r) * ld + t], want[size_t(r) * ld + t], 1e-5 * mag * 0.05 * 4 + 1e-6)
+                << "m=" << m << " n_q=" << n_q << " n=" << n;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvc::cpu

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 #include "kv/codecs/bitpack.h"
@@ -74,6 +75,13 @@ class QjlCodec final : public Codec {
       }
       scores[r] = c * acc;
     }
+  }
+
+  // Many keys (decode attention): Highway sign-select kernel (cpu::SignDotRows), four keys per
+  // step sharing each sketched-query load; Score above is its scalar reference.
+  void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks, float* scores,
+                   int64_t ld) const override {
+    cpu::SignDotRows(qp, n_q, m_, blocks, BlockBytes(), 2, 0, kappa_, n_blocks, scores, ld);
   }
 
  private:
