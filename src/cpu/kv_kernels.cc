@@ -559,6 +559,82 @@ void SignDotRowsImpl(const float* HWY_RESTRICT sq, int n_q, int m, const uint8_t
   }
 }
 
+// PolarQuant rows: [nb fp16 radii][46-bit code words per 16-block, LSB-first stream]. Block
+// element i = r · T4[(i>>3)&1] · T3[i/8][(i>>2)&1] · T2[i/4][(i>>1)&1] · T1[i/2][i&1] (cos/sin of
+// the codebook angles), multiplied in the scalar decoder's order (level 4 first), so bit-identical.
+HWY_INLINE uint64_t PolarWord(const uint8_t* codes, size_t code_bytes, int b) {
+  const size_t bit = size_t(b) * 46, byte = bit >> 3;
+  uint64_t w = 0;
+  const size_t avail = std::min<size_t>(8, code_bytes - byte);
+  std::memcpy(&w, codes + byte, avail);
+  return w >> (bit & 7);
+}
+
+void PolarRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes, int nb,
+                   const float* HWY_RESTRICT trig, float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const size_t code_bytes = (size_t(nb) * 46 + 7) / 8;
+  const int d = nb * 16;
+#if HWY_TARGET != HWY_SCALAR
+  if (hn::Lanes(df) == 16) {
+    const auto lane = hn::Iota(di, 0);
+    const auto one = hn::Set(di, 1);
+    const auto m1 = hn::RebindMask(df, hn::Eq(hn::And(lane, one), one));
+    const auto m2 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<1>(lane), one), one));
+    const auto m3 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<2>(lane), one), one));
+    const auto m4 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<3>(lane), one), one));
+    const auto sh1 = hn::BitCast(DU(), hn::ShiftLeft<2>(hn::ShiftRight<1>(lane)));           // 4·(i/2)
+    const auto sh2 = hn::BitCast(DU(), hn::ShiftLeft<1>(hn::ShiftRight<2>(lane)));           // 2·(i/4)
+    const auto sh3 = hn::BitCast(DU(), hn::Add(hn::ShiftLeft<1>(hn::ShiftRight<3>(lane)), hn::Set(di, 8)));
+    const auto c1 = hn::LoadU(df, trig), s1 = hn::LoadU(df, trig + 16);
+    const auto c2 = hn::LoadU(df, trig + 32), s2 = hn::LoadU(df, trig + 48);
+    const auto c3 = hn::LoadU(df, trig + 64), s3 = hn::LoadU(df, trig + 80);
+    const auto m15 = hn::Set(DU(), 15u), m3u = hn::Set(DU(), 3u);
+    for (int64_t t = 0; t < n_rows; ++t) {
+      const uint8_t* row = rows + size_t(t) * row_bytes;
+      const uint8_t* codes = row + 2 * nb;
+      for (int b = 0; b < nb; ++b) {
+        const uint64_t w = PolarWord(codes, code_bytes, b);
+        const auto lo = hn::Set(DU(), uint32_t(w));          // level 1: 8 × 4 bits
+        const auto hi = hn::Set(DU(), uint32_t(w >> 32));    // levels 2, 3, 4: 4 × 2, 2 × 2, 1 × 2
+        const int i4 = int((w >> 44) & 3);
+        const auto f4 = hn::IfThenElse(m4, hn::Set(df, trig[112 + i4]), hn::Set(df, trig[96 + i4]));
+        const auto i1 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(lo >> sh1, m15)));
+        const auto i2 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(hi >> sh2, m3u)));
+        const auto i3 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(hi >> sh3, m3u)));
+        const auto f1 = hn::IfThenElse(m1, hn::TableLookupLanes(s1, i1), hn::TableLookupLanes(c1, i1));
+        const auto f2 = hn::IfThenElse(m2, hn::TableLookupLanes(s2, i2), hn::TableLookupLanes(c2, i2));
+        const auto f3 = hn::IfThenElse(m3, hn::TableLookupLanes(s3, i3), hn::TableLookupLanes(c3, i3));
+        const auto r = hn::Set(df, HalfAt(row + 2 * b));
+        hn::StoreU(hn::Mul(hn::Mul(hn::Mul(hn::Mul(r, f4), f3), f2), f1), df, out + t * d + b * 16);
+      }
+    }
+    return;
+  }
+#endif
+  (void)df;
+  (void)di;
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    const uint8_t* codes = row + 2 * nb;
+    for (int b = 0; b < nb; ++b) {
+      const uint64_t w = PolarWord(codes, code_bytes, b);
+      const float r = HalfAt(row + 2 * b);
+      const int i4 = int((w >> 44) & 3);
+      for (int i = 0; i < 16; ++i) {
+        const int a1 = int((w >> (4 * (i / 2))) & 15), a2 = int((w >> (32 + 2 * (i / 4))) & 3);
+        const int a3 = int((w >> (40 + 2 * (i / 8))) & 3);
+        const float f4 = trig[(i >> 3 & 1 ? 112 : 96) + i4];
+        const float f3 = trig[(i >> 2 & 1 ? 80 : 64) + a3];
+        const float f2 = trig[(i >> 1 & 1 ? 48 : 32) + a2];
+        const float f1 = trig[(i & 1 ? 16 : 0) + a1];
+        out[t * d + b * 16 + i] = r * f4 * f3 * f2 * f1;
+      }
+    }
+  }
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -576,6 +652,11 @@ HWY_EXPORT(AxpyCodesImpl);
 HWY_EXPORT(AxpyCodesRowsImpl);
 HWY_EXPORT(CodebookRowsImpl);
 HWY_EXPORT(SignDotRowsImpl);
+HWY_EXPORT(PolarRowsImpl);
+void PolarRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int nb, const float* trig,
+               float* out) {
+  HWY_DYNAMIC_DISPATCH(PolarRowsImpl)(rows, n_rows, row_bytes, nb, trig, out);
+}
 void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
                  size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld) {
   HWY_DYNAMIC_DISPATCH(SignDotRowsImpl)(sq, n_q, m, rows, row_bytes, bits_off, scale_off, kappa, n, out, ld);

@@ -50,6 +50,12 @@ void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t 
 // LSB first); out[r * ld + t] = kappa · g_t · Σ_i (bit_ti ? sq[r][i] : −sq[r][i]), sq [n_q, m].
 void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
                  size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
+// PolarQuant rows (rotated domain): [nb fp16 radii][nb 46-bit code words: 8 × 4-bit level-1,
+// 4 × 2-bit level-2, 2 × 2-bit level-3, 1 × 2-bit level-4 angle codes] -> out [n_rows, 16 · nb].
+// trig [8][16]: cos, sin of the level-1 codebook (16 angles), then cos, sin of levels 2, 3, 4
+// (4 angles each, rest unused). Bit-identical to the codec's scalar recursive decode.
+void PolarRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int nb, const float* trig,
+               float* out);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
 // out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,

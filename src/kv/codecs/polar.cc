@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 #include "kv/codecs/bitpack.h"
@@ -44,7 +45,17 @@ const PolarBooks& Books() {
 
 class PolarCodec final : public Codec {
  public:
-  PolarCodec(int d, uint64_t seed) : d_(d), nb_(d / kBlock), rot_(d, seed), books_(Books()) {}
+  PolarCodec(int d, uint64_t seed) : d_(d), nb_(d / kBlock), rot_(d, seed), books_(Books()) {
+    // cos / sin of every codebook angle, as float like the scalar decode computes them.
+    trig_.assign(8 * 16, 0.f);
+    for (int l = 0; l < 4; ++l) {
+      for (size_t k = 0; k < books_.cb[l].size(); ++k) {
+        const float psi = books_.cb[l][k];
+        trig_[2 * l * 16 + k] = std::cos(psi);
+        trig_[(2 * l + 1) * 16 + k] = std::sin(psi);
+      }
+    }
+  }
   std::string Name() const override { return "polar"; }
   int dim() const override { return d_; }
   size_t BlockBytes() const override { return 2 * size_t(nb_) + (size_t(nb_) * kBlockCodeBits + 7) / 8; }
@@ -125,10 +136,35 @@ class PolarCodec final : public Codec {
     }
   }
 
+  // Many tokens (decode attention): Highway decode of the rotated blocks into an f32 tile (no
+  // trigonometry: cos/sin tables), SIMD dot against the pre-rotated query; values accumulated in
+  // the rotated domain and rotated back once per query row per call. Score above and the default
+  // AccumulateWeighted (decode, then axpy) are the references (codec_blocks_test).
+  void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks, float* scores,
+                   int64_t ld) const override {
+    cpu::ScoreViaTile(qp, n_q, blocks, BlockBytes(), n_blocks, d_, scores, ld,
+                      [this](const uint8_t* rows, int64_t m, float* y) {
+                        cpu::PolarRows(rows, m, BlockBytes(), nb_, trig_.data(), y);
+                      });
+  }
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                        float* out) const override {
+    std::vector<float> acc(size_t(n_q) * d_, 0.f), x(d_);
+    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, acc.data(),
+                           [this](const uint8_t* rows, int64_t m, float* y) {
+                             cpu::PolarRows(rows, m, BlockBytes(), nb_, trig_.data(), y);
+                           });
+    for (int r = 0; r < n_q; ++r) {
+      rot_.ApplyT(&acc[size_t(r) * d_], x.data());
+      for (int j = 0; j < d_; ++j) out[size_t(r) * d_ + j] += x[j];
+    }
+  }
+
  private:
   int d_, nb_;
   RandomRotation rot_;
   const PolarBooks& books_;
+  std::vector<float> trig_;  // [8][16] cos/sin per level (see cpu::PolarRows)
 };
 
 }  // namespace
