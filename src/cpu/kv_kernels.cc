@@ -24,10 +24,17 @@ using DI = hn::RebindToSigned<DF>;
 using DU = hn::RebindToUnsigned<DF>;
 using D8 = hn::Rebind<uint8_t, DF>;
 
-static inline float HalfAt(const uint8_t* p) {
+// One fp16 at an unaligned address -> f32 (a hardware conversion on AVX2 and up; exact).
+HWY_INLINE float HalfAt(const uint8_t* p) {
+#if HWY_TARGET == HWY_SCALAR
   uint16_t h;
   std::memcpy(&h, p, 2);
   return gguf::Fp16ToFp32(h);
+#else
+  const hn::CappedTag<float, 1> d1;
+  const hn::Rebind<hwy::float16_t, decltype(d1)> dh1;
+  return hn::GetLane(hn::PromoteTo(d1, hn::LoadU(dh1, reinterpret_cast<const hwy::float16_t*>(p))));
+#endif
 }
 
 // ---- f32 rows
@@ -565,8 +572,11 @@ void SignDotRowsImpl(const float* HWY_RESTRICT sq, int n_q, int m, const uint8_t
 HWY_INLINE uint64_t PolarWord(const uint8_t* codes, size_t code_bytes, int b) {
   const size_t bit = size_t(b) * 46, byte = bit >> 3;
   uint64_t w = 0;
-  const size_t avail = std::min<size_t>(8, code_bytes - byte);
-  std::memcpy(&w, codes + byte, avail);
+  if (code_bytes - byte >= 8) {
+    std::memcpy(&w, codes + byte, 8);
+  } else {
+    for (size_t i = 0; byte + i < code_bytes; ++i) w |= uint64_t(codes[byte + i]) << (8 * i);
+  }
   return w >> (bit & 7);
 }
 

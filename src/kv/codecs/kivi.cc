@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "cpu/kv_kernels.h"
+#include "cpu/ops.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 
@@ -182,21 +183,18 @@ class KiviCodec final : public Codec {
       return;
     }
     const size_t cb = size_t(g_) * bits_ / 8;
-    std::vector<float> s(d_), z(d_), w(size_t(n_q) * d_), acc(size_t(n_q) * g_);
+    std::vector<float> sz(2 * size_t(d_)), w(size_t(n_q) * d_), acc(size_t(n_q) * g_);
+    std::vector<uint16_t> h(2 * size_t(d_));
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* blk = blocks + size_t(b) * bb;
-      for (int c = 0; c < d_; ++c) {
-        uint16_t sz[2];
-        std::memcpy(sz, blk + 4 * c, 4);
-        s[c] = gguf::Fp16ToFp32(sz[0]);
-        z[c] = gguf::Fp16ToFp32(sz[1]);
-      }
+      std::memcpy(h.data(), blk, 4 * size_t(d_));
+      cpu::F16ToF32(h.data(), 2 * d_, sz.data());  // (s_c, z_c) interleaved
       for (int r = 0; r < n_q; ++r) {
         const float* q = qp + size_t(r) * d_;
         float qz = 0.f;
         for (int c = 0; c < d_; ++c) {
-          qz += q[c] * z[c];
-          w[size_t(r) * d_ + c] = q[c] * s[c];
+          qz += q[c] * sz[2 * c + 1];
+          w[size_t(r) * d_ + c] = q[c] * sz[2 * c];
         }
         std::fill(acc.begin() + size_t(r) * g_, acc.begin() + size_t(r + 1) * g_, qz);
       }
