@@ -320,6 +320,86 @@ TEST(LowRank, RankAllocation) {
   EXPECT_FALSE(PaluRanks(*f, KvKind::kKey, 2, 1, fx.d, 0.5, "uniform", 7).ok());
 }
 
+TEST(LowRank, GlobalAllocationSharesOneBudgetAcrossKAndV) {
+  Fixture fx;
+  fx.n_layer = 2;
+  fx.n_head_kv = 1;
+  // Keys: energy in ~8 dims; values: flat spectrum. One budget for both: keys get less.
+  Eigen::MatrixXd low = RandMat(400, 8, 1) * RandMat(8, fx.d, 2);
+  low += 1e-3 * RandMat(400, fx.d, 3);
+  Eigen::MatrixXd flat = RandMat(400, fx.d, 4);
+  std::vector<Eigen::MatrixXd> calib[2] = {{low, low}, {flat, flat}};
+  fx.Write(calib);
+  auto f = ReadCalibrationFile(fx.path);
+  ASSERT_TRUE(f.ok());
+  auto rk = PaluRanks(*f, KvKind::kKey, 2, 1, fx.d, 0.5, "global", 1);
+  auto rv = PaluRanks(*f, KvKind::kValue, 2, 1, fx.d, 0.5, "global", 1);
+  ASSERT_TRUE(rk.ok() && rv.ok());
+  EXPECT_EQ((*rk)[0] + (*rk)[1] + (*rv)[0] + (*rv)[1], 2 * 2 * 32);  // the total budget
+  EXPECT_LE((*rk)[0], 12);
+  EXPECT_LE((*rk)[1], 12);
+  EXPECT_GE((*rv)[0], 50);
+  // Cached result equals a recomputation.
+  auto rk2 = PaluRanks(*f, KvKind::kKey, 2, 1, fx.d, 0.5, "global", 1);
+  EXPECT_EQ(*rk, *rk2);
+  // The transforms use these ranks.
+  CodecContext ctx;
+  ctx.n_layer = 2;
+  ctx.n_head_kv = 1;
+  ctx.dim = fx.d;
+  ctx.kind = KvKind::kValue;
+  auto t = MakeTransform("lowrank:file=" + fx.path + ",ratio=0.5,alloc=global", ctx);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_EQ((*t)->out_dim(), (*rv)[0]);
+}
+
+TEST(LowRank, AwareKeysUseTheQueryMetric) {
+  // palu.k.qmetric (a full matrix, incl. cross-channel terms) is the metric for keys when present.
+  Fixture fx;
+  fx.n_layer = 1;
+  fx.n_head_kv = 1;
+  const int d = fx.d, n = 600;
+  Eigen::MatrixXd x = RandMat(n, d, 31) * RandMat(d, d, 32);
+  Eigen::MatrixXd m = RandMat(d, d, 33);
+  m.row(7) *= 30.0;
+  const Eigen::MatrixXd metric = m.transpose() * m;
+  CalibrationFile::Tensor g, q2;
+  g.dims = {d, d};
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) g.data.push_back(float(metric(i, j)));
+  q2.dims = {d};
+  q2.data.assign(d, 1.0f);  // would give the plain basis
+  fx.extra[PaluTensorName("qmetric", KvKind::kKey, 0, 0)] = g;
+  fx.extra["think.q2.0.0"] = q2;
+  std::vector<Eigen::MatrixXd> calib[2] = {{x}, {x}};
+  fx.Write(calib);
+  std::vector<float> xs(size_t(n) * d);
+  for (int i = 0; i < n; ++i)
+    for (int c = 0; c < d; ++c) xs[size_t(i) * d + c] = float(x(i, c));
+  CodecContext ctx;
+  ctx.n_layer = 1;
+  ctx.n_head_kv = 1;
+  ctx.dim = d;
+  ctx.kind = KvKind::kKey;
+  auto werr = [&](const std::string& spec) {
+    auto t = MakeTransform(spec, ctx);
+    EXPECT_TRUE(t.ok()) << t.status().ToString();
+    const int r = (*t)->out_dim();
+    std::vector<float> y(size_t(n) * r), xr(xs.size());
+    (*t)->Forward(xs.data(), n, y.data());
+    (*t)->Reconstruct(y.data(), n, xr.data());
+    double e = 0;
+    for (int i = 0; i < n; ++i) {
+      Eigen::VectorXd diff(d);
+      for (int c = 0; c < d; ++c) diff(c) = double(xs[size_t(i) * d + c]) - xr[size_t(i) * d + c];
+      e += diff.dot(metric * diff);
+    }
+    return e;
+  };
+  const std::string base = "lowrank:file=" + fx.path + ",ratio=0.25";
+  EXPECT_LT(werr(base + ",aware=1"), 0.9 * werr(base));
+}
+
 TEST(LowRank, ClearErrors) {
   CodecContext ctx;
   ctx.n_layer = 1;

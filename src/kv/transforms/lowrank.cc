@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <numeric>
 
 #include <Eigen/Dense>
@@ -72,9 +74,125 @@ std::string PaluTensorName(const char* what, KvKind kind, int layer, int head) {
   return fmt::format("palu.{}.{}.{}.{}", kind == KvKind::kKey ? "k" : "v", what, layer, head);
 }
 
+std::string PaluLayerTensorName(const char* what, KvKind kind, int layer) {
+  return fmt::format("palu.{}.{}.{}", kind == KvKind::kKey ? "k" : "v", what, layer);
+}
+
+StatusOr<Eigen::MatrixXd> PaluAwareMetric(const CalibrationFile& f, KvKind kind, int layer,
+                                          int head, int d) {
+  Eigen::MatrixXd g = Eigen::MatrixXd::Zero(d, d);
+  if (kind == KvKind::kKey) {
+    if (const CalibrationFile::Tensor* qm = f.Find(PaluTensorName("qmetric", kind, layer, head));
+        qm && int64_t(qm->data.size()) == int64_t(d) * d) {
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) g(i, j) = qm->data[size_t(i) * d + j];
+      return g;
+    }
+    // Older files: the per-channel post-RoPE query energy (diagonal approximation).
+    const CalibrationFile::Tensor* q2;
+    KVC_ASSIGN_OR_RETURN(q2, f.Get(ThinkTensorName("q2", layer, head), d));
+    for (int i = 0; i < d; ++i) g(i, i) = std::max(0.0f, q2->data[i]);
+    return g;
+  }
+  const CalibrationFile::Tensor* gram;
+  KVC_ASSIGN_OR_RETURN(gram, f.Get(PaluTensorName("wo_gram", kind, layer, head), int64_t(d) * d));
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) g(i, j) = gram->data[size_t(i) * d + j];
+  return g;
+}
+
+namespace {
+
+// S = G^{1/2} and S⁻¹ with G's eigenvalues floored at 1e-6 · max.
+void MetricRoots(const Eigen::MatrixXd& g, Eigen::MatrixXd* s, Eigen::MatrixXd* si) {
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eg(g);
+  const Eigen::VectorXd gl =
+      eg.eigenvalues().cwiseMax(1e-6 * std::max(eg.eigenvalues().maxCoeff(), 1e-30));
+  *s = eg.eigenvectors() * gl.cwiseSqrt().asDiagonal() * eg.eigenvectors().transpose();
+  if (si) {
+    *si = eg.eigenvectors() * gl.cwiseSqrt().cwiseInverse().asDiagonal() *
+          eg.eigenvectors().transpose();
+  }
+}
+
+Eigen::MatrixXd CovFromEig(const CalibrationFile::Tensor& basis, const CalibrationFile::Tensor& eig,
+                           int d) {
+  Eigen::MatrixXd bm(d, d);  // column j = eigenvector j
+  for (int j = 0; j < d; ++j)
+    for (int i = 0; i < d; ++i) bm(i, j) = basis.data[size_t(j) * d + i];
+  Eigen::VectorXd lam(d);
+  for (int j = 0; j < d; ++j) lam(j) = std::max(0.0f, eig.data[j]);
+  return bm * lam.asDiagonal() * bm.transpose();
+}
+
+}  // namespace
+
+StatusOr<Eigen::MatrixXd> PaluStreamCov(const CalibrationFile& f, KvKind kind, int layer, int head,
+                                        int d, bool attn_obj) {
+  if (attn_obj) {
+    const char* what = kind == KvKind::kKey ? "attcov" : "outcov";
+    const CalibrationFile::Tensor* t;
+    KVC_ASSIGN_OR_RETURN(t, f.Get(PaluTensorName(what, kind, layer, head), int64_t(d) * d));
+    Eigen::MatrixXd c(d, d);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) c(i, j) = t->data[size_t(i) * d + j];
+    return c;
+  }
+  const CalibrationFile::Tensor *basis, *eig;
+  KVC_ASSIGN_OR_RETURN(eig, f.Get(PaluTensorName("eig", kind, layer, head), d));
+  KVC_ASSIGN_OR_RETURN(basis, f.Get(PaluTensorName("basis", kind, layer, head), int64_t(d) * d));
+  return CovFromEig(*basis, *eig, d);
+}
+
+StatusOr<std::vector<double>> PaluSpectrum(const CalibrationFile& f, KvKind kind, int layer,
+                                           int head, int d, bool aware, bool attn_obj) {
+  std::vector<double> out(d);
+  if (!aware && !attn_obj) {
+    const CalibrationFile::Tensor* eig;
+    KVC_ASSIGN_OR_RETURN(eig, f.Get(PaluTensorName("eig", kind, layer, head), d));
+    for (int i = 0; i < d; ++i) out[i] = std::max(0.0f, eig->data[i]);
+    return out;
+  }
+  Eigen::MatrixXd c;
+  KVC_ASSIGN_OR_RETURN(c, PaluStreamCov(f, kind, layer, head, d, attn_obj));
+  if (aware) {
+    Eigen::MatrixXd g, s;
+    KVC_ASSIGN_OR_RETURN(g, PaluAwareMetric(f, kind, layer, head, d));
+    MetricRoots(g, &s, nullptr);
+    c = s * c * s;
+  }
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(c, Eigen::EigenvaluesOnly);
+  for (int i = 0; i < d; ++i) out[i] = std::max(0.0, es.eigenvalues()(d - 1 - i));
+  return out;
+}
+
+namespace {
+
+struct Chunk {
+  double gain;
+  int stream;
+};
+
+// Chunks of `multiple` components of one stream (chunk 0 excluded: always kept); gain = the
+// chunk's fraction of the stream's total (weighted) energy.
+void AddChunks(const std::vector<double>& lam, int multiple, int stream, std::vector<Chunk>* out) {
+  double tot = 0;
+  for (double e : lam) tot += e;
+  if (tot <= 0) tot = 1;
+  const int per = int(lam.size()) / multiple;
+  for (int c = 1; c < per; ++c) {
+    double g = 0;
+    for (int i = c * multiple; i < (c + 1) * multiple; ++i) g += lam[i];
+    out->push_back({g / tot, stream});
+  }
+}
+
+}  // namespace
+
 StatusOr<std::vector<int>> PaluRanks(const CalibrationFile& f, KvKind kind, int n_layer,
                                      int n_head_kv, int dim, double ratio,
-                                     const std::string& alloc, int multiple) {
+                                     const std::string& alloc, int multiple, bool aware,
+                                     bool attn_obj) {
   if (!(ratio > 0 && ratio <= 1)) {
     return InvalidArgument(fmt::format("lowrank: ratio {} must be in (0, 1] (fraction of "
                                        "dimensions kept)", ratio));
@@ -87,39 +205,58 @@ StatusOr<std::vector<int>> PaluRanks(const CalibrationFile& f, KvKind kind, int 
   const int uniform = std::min(dim, RoundUpTo(std::max(1, int(std::lround(ratio * dim))), multiple));
   std::vector<int> ranks(n_streams, uniform);
   if (alloc == "uniform") return ranks;
-  if (alloc != "var") {
-    return InvalidArgument(fmt::format("lowrank: alloc '{}' unknown (uniform, var)", alloc));
+  if (alloc != "var" && alloc != "global") {
+    return InvalidArgument(fmt::format("lowrank: alloc '{}' unknown (uniform, var, global)", alloc));
   }
-  // Chunks of `multiple` components; gain = explained-variance fraction of the chunk.
-  struct Chunk {
-    double gain;
-    int stream;
-  };
+  // Results are cached: every (layer, head, K|V) instance asks for the same allocation.
+  static std::mutex mu;
+  static std::map<std::string, std::vector<int>> cache;
+  const std::string key = fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+                                      static_cast<const void*>(&f), f.MetaOr("model_id", ""),
+                                      f.tensors.size(), int(kind), ratio, alloc, multiple, aware,
+                                      attn_obj, dim);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (auto it = cache.find(key); it != cache.end()) return it->second;
+  }
+  // var: per kind, chunks ranked by their stream's explained (weighted) energy fraction.
+  // global: the same greedy over K and V streams together, one budget for both, so the kind
+  // whose spectrum decays faster (keys here) ends with the lower ranks. Each component costs
+  // the same bytes only when K and V have the same dim and codec; the budget counts components.
   std::vector<Chunk> chunks;
-  const int per = dim / multiple;
-  for (int l = 0; l < n_layer; ++l) {
-    for (int h = 0; h < n_head_kv; ++h) {
-      const CalibrationFile::Tensor* eig;
-      KVC_ASSIGN_OR_RETURN(eig, f.Get(PaluTensorName("eig", kind, l, h), dim));
-      double tot = 0;
-      for (float e : eig->data) tot += std::max(0.f, e);
-      if (tot <= 0) tot = 1;
-      for (int c = 1; c < per; ++c) {  // chunk 0 is always kept
-        double g = 0;
-        for (int i = c * multiple; i < (c + 1) * multiple; ++i) g += std::max(0.f, eig->data[i]);
-        chunks.push_back({g / tot, l * n_head_kv + h});
+  int64_t budget = 0;
+  std::vector<int> all;  // [2 * n_streams] for global (K streams, then V streams)
+  const std::vector<KvKind> kinds =
+      alloc == "global" ? std::vector<KvKind>{KvKind::kKey, KvKind::kValue} : std::vector<KvKind>{kind};
+  for (size_t ki = 0; ki < kinds.size(); ++ki) {
+    const int d = kinds[ki] == kind ? dim
+                  : std::atoi(f.MetaOr(kinds[ki] == KvKind::kKey ? "head_dim" : "head_dim_v",
+                                       "0").c_str());
+    if (d != dim) {
+      return InvalidArgument(fmt::format("lowrank: alloc=global needs equal K and V head dims "
+                                         "(file: {} vs {})", d, dim));
+    }
+    for (int l = 0; l < n_layer; ++l) {
+      for (int h = 0; h < n_head_kv; ++h) {
+        std::vector<double> lam;
+        KVC_ASSIGN_OR_RETURN(lam, PaluSpectrum(f, kinds[ki], l, h, dim, aware, attn_obj));
+        AddChunks(lam, multiple, int(ki) * n_streams + l * n_head_kv + h, &chunks);
       }
     }
+    budget += std::llround(ratio * dim / multiple * n_streams) - n_streams;
   }
   // Stable order: larger gain first, then lower stream index; within a stream chunks are
   // already in descending order, so taking a prefix keeps each stream's chunks contiguous.
   std::stable_sort(chunks.begin(), chunks.end(),
                    [](const Chunk& a, const Chunk& b) { return a.gain > b.gain; });
-  const int64_t budget = std::llround(ratio * dim / multiple * n_streams) - n_streams;
-  std::fill(ranks.begin(), ranks.end(), multiple);
+  all.assign(kinds.size() * n_streams, multiple);
   for (int64_t i = 0; i < budget && i < int64_t(chunks.size()); ++i) {
-    ranks[chunks[i].stream] += multiple;
+    all[chunks[i].stream] += multiple;
   }
+  const int off = (alloc == "global" && kind == KvKind::kValue) ? n_streams : 0;
+  ranks.assign(all.begin() + off, all.begin() + off + n_streams);
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = ranks;
   return ranks;
 }
 
@@ -133,20 +270,10 @@ namespace {
 
 // Weighted basis (see header): C = Σ_j λ_j b_j b_jᵀ, S = G^{1/2}; Q = top-r eigenvectors of
 // S C S; A = S Q, B = S⁻¹ Q. Eigenvalues of G are floored at 1e-6 · max for the inverse.
-void WeightedBasis(const CalibrationFile::Tensor& basis, const CalibrationFile::Tensor& eig,
-                   const Eigen::MatrixXd& g, int d, int r, std::vector<float>* a,
-                   std::vector<float>* b) {
-  Eigen::MatrixXd bm(d, d);  // column j = eigenvector j
-  for (int j = 0; j < d; ++j)
-    for (int i = 0; i < d; ++i) bm(i, j) = basis.data[size_t(j) * d + i];
-  Eigen::VectorXd lam(d);
-  for (int j = 0; j < d; ++j) lam(j) = std::max(0.0f, eig.data[j]);
-  const Eigen::MatrixXd c = bm * lam.asDiagonal() * bm.transpose();
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eg(g);
-  Eigen::VectorXd gl = eg.eigenvalues().cwiseMax(1e-6 * std::max(eg.eigenvalues().maxCoeff(), 1e-30));
-  const Eigen::MatrixXd s = eg.eigenvectors() * gl.cwiseSqrt().asDiagonal() * eg.eigenvectors().transpose();
-  const Eigen::MatrixXd si =
-      eg.eigenvectors() * gl.cwiseSqrt().cwiseInverse().asDiagonal() * eg.eigenvectors().transpose();
+void WeightedBasis(const Eigen::MatrixXd& c, const Eigen::MatrixXd& g, int d, int r,
+                   std::vector<float>* a, std::vector<float>* b) {
+  Eigen::MatrixXd s, si;
+  MetricRoots(g, &s, &si);
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(s * c * s);
   Eigen::MatrixXd q(d, r);
   for (int j = 0; j < r; ++j) q.col(j) = es.eigenvectors().col(d - 1 - j);
@@ -196,10 +323,17 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
   KVC_ASSIGN_OR_RETURN(rot, spec.GetBool("rot", false));
   bool aware;
   KVC_ASSIGN_OR_RETURN(aware, spec.GetBool("aware", false));
+  std::string obj;
+  KVC_ASSIGN_OR_RETURN(obj, spec.GetString("obj", "plain"));
+  if (obj != "plain" && obj != "attn") {
+    return InvalidArgument(fmt::format("lowrank: obj '{}' unknown (plain: K/V second moment; "
+                                       "attn: attention-weighted keys / attention outputs)", obj));
+  }
+  const bool attn_obj = obj == "attn";
   KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
   std::vector<int> ranks;
   KVC_ASSIGN_OR_RETURN(ranks, PaluRanks(*f, ctx.kind, ctx.n_layer, ctx.n_head_kv, ctx.dim, ratio,
-                                        alloc_in, multiple));
+                                        alloc_in, multiple, aware, attn_obj));
   const int d = ctx.dim, r = ranks[ctx.layer * ctx.n_head_kv + ctx.head];
   const CalibrationFile::Tensor* basis;
   KVC_ASSIGN_OR_RETURN(basis, f->Get(PaluTensorName("basis", ctx.kind, ctx.layer, ctx.head),
@@ -209,24 +343,17 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
     for (int i = 0; i < d; ++i) p[size_t(i) * r + j] = basis->data[size_t(j) * d + i];
   }
   std::vector<float> b;  // empty: reconstruct with P
-  if (aware) {
-    // Keys: G = diag(post-RoPE query energy per channel) (the rotation-averaged query
-    // covariance); values: G = Σ_{query heads j of the group} W_o,jᵀ W_o,j.
-    Eigen::MatrixXd g = Eigen::MatrixXd::Zero(d, d);
-    if (ctx.kind == KvKind::kKey) {
-      const CalibrationFile::Tensor* q2;
-      KVC_ASSIGN_OR_RETURN(q2, f->Get(ThinkTensorName("q2", ctx.layer, ctx.head), d));
-      for (int i = 0; i < d; ++i) g(i, i) = std::max(0.0f, q2->data[i]);
-    } else {
-      const CalibrationFile::Tensor* gram;
-      KVC_ASSIGN_OR_RETURN(gram, f->Get(PaluTensorName("wo_gram", ctx.kind, ctx.layer, ctx.head),
-                                        int64_t(d) * d));
-      for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j) g(i, j) = gram->data[size_t(i) * d + j];
+  if (aware || attn_obj) {
+    // C: the stream's second moment (obj=plain) or its attention-side counterpart (obj=attn).
+    // G (aware=1): keys: the rotation-averaged pre-RoPE query metric of the group
+    // (palu.k.qmetric; older files: diag of post-RoPE query energy); values: Σ_j W_o,jᵀ W_o,j.
+    Eigen::MatrixXd c, g = Eigen::MatrixXd::Identity(d, d);
+    KVC_ASSIGN_OR_RETURN(c, PaluStreamCov(*f, ctx.kind, ctx.layer, ctx.head, d, attn_obj));
+    if (aware) {
+      KVC_ASSIGN_OR_RETURN(g, PaluAwareMetric(*f, ctx.kind, ctx.layer, ctx.head, d));
     }
-    const CalibrationFile::Tensor* eig;
-    KVC_ASSIGN_OR_RETURN(eig, f->Get(PaluTensorName("eig", ctx.kind, ctx.layer, ctx.head), d));
-    WeightedBasis(*basis, *eig, g, d, r, &p, &b);
+    WeightedBasis(c, g, d, r, &p, &b);
+    if (!aware) b.clear();  // orthonormal: B = A
   }
   if (rot) {
     if (r & (r - 1)) {
@@ -246,8 +373,9 @@ StatusOr<std::unique_ptr<Transform>> MakeLowRankTransform(const CodecSpec& spec,
       b.swap(ph);
     }
   }
-  const std::string name = fmt::format("lowrank:ratio={},alloc={},r={}{}{}", ratio, alloc_in, r,
-                                       rot ? ",rot=1" : "", aware ? ",aware=1" : "");
+  const std::string name = fmt::format("lowrank:ratio={},alloc={},r={}{}{}{}", ratio, alloc_in, r,
+                                       rot ? ",rot=1" : "", aware ? ",aware=1" : "",
+                                       attn_obj ? ",obj=attn" : "");
   std::unique_ptr<Transform> t = std::make_unique<LowRankTransform>(
       std::move(p), std::move(b), d, r, ctx.kind == KvKind::kKey, name);
   return t;

@@ -38,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include <Eigen/Dense>
+
 #include "kv/calibration_file.h"
 #include "kv/transform.h"
 
@@ -47,12 +49,36 @@ namespace kvc::kv {
 //   palu.{kind}.basis.{l}.{h}  [head_dim, head_dim] f32, row j = j-th eigenvector (λ descending)
 //   palu.{kind}.eig.{l}.{h}    [head_dim] f32, eigenvalues of C / n_tokens, descending
 //   palu.v.wo_gram.{l}.{h}     [head_dim_v, head_dim_v] f32, Σ_j W_o,jᵀ W_o,j (aware=1 for V)
+//   palu.k.qmetric.{l}.{h}     [head_dim, head_dim] f32, rotation-averaged pre-RoPE query second
+//                              moment of the group (aware=1 for K; see tools/cli/lib/calibrate.cc)
+//   palu.k.attcov.{l}.{h}      [d, d] Σ_i Σ_t p_it k_t k_tᵀ / rows (pre-RoPE keys by attention)
+//   palu.v.outcov.{l}.{h}      [dv, dv] Σ o oᵀ / rows, o = attention output of a group query head
+//   palu.{kind}.jcov.{l}       [n_head_kv·d, n_head_kv·d] f32, joint second moment of all KV heads
+//                              of layer l (per-head moments are its diagonal blocks; G-LRD study)
 std::string PaluTensorName(const char* what, KvKind kind, int layer, int head);
+std::string PaluLayerTensorName(const char* what, KvKind kind, int layer);
 
 // Ranks [n_layer * n_head_kv] (layer-major) for one kind. INVALID_ARGUMENT for bad params.
+// alloc: uniform | var (per kind) | global (K and V streams share one budget). With aware, the
+// greedy gains are the eigenvalues of the whitened covariance S C S (S = G^{1/2}).
 StatusOr<std::vector<int>> PaluRanks(const CalibrationFile& f, KvKind kind, int n_layer,
                                      int n_head_kv, int dim, double ratio,
-                                     const std::string& alloc, int multiple);
+                                     const std::string& alloc, int multiple, bool aware = false,
+                                     bool attn_obj = false);
+
+// The second moment a basis is fitted to: obj=plain the stream's own (palu.{k,v}.basis/eig);
+// obj=attn (attn_obj) keys weighted by the attention they receive (palu.k.attcov) / values'
+// attention outputs o = Σ_t p_t v_t (palu.v.outcov; exact target, since Σ_t p_t Π v_t = Π o).
+StatusOr<Eigen::MatrixXd> PaluStreamCov(const CalibrationFile& f, KvKind kind, int layer, int head,
+                                        int d, bool attn_obj);
+
+// Eigenvalues (descending) of the stream's covariance, whitened by its aware metric if asked.
+StatusOr<std::vector<double>> PaluSpectrum(const CalibrationFile& f, KvKind kind, int layer,
+                                           int head, int d, bool aware, bool attn_obj = false);
+
+// The metric G an aware=1 basis minimises E||G^{1/2}(x − x̂)||² in (see the header comment).
+StatusOr<Eigen::MatrixXd> PaluAwareMetric(const CalibrationFile& f, KvKind kind, int layer,
+                                          int head, int d);
 
 // A low-rank projection transform from an explicit basis p [dim, r] (orthonormal columns).
 std::unique_ptr<Transform> MakeLowRankFromBasis(std::vector<float> p, int dim, int r,

@@ -21,24 +21,42 @@ class StatsObserver final : public kv::KvObserver {
  public:
   explicit StatsObserver(const kv::KvShape& s) : s_(s), rope_(s.rope) {
     const int n = s.n_layer * s.n_head_kv;
-    ck_.assign(n, Eigen::MatrixXd::Zero(s.head_dim, s.head_dim));
-    cv_.assign(n, Eigen::MatrixXd::Zero(s.DimV(), s.DimV()));
+    jk_.assign(s.n_layer, Eigen::MatrixXd::Zero(s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim));
+    jv_.assign(s.n_layer, Eigen::MatrixXd::Zero(s.n_head_kv * s.DimV(), s.n_head_kv * s.DimV()));
+    qq_.assign(n, Eigen::MatrixXd::Zero(s.head_dim, s.head_dim));
+    ka_.assign(n, Eigen::MatrixXd::Zero(s.head_dim, s.head_dim));
+    oc_.assign(n, Eigen::MatrixXd::Zero(s.DimV(), s.DimV()));
+    bk_.resize(s.n_layer);
+    bv_.resize(s.n_layer);
+    bseq_.resize(s.n_layer);
     q2_.assign(n, std::vector<double>(s.head_dim, 0.0));
     k2_.assign(n, std::vector<double>(s.head_dim, 0.0));
   }
   void OnWrite(int layer, const int64_t* seq, int n, const float* k, const float* v) override {
     const int nkv = s_.n_head_kv, hd = s_.head_dim, dv = s_.DimV();
+    if (n > 0 && (bseq_[layer].empty() || seq[0] <= bseq_[layer].back())) {  // a new chunk
+      bk_[layer].clear();
+      bv_[layer].clear();
+      bseq_[layer].clear();
+    }
+    bk_[layer].insert(bk_[layer].end(), k, k + int64_t(n) * nkv * hd);
+    bv_[layer].insert(bv_[layer].end(), v, v + int64_t(n) * nkv * dv);
+    bseq_[layer].insert(bseq_[layer].end(), seq, seq + n);
     std::vector<float> rows(size_t(n) * hd);
+    // Joint second moments over all KV heads of the layer (per-head moments are its diagonal
+    // blocks; the off-diagonal blocks are what a group-head (G-LRD) factorization can exploit).
+    Eigen::MatrixXd xk(n, nkv * hd), xv(n, nkv * dv);
+    for (int i = 0; i < n; ++i) {
+      for (int c = 0; c < nkv * hd; ++c) xk(i, c) = k[int64_t(i) * nkv * hd + c];
+      for (int c = 0; c < nkv * dv; ++c) xv(i, c) = v[int64_t(i) * nkv * dv + c];
+    }
+    jk_[layer].selfadjointView<Eigen::Lower>().rankUpdate(xk.transpose());
+    jv_[layer].selfadjointView<Eigen::Lower>().rankUpdate(xv.transpose());
     for (int h = 0; h < nkv; ++h) {
       const int idx = layer * nkv + h;
-      Eigen::MatrixXd xk(n, hd), xv(n, dv);
       for (int i = 0; i < n; ++i) {
-        for (int c = 0; c < hd; ++c) xk(i, c) = k[(int64_t(i) * nkv + h) * hd + c];
-        for (int c = 0; c < dv; ++c) xv(i, c) = v[(int64_t(i) * nkv + h) * dv + c];
         std::memcpy(&rows[size_t(i) * hd], k + (int64_t(i) * nkv + h) * hd, hd * sizeof(float));
       }
-      ck_[idx].selfadjointView<Eigen::Lower>().rankUpdate(xk.transpose());
-      cv_[idx].selfadjointView<Eigen::Lower>().rankUpdate(xv.transpose());
       rope_.Apply(rows.data(), n, hd, seq);
       for (size_t i = 0; i < rows.size(); ++i) k2_[idx][i % hd] += double(rows[i]) * rows[i];
     }
@@ -47,6 +65,15 @@ class StatsObserver final : public kv::KvObserver {
   void OnQuery(int layer, const int64_t* q_seq, int n_q, const float* q) override {
     const int nh = s_.n_head, nkv = s_.n_head_kv, g = nh / nkv, hd = s_.head_dim;
     std::vector<float> row(hd);
+    for (int h = 0; h < nkv; ++h) {  // pre-RoPE query second moment of the group
+      Eigen::MatrixXd xq(int64_t(n_q) * g, hd);
+      for (int i = 0; i < n_q; ++i)
+        for (int j = 0; j < g; ++j)
+          for (int c = 0; c < hd; ++c) xq(int64_t(i) * g + j, c) = q[(int64_t(i) * nh + h * g + j) * hd + c];
+      qq_[layer * nkv + h].selfadjointView<Eigen::Lower>().rankUpdate(xq.transpose());
+    }
+    if (layer == 0) n_q_ += n_q;
+    AttentionStats(layer, q_seq, n_q, q);
     for (int i = 0; i < n_q; ++i) {
       for (int qh = 0; qh < nh; ++qh) {
         std::memcpy(row.data(), q + (int64_t(i) * nh + qh) * hd, hd * sizeof(float));
@@ -57,13 +84,75 @@ class StatsObserver final : public kv::KvObserver {
     }
   }
 
+  void AttentionStats(int layer, const int64_t* q_seq, int n_q, const float* q) {
+    const int nh = s_.n_head, nkv = s_.n_head_kv, g = nh / nkv, hd = s_.head_dim, dv = s_.DimV();
+    const int64_t t_n = int64_t(bseq_[layer].size());
+    if (t_n == 0 || n_q == 0) return;
+    const float scale = s_.attn_scale > 0 ? s_.attn_scale : 1.0f / std::sqrt(float(hd));
+    using MatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    for (int h = 0; h < nkv; ++h) {
+      MatF kp(t_n, hd), kr(t_n, hd), vv(t_n, dv);
+      for (int64_t t = 0; t < t_n; ++t) {
+        for (int c = 0; c < hd; ++c) kp(t, c) = bk_[layer][(t * nkv + h) * hd + c];
+        for (int c = 0; c < dv; ++c) vv(t, c) = bv_[layer][(t * nkv + h) * dv + c];
+      }
+      kr = kp;
+      rope_.Apply(kr.data(), int(t_n), hd, bseq_[layer].data());
+      Eigen::VectorXf w = Eigen::VectorXf::Zero(t_n);
+      for (int j = 0; j < g; ++j) {
+        MatF qr(n_q, hd);
+        for (int i = 0; i < n_q; ++i)
+          for (int c = 0; c < hd; ++c) qr(i, c) = q[(int64_t(i) * nh + h * g + j) * hd + c];
+        rope_.Apply(qr.data(), n_q, hd, q_seq);
+        MatF sc = (qr * kr.transpose()) * scale;
+        for (int i = 0; i < n_q; ++i) {
+          float mx = -INFINITY;
+          for (int64_t t = 0; t < t_n; ++t) {
+            if (bseq_[layer][t] > q_seq[i]) sc(i, t) = -INFINITY;
+            mx = std::max(mx, sc(i, t));
+          }
+          float sum = 0;
+          for (int64_t t = 0; t < t_n; ++t) {
+            const float e = sc(i, t) == -INFINITY ? 0.f : std::exp(sc(i, t) - mx);
+            sc(i, t) = e;
+            sum += e;
+          }
+          sc.row(i) /= sum;
+        }
+        const MatF o = sc * vv;
+        oc_[layer * nkv + h].noalias() += (o.transpose() * o).cast<double>();
+        w.noalias() += sc.colwise().sum().transpose();
+      }
+      ka_[layer * nkv + h].noalias() +=
+          (kp.transpose() * w.asDiagonal() * kp).cast<double>();
+    }
+    if (layer == 0) n_qrows_ += int64_t(n_q) * g;
+  }
+
   void Store(kv::CalibrationFile* f) const {
     const int nkv = s_.n_head_kv;
     for (int l = 0; l < s_.n_layer; ++l) {
       for (int h = 0; h < nkv; ++h) {
         const int idx = l * nkv + h;
-        StoreEigen(f, ck_[idx], kv::KvKind::kKey, l, h);
-        StoreEigen(f, cv_[idx], kv::KvKind::kValue, l, h);
+        const int hd = s_.head_dim, dv = s_.DimV();
+        const Eigen::MatrixXd jk = jk_[l].selfadjointView<Eigen::Lower>();
+        const Eigen::MatrixXd jv = jv_[l].selfadjointView<Eigen::Lower>();
+        StoreEigen(f, jk.block(h * hd, h * hd, hd, hd), kv::KvKind::kKey, l, h);
+        StoreEigen(f, jv.block(h * dv, h * dv, dv, dv), kv::KvKind::kValue, l, h);
+        StoreQueryMetric(f, qq_[idx], l, h);
+        auto put_mat = [&](const char* what, kv::KvKind kind, const Eigen::MatrixXd& m) {
+          const int64_t n = m.rows();
+          const double inv = 1.0 / double(std::max<int64_t>(n_qrows_, 1));
+          kv::CalibrationFile::Tensor t;
+          t.dims = {n, n};
+          t.data.resize(size_t(n) * n);
+          for (int64_t a = 0; a < n; ++a)
+            for (int64_t b = 0; b < n; ++b)
+              t.data[size_t(a * n + b)] = float(0.5 * (m(a, b) + m(b, a)) * inv);
+          f->tensors[kv::PaluTensorName(what, kind, l, h)] = std::move(t);
+        };
+        put_mat("attcov", kv::KvKind::kKey, ka_[idx]);
+        put_mat("outcov", kv::KvKind::kValue, oc_[idx]);
         auto put = [&](const char* what, const std::vector<double>& x) {
           kv::CalibrationFile::Tensor t;
           t.dims = {int64_t(x.size())};
@@ -73,15 +162,27 @@ class StatsObserver final : public kv::KvObserver {
         put("q2", q2_[idx]);
         put("k2", k2_[idx]);
       }
+      for (auto kind : {kv::KvKind::kKey, kv::KvKind::kValue}) {
+        const Eigen::MatrixXd& j = kind == kv::KvKind::kKey ? jk_[l] : jv_[l];
+        const int64_t n = j.rows();
+        const Eigen::MatrixXd full = j.selfadjointView<Eigen::Lower>();
+        kv::CalibrationFile::Tensor t;
+        t.dims = {n, n};
+        t.data.resize(size_t(n) * n);
+        const double inv = 1.0 / double(std::max<int64_t>(n_tokens_, 1));
+        for (int64_t a = 0; a < n; ++a)
+          for (int64_t b = 0; b < n; ++b) t.data[size_t(a * n + b)] = float(full(a, b) * inv);
+        f->tensors[kv::PaluLayerTensorName("jcov", kind, l)] = std::move(t);
+      }
     }
   }
   int64_t n_tokens() const { return n_tokens_; }
 
  private:
-  void StoreEigen(kv::CalibrationFile* f, const Eigen::MatrixXd& c_lower, kv::KvKind kind, int l,
+  void StoreEigen(kv::CalibrationFile* f, const Eigen::MatrixXd& c_full, kv::KvKind kind, int l,
                   int h) const {
-    const int d = int(c_lower.rows());
-    Eigen::MatrixXd c = c_lower.selfadjointView<Eigen::Lower>();
+    const int d = int(c_full.rows());
+    Eigen::MatrixXd c = c_full;
     c /= double(std::max<int64_t>(n_tokens_, 1));
     Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(c);  // ascending eigenvalues
     kv::CalibrationFile::Tensor basis, eig;
@@ -98,11 +199,54 @@ class StatsObserver final : public kv::KvObserver {
     f->tensors[kv::PaluTensorName("eig", kind, l, h)] = std::move(eig);
   }
 
+  // palu.k.qmetric.{l}.{h} [d, d]: the metric through which a *pre-RoPE* key error e is seen
+  // by the group's queries, E_q E_Δ [(R(Δ) q)(R(Δ) q)ᵀ] with Δ = query − key position uniform
+  // over [0, kRopeAvgSpan) (score error (R(p_q) q)ᵀ R(p_k) e = qᵀ R(−Δ) e = (R(Δ) q)ᵀ e). Keeps
+  // the cross-channel terms of the slowly rotating pairs, which a per-channel diagonal loses.
+  void StoreQueryMetric(kv::CalibrationFile* f, const Eigen::MatrixXd& qq_lower, int l, int h) const {
+    const int d = int(qq_lower.rows());
+    const Eigen::MatrixXd qq = Eigen::MatrixXd(qq_lower.selfadjointView<Eigen::Lower>()) /
+                               double(std::max<int64_t>(n_q_, 1));
+    std::vector<float> base(size_t(d) * d), y(size_t(d) * d), yt(size_t(d) * d);
+    for (int a = 0; a < d; ++a)
+      for (int b = 0; b < d; ++b) base[size_t(a) * d + b] = float(qq(a, b));
+    Eigen::MatrixXd acc = Eigen::MatrixXd::Zero(d, d);
+    int cnt = 0;
+    for (int delta = 0; delta < kRopeAvgSpan; delta += kRopeAvgStride, ++cnt) {
+      // rows of Q2 rotated by R(Δ): Q2 R(Δ)ᵀ; transposed and rotated again: R(Δ) Q2 R(Δ)ᵀ
+      y = base;
+      rope_.ApplySame(y.data(), d, d, delta);
+      for (int a = 0; a < d; ++a)
+        for (int b = 0; b < d; ++b) yt[size_t(b) * d + a] = y[size_t(a) * d + b];
+      rope_.ApplySame(yt.data(), d, d, delta);
+      for (int a = 0; a < d; ++a)
+        for (int b = 0; b < d; ++b) acc(a, b) += yt[size_t(a) * d + b];
+    }
+    acc /= double(std::max(cnt, 1));
+    kv::CalibrationFile::Tensor t;
+    t.dims = {d, d};
+    t.data.resize(size_t(d) * d);
+    for (int a = 0; a < d; ++a)
+      for (int b = 0; b < d; ++b) t.data[size_t(a) * d + b] = float(0.5 * (acc(a, b) + acc(b, a)));
+    f->tensors[kv::PaluTensorName("qmetric", kv::KvKind::kKey, l, h)] = std::move(t);
+  }
+  static constexpr int kRopeAvgSpan = 4096, kRopeAvgStride = 4;
+
   kv::KvShape s_;
   kv::Rope rope_;
-  std::vector<Eigen::MatrixXd> ck_, cv_;         // [n_layer*n_head_kv] of [d, d] (lower half)
+  std::vector<Eigen::MatrixXd> jk_, jv_;         // [n_layer] of [nkv*d, nkv*d] (lower half)
+  std::vector<Eigen::MatrixXd> qq_;              // [n_layer*n_head_kv] pre-RoPE group Σ q qᵀ
+  // Attention-side statistics (the calibration pass recomputes each layer's causal attention
+  // from the chunk's K/V): ka_ = Σ_i Σ_t p_it k_t k_tᵀ over the group's query heads (pre-RoPE
+  // keys weighted by the attention they receive), oc_ = Σ o oᵀ over the group's attention
+  // outputs o = Σ_t p_t v_t (what a value projection P Pᵀ actually acts on: Σ p P Pᵀ v = P Pᵀ o).
+  std::vector<Eigen::MatrixXd> ka_, oc_;
+  std::vector<std::vector<float>> bk_, bv_;      // [n_layer] chunk's pre-RoPE k / v so far
+  std::vector<std::vector<int64_t>> bseq_;
+  int64_t n_qrows_ = 0;                          // Σ over layer-0 queries of group heads
   std::vector<std::vector<double>> q2_, k2_;     // [n_layer*n_head_kv][head_dim]
   int64_t n_tokens_ = 0;
+  int64_t n_q_ = 0;  // query tokens seen (layer 0)
 };
 
 // palu.v.wo_gram.{l}.{h} [dv, dv] = Σ_{query heads j of KV head h} W_o,jᵀ W_o,j, W_o,j the
@@ -168,8 +312,8 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
   KVC_ASSIGN_OR_RETURN(alloc, spec->GetString("alloc", "uniform"));
   KVC_RETURN_IF_ERROR(spec->CheckAllUsed());
   if (!(ratio > 0 && ratio <= 1)) return InvalidArgument("calibrate: ratio must be in (0, 1]");
-  if (alloc != "uniform" && alloc != "var") {
-    return InvalidArgument(fmt::format("calibrate: alloc '{}' unknown (uniform, var)", alloc));
+  if (alloc != "uniform" && alloc != "var" && alloc != "global") {
+    return InvalidArgument(fmt::format("calibrate: alloc '{}' unknown (uniform, var, global)", alloc));
   }
   if (opt.n_ctx < 2) return InvalidArgument("calibrate: -c must be >= 2");
   const int64_t n_chunks = std::min<int64_t>(int64_t(tokens.size()), opt.max_tokens) / opt.n_ctx;
@@ -260,6 +404,31 @@ std::string DescribePaluRanks(const kv::CalibrationFile& f, double ratio, const 
       }
     }
     out += fmt::format("\n  total retained variance {:.2f}%\n", 100 * kept_all / tot_all);
+    // G-LRD study: one latent shared by all KV heads of a layer, same total rank (Σ_h r_h).
+    double g_kept = 0, g_tot = 0;
+    bool have_joint = true;
+    for (int l = 0; l < nl && have_joint; ++l) {
+      const auto* j = f.Find(kv::PaluLayerTensorName("jcov", kind, l));
+      const int n = nkv * d;
+      if (!j || int64_t(j->data.size()) != int64_t(n) * n) {
+        have_joint = false;
+        break;
+      }
+      Eigen::MatrixXd c(n, n);
+      for (int a = 0; a < n; ++a)
+        for (int b = 0; b < n; ++b) c(a, b) = j->data[size_t(a) * n + b];
+      Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(c, Eigen::EigenvaluesOnly);
+      int rt = 0;
+      for (int h = 0; h < nkv; ++h) rt += (*ranks)[l * nkv + h];
+      for (int i = 0; i < n; ++i) {
+        const double e = std::max(0.0, es.eigenvalues()(n - 1 - i));
+        (i < rt ? g_kept : g_tot) += e;
+      }
+    }
+    if (have_joint && nkv > 1) {
+      out += fmt::format("  group-head (G-LRD, {} heads jointly, same total rank) would retain "
+                         "{:.2f}%\n", nkv, 100 * g_kept / (g_kept + g_tot));
+    }
   }
   return out;
 }
