@@ -5,9 +5,19 @@
 # builds it from source with CMake (scikit-build-core). On 2 cores this takes
 # several minutes; progress goes to $LOG (default /tmp/kvcrunch_install_peers.log).
 #
-# Idempotent: does nothing if the pinned version is already importable.
-# Usage: bash bench/compare/install_peers.sh [--force]
+# NVIDIA kvpress (PyPI) with torch + transformers, for kvpress_passkey.py: installed into its own
+# virtual environment ($KVPRESS_VENV, default ~/.cache/kvcrunch-kvpress-venv) because kvpress 0.5.5
+# needs transformers < 5.3 and the system Python may carry a newer one. torch from PyPI pulls its
+# CUDA wheels (~4 GB download, ~7 GB on disk); it runs on the CPU here.
+#
+# Idempotent: does nothing for a peer whose pinned version is already importable.
+# Usage: bash bench/compare/install_peers.sh [--force] [--only llama|kvpress]
 set -euo pipefail
+
+KVPRESS_VERSION="${KVPRESS_VERSION:-0.5.5}"
+TORCH_VERSION="${TORCH_VERSION:-2.9.1}"
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.2.0}"
+KVPRESS_VENV="${KVPRESS_VENV:-$HOME/.cache/kvcrunch-kvpress-venv}"
 
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,8 +25,40 @@ LOG="${LOG:-${TMPDIR:-/tmp}/kvcrunch_install_peers.log}"
 PY="${PYTHON:-python3}"
 
 force=0
+only=""
 reinstall=()
-if [[ "${1:-}" == "--force" ]]; then force=1; reinstall=(--force-reinstall --no-deps); fi
+while (( $# )); do
+  case "$1" in
+    --force) force=1; reinstall=(--force-reinstall --no-deps) ;;
+    --only) only="$2"; shift ;;
+    *) echo "usage: $0 [--force] [--only llama|kvpress]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+install_kvpress() {
+  local vpy="$KVPRESS_VENV/bin/python"
+  if [[ $force -eq 0 && -x "$vpy" ]] && "$vpy" -c "
+import importlib.metadata as m, sys
+want = {'kvpress': '$KVPRESS_VERSION', 'torch': '$TORCH_VERSION', 'transformers': '$TRANSFORMERS_VERSION'}
+sys.exit(any(not m.version(k).startswith(v) for k, v in want.items()))" 2>/dev/null; then
+    echo "kvpress $KVPRESS_VERSION (torch $TORCH_VERSION, transformers $TRANSFORMERS_VERSION) already in $KVPRESS_VENV"
+    return 0
+  fi
+  echo "installing kvpress==$KVPRESS_VERSION torch==$TORCH_VERSION transformers==$TRANSFORMERS_VERSION into $KVPRESS_VENV, log: $LOG"
+  "$PY" -m venv "$KVPRESS_VENV"
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$vpy" -m pip install --no-cache-dir \
+    "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" "kvpress==$KVPRESS_VERSION" \
+    "accelerate==1.12.0" "gguf==0.19.0" "numpy==2.3.5" >>"$LOG" 2>&1 || {
+    echo "kvpress install failed; last lines of $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    return 1
+  }
+  "$vpy" -c 'import torch, transformers, kvpress; print("kvpress ready: torch", torch.__version__, "transformers", transformers.__version__)'
+}
+
+if [[ "$only" == "kvpress" ]]; then install_kvpress; exit $?; fi
+if [[ -z "$only" ]]; then install_kvpress || echo "kvpress install failed; going on with llama.cpp" >&2; fi
 
 installed="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"
 if [[ $force -eq 0 && "$installed" == "$LLAMA_CPP_PYTHON_VERSION" ]]; then

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <random>
 #include <sstream>
 
@@ -124,35 +125,99 @@ StatusOr<std::vector<int32_t>> PasskeyPrompt(const Model& m, int n_tokens, doubl
   return m.tokenizer().Encode(text, false, false);
 }
 
-namespace {
+StatusOr<PasskeyParts> PasskeyPromptParts(const Model& m, int n_tokens, double depth, int key) {
+  // Same text as PasskeyPrompt; the question is tokenized on its own (kvpress pipeline split).
+  KVC_ASSIGN_OR_RETURN(auto joint, PasskeyPrompt(m, n_tokens, depth, key));
+  const std::string tail = " What is the pass key? The pass key is";
+  KVC_ASSIGN_OR_RETURN(auto qt, m.tokenizer().Encode(tail, false, false));
+  PasskeyParts p;
+  p.question = qt;
+  if (joint.size() > qt.size() && std::equal(qt.begin(), qt.end(), joint.end() - qt.size())) {
+    p.context.assign(joint.begin(), joint.end() - qt.size());
+    return p;
+  }
+  return Internal("passkey prompt: the question's tokens are not a suffix of the joint prompt");
+}
 
-StatusOr<json> Passkey(const Model& m, const RetrievalArgs& a, const KvRunConfig& c) {
-  json rows = json::array();
-  int ok = 0, n = 0;
+StatusOr<std::vector<PasskeyTrial>> PasskeyTrials(const Model& m, const RetrievalArgs& a) {
+  std::vector<PasskeyTrial> out;
   for (int len : a.lengths) {
     for (double d : a.depths) {
       for (int seed = 0; seed < a.seeds; ++seed) {
         std::mt19937 rng(uint32_t(1000 * len + 100 * seed + int(d * 97)));
-        const int key = std::uniform_int_distribution<int>(10000, 99999)(rng);
-        KVC_ASSIGN_OR_RETURN(auto p, PasskeyPrompt(m, len, d, key));
-        KVC_ASSIGN_OR_RETURN(auto s, NewSession(m, c, int64_t(p.size()) + 16));
-        std::vector<float> logits;
-        KVC_RETURN_IF_ERROR(s->Eval(p, false, &logits));
-        const CacheUse u = Use(s->cache());
-        KVC_ASSIGN_OR_RETURN(std::string out, Greedy(*s, logits, 8));
-        std::string trimmed = out;
-        trimmed.erase(0, trimmed.find_first_not_of(' '));
-        const bool hit = trimmed.rfind(std::to_string(key), 0) == 0;
-        ok += hit;
-        ++n;
-        rows.push_back({{"length", len}, {"n_prompt", p.size()}, {"depth", d}, {"seed", seed},
-                        {"key", key}, {"output", out}, {"correct", hit},
-                        {"kv_bytes_after_prompt", u.kv_bytes}, {"max_cells", u.max_cells},
-                        {"removed", kv::RemovedFraction(s->cache())}});
+        PasskeyTrial t;
+        t.length = len;
+        t.depth = d;
+        t.seed = seed;
+        t.key = std::uniform_int_distribution<int>(10000, 99999)(rng);
+        KVC_ASSIGN_OR_RETURN(t.parts, PasskeyPromptParts(m, len, d, t.key));
+        out.push_back(std::move(t));
       }
     }
   }
-  return json{{"accuracy", n ? double(ok) / n : 0.0}, {"n", n}, {"rows", rows}};
+  return out;
+}
+
+nlohmann::json PasskeyTrialsJson(const std::vector<PasskeyTrial>& trials) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& t : trials) {
+    rows.push_back({{"length", t.length}, {"depth", t.depth}, {"seed", t.seed}, {"key", t.key},
+                    {"expected", std::to_string(t.key)},
+                    {"n_context", t.parts.context.size()}, {"n_question", t.parts.question.size()},
+                    {"context_ids", t.parts.context}, {"question_ids", t.parts.question}});
+  }
+  return {{"format", "kvcrunch-passkey-prompts/1"},
+          {"protocol",
+           "context_ids = task description + filler haystack with the needle; question_ids = ' What "
+           "is the pass key? The pass key is' (tokenized on its own; context_ids + question_ids = the "
+           "joint prompt). No BOS (SmolLM2 add_bos_token = false). Greedy, 8 new tokens, stop at EOG; "
+           "correct = the output with leading spaces removed starts with `expected`."},
+          {"answer_tokens", 8},
+          {"trials", rows}};
+}
+
+namespace {
+
+StatusOr<json> Passkey(const Model& m, const RetrievalArgs& a, const KvRunConfig& c,
+                       const std::vector<PasskeyTrial>& trials) {
+  json rows = json::array();
+  int ok = 0, n = 0;
+  for (const PasskeyTrial& t : trials) {
+    const auto& ctx = t.parts.context;
+    const auto& q = t.parts.question;
+    std::vector<int32_t> p = ctx;
+    p.insert(p.end(), q.begin(), q.end());
+    KVC_ASSIGN_OR_RETURN(auto s, NewSession(m, c, int64_t(p.size()) + 16));
+    std::vector<float> logits;
+    json extra = json::object();
+    if (a.question_apart) {
+      // kvpress pipeline protocol: the policy sees (and compresses after) the context only; the
+      // question follows as a second prompt (use once=1 so a prefill policy does not compress again).
+      KVC_RETURN_IF_ERROR(s->Eval(ctx, false, nullptr));
+      const CacheUse uc = Use(s->cache());
+      extra = {{"kv_bytes_after_context", uc.kv_bytes}, {"max_cells_after_context", uc.max_cells},
+               {"removed_after_context", kv::RemovedFraction(s->cache())}};
+      KVC_RETURN_IF_ERROR(s->Eval(q, false, &logits));
+    } else {
+      KVC_RETURN_IF_ERROR(s->Eval(p, false, &logits));
+    }
+    const CacheUse u = Use(s->cache());
+    const double removed = kv::RemovedFraction(s->cache());
+    KVC_ASSIGN_OR_RETURN(std::string out, Greedy(*s, logits, 8));
+    std::string trimmed = out;
+    trimmed.erase(0, trimmed.find_first_not_of(' '));
+    const bool hit = trimmed.rfind(std::to_string(t.key), 0) == 0;
+    ok += hit;
+    ++n;
+    json row{{"length", t.length}, {"n_prompt", p.size()}, {"n_context", ctx.size()},
+             {"depth", t.depth}, {"seed", t.seed}, {"key", t.key}, {"output", out},
+             {"correct", hit}, {"kv_bytes_after_prompt", u.kv_bytes}, {"max_cells", u.max_cells},
+             {"removed", removed}};
+    row.update(extra);
+    rows.push_back(std::move(row));
+  }
+  return json{{"accuracy", n ? double(ok) / n : 0.0}, {"n", n},
+              {"protocol", a.question_apart ? "question-apart" : "joint"}, {"rows", rows}};
 }
 
 StatusOr<json> Needle(const Model& m, const RetrievalArgs& a, const KvRunConfig& c,
@@ -366,6 +431,11 @@ CLI::App* AddRetrievalCommand(CLI::App& app, RetrievalArgs* a) {
                 "streaming: tokens per forward call (1 = token by token)")->check(CLI::Range(1, 512));
   r->add_option("--segment", a->segment, "streaming: tokens per reported perplexity segment")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  r->add_option("--dump-prompts", a->dump_prompts,
+                "passkey: write every trial's token ids and key as JSON (no --config: only that)");
+  r->add_flag("--question-apart", a->question_apart,
+              "passkey: prefill (and compress) the context, then the question (kvpress protocol; "
+              "add once=1 to prefill policies)");
   r->add_flag("--json", a->json, "JSON output");
   return r;
 }
@@ -418,6 +488,23 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   }
   if (a.task == "sinks") return Sinks(m, toks, int(a.n_tokens));
   json out{{"task", a.task}, {"configs", json::array()}};
+  if (!a.dump_prompts.empty() && a.task != "passkey") {
+    return InvalidArgument("--dump-prompts is for --task passkey");
+  }
+  std::vector<PasskeyTrial> trials;
+  if (a.task == "passkey") {
+    KVC_ASSIGN_OR_RETURN(trials, PasskeyTrials(m, a));
+    out["protocol"] = a.question_apart ? "question-apart" : "joint";
+  }
+  if (!a.dump_prompts.empty()) {
+    std::ofstream f(a.dump_prompts);
+    f << PasskeyTrialsJson(trials).dump() << "\n";
+    f.close();
+    if (!f) return Internal("cannot write --dump-prompts file " + a.dump_prompts);
+    out["dumped"] = a.dump_prompts;
+    out["n_trials"] = trials.size();
+    if (a.configs.empty()) return out;
+  }
   std::vector<std::string> cfgs = a.configs;
   if (cfgs.empty()) cfgs.push_back("full");
   for (const auto& cs : cfgs) {
@@ -425,7 +512,7 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
     StatusOr<json> r = InvalidArgument("unknown --task '" + a.task +
                                        "' (sinks, passkey, needle, streaming, prefix, speed, reuse)");
     const double t0 = NowSeconds();
-    if (a.task == "passkey") r = Passkey(m, a, c);
+    if (a.task == "passkey") r = Passkey(m, a, c, trials);
     else if (a.task == "needle") r = Needle(m, a, c, text);
     else if (a.task == "streaming") r = Streaming(m, a, c, toks);
     else if (a.task == "prefix") r = Prefix(m, a, c, toks);
@@ -451,6 +538,10 @@ std::string FormatRetrieval(const json& j) {
                        r["uniform_first4"].get<double>());
     }
     return s;
+  }
+  if (j.contains("dumped")) {
+    s += fmt::format("wrote {} passkey trials to {}\n", j["n_trials"].get<int64_t>(),
+                     j["dumped"].get<std::string>());
   }
   for (const auto& r : j["configs"]) {
     s += fmt::format("{:<48}", r["config"].get<std::string>());
