@@ -383,22 +383,27 @@ struct CodeChunk {
   hn::Vec<DU> sh;
   hn::Mask<DU> second;
   int g0;
+  bool one_word;  // Lanes · b <= 32: the whole chunk is one 32-bit word, shifted by (j − j0) · b
 };
 HWY_INLINE bool FastCodes(int b) { return b <= 4 && hn::Lanes(DF()) <= 16; }
 HWY_INLINE CodeChunk PlanChunk(int j0, int n, int b) {
   const DU du;
   const DI di;
   const auto j = hn::BitCast(du, hn::Min(hn::Add(hn::Iota(di, 0), hn::Set(di, j0)), hn::Set(di, n - 1)));
-  CodeChunk c{hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b))),
+  const bool one = int(hn::Lanes(du)) * b <= 32;
+  CodeChunk c{one ? hn::Mul(hn::Sub(j, hn::Set(du, uint32_t(j0))), hn::Set(du, uint32_t(b)))
+                  : hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b))),
               hn::RebindMask(du, hn::Gt(hn::BitCast(di, hn::ShiftRight<3>(j)), hn::Set(di, j0 >> 3))),
-              j0 >> 3};
+              j0 >> 3, one};
   return c;
 }
 // FastCodes(b) only.
 HWY_INLINE hn::Vec<DU> CodesPlanned(const uint8_t* HWY_RESTRICT bits, const CodeChunk& c, int n, int b) {
   const DU du;
   const auto w0 = hn::Set(du, GroupWord(bits, c.g0, b, n));
-  const auto w = hn::Lanes(du) > 8 ? hn::IfThenElse(c.second, hn::Set(du, GroupWord(bits, c.g0 + 1, b, n)), w0) : w0;
+  const auto w = c.one_word || hn::Lanes(du) <= 8
+                     ? w0
+                     : hn::IfThenElse(c.second, hn::Set(du, GroupWord(bits, c.g0 + 1, b, n)), w0);
   return hn::And(w >> c.sh, hn::Set(du, (1u << b) - 1u));
 }
 
