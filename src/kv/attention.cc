@@ -61,12 +61,8 @@ void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* r
   const int64_t n = st.n_tail;
   std::vector<float> raw(size_t(n) * st.dim);
   Fp16ToFp32Row(st.tail.data(), n * st.dim, raw.data());
-  if (st.transform) {
-    pd.alt.resize(size_t(n) * st.dim_in);
-    st.transform->Reconstruct(raw.data(), int(n), pd.alt.data());
-  } else {
-    pd.alt.swap(raw);
-  }
+  pd.alt.resize(size_t(n) * st.dim_in);
+  st.ToInput(raw.data(), n, pd.alt.data());
   if (rope && st.pre_rope) rope->Apply(pd.alt.data(), int(n), st.dim_in, rope_pos + (pd.begin));
   st.Flush();
   out->push_back(std::move(pd));
@@ -212,6 +208,14 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           if (tail_n > 0) {
             cpu::DotF16Rows(qsrc, rows, st.tail.data(), tail_n, st.dim, &s[off + st.n_packed], n_eff);
           }
+          if (st.center && !st.mu.empty()) {  // stored x − μ: add q·μ back (Stream::center)
+            const int64_t end = std::min(off + n_seg, n_eff);
+            for (int r = 0; r < rows; ++r) {
+              float b = 0.f;
+              for (int d = 0; d < hd; ++d) b += qh[size_t(r) * hd + d] * st.mu[d];
+              for (int64_t j = off; j < end; ++j) s[size_t(r) * n_eff + j] += b;
+            }
+          }
           off += n_seg;
         }
       }
@@ -293,6 +297,14 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
             for (size_t i = 0; i < rec.size(); ++i) o[i] += rec[i];
           } else {
             for (size_t i = 0; i < acc.size(); ++i) o[i] += acc[i];
+          }
+          if (st.center && !st.mu.empty()) {  // stored v − μ: add (Σ p over the segment)·μ
+            const int64_t end = std::min(off + n_seg, n_eff);
+            for (int r = 0; r < rows; ++r) {
+              double mass = 0;
+              for (int64_t j = off; j < end; ++j) mass += s[size_t(r) * n_eff + j];
+              for (int d = 0; d < dv; ++d) o[size_t(r) * dv + d] += float(mass) * st.mu[d];
+            }
           }
           off += n_seg;
         }

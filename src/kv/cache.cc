@@ -134,6 +134,34 @@ void Stream::DecodeAll(float* out) const {
   Fp16ToFp32Row(tail.data(), n_tail * dim, out + n_packed * dim);
 }
 
+void Stream::ToInput(const float* y, int64_t n, float* x) const {
+  if (transform) transform->Reconstruct(y, int(n), x);
+  else if (x != y) std::memcpy(x, y, size_t(n) * dim * sizeof(float));
+  if (center && !mu.empty()) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int d = 0; d < dim_in; ++d) x[i * dim_in + d] += mu[d];
+    }
+  }
+}
+
+void Stream::Center(float* x, int64_t n, const int64_t* seq) {
+  if (!center || n <= 0) return;
+  if (mu.empty()) {
+    mu.assign(dim_in, 0.f);
+    std::vector<double> s(dim_in, 0.0);
+    int64_t used = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (n > 1 && seq[i] == 0) continue;  // token 0 is the attention sink: an outlier key
+      for (int d = 0; d < dim_in; ++d) s[d] += x[i * dim_in + d];
+      ++used;
+    }
+    for (int d = 0; d < dim_in; ++d) mu[d] = float(s[d] / double(used));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int d = 0; d < dim_in; ++d) x[i * dim_in + d] -= mu[d];
+  }
+}
+
 void Stream::Rebuild(const float* y, int64_t n) {
   packed.clear();
   packed.shrink_to_fit();
@@ -196,6 +224,14 @@ static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::str
   std::string codec_spec, transform_spec = transform_text;
   KVC_RETURN_IF_ERROR(ApplyRotParam(codec_text, dim_in, &codec_spec, &transform_spec));
   Stream s;
+  // Generic codec-spec key "center" (any codec): store x − μ (see Stream::center).
+  if (auto parsed = ParseSpec(codec_spec); parsed.ok() && parsed->params.count("center")) {
+    auto on = parsed->GetBool("center", false);
+    if (!on.ok()) return on.status();
+    s.center = *on;
+    parsed->params.erase("center");
+    codec_spec = parsed->ToString();
+  }
   s.dim_in = dim_in;
   s.grow_tokens = cfg.grow_tokens;
   ctx.dim = dim_in;
@@ -347,6 +383,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
       // Keys: rotate now unless stored pre-RoPE; then transform; then codec.
       float* kp = &kx[size_t(done) * hd];
       if (!seg.k.pre_rope) impl_->rope->Apply(kp, take, hd, &pos[done]);
+      seg.k.Center(kp, take, seq + done);
       if (seg.k.transform) {
         y.resize(size_t(take) * seg.k.dim);
         seg.k.transform->Forward(kp, take, y.data());
@@ -355,6 +392,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
         seg.k.Append(kp, take, seg.k.has_window());
       }
       float* vp = &vx[size_t(done) * dv];
+      seg.v.Center(vp, take, seq + done);
       if (seg.v.transform) {
         y.resize(size_t(take) * seg.v.dim);
         seg.v.transform->Forward(vp, take, y.data());
@@ -401,9 +439,10 @@ static void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* r
   if (s.transform) {
     std::vector<float> y(size_t(n) * s.dim);
     s.DecodeAll(y.data());
-    s.transform->Reconstruct(y.data(), int(n), out);
+    s.ToInput(y.data(), n, out);
   } else {
     s.DecodeAll(out);
+    s.ToInput(out, n, out);
   }
   if (rope && s.pre_rope) rope->Apply(out, int(n), s.dim_in, rope_pos);
 }
@@ -507,11 +546,15 @@ Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos
       // Re-rotate: decode stored keys (post-RoPE), rotate by the delta, re-encode.
       std::vector<float> y(size_t(n) * seg.k.dim), x(size_t(n) * hd);
       seg.k.DecodeAll(y.data());
-      if (seg.k.transform) seg.k.transform->Reconstruct(y.data(), int(n), x.data());
-      else x = y;
+      seg.k.ToInput(y.data(), n, x.data());
       std::vector<int64_t> delta(n);
       for (int64_t i = 0; i < n; ++i) delta[i] = new_pos[off + i] - hc.pos[off + i];
       impl_->rope->Apply(x.data(), int(n), hd, delta.data());
+      if (seg.k.center) {
+        for (int64_t i = 0; i < n; ++i) {
+          for (int d = 0; d < hd; ++d) x[size_t(i) * hd + d] -= seg.k.mu[d];
+        }
+      }
       if (seg.k.transform) {
         seg.k.transform->Forward(x.data(), int(n), y.data());
         seg.k.Rebuild(y.data(), n);
@@ -600,6 +643,7 @@ MemoryReport KvCache::Memory() const {
         L.v_tail += seg.v.tail_bytes();
         if (seg.k.transform) L.transform += seg.k.transform->ParamBytes();
         if (seg.v.transform) L.transform += seg.v.transform->ParamBytes();
+        L.transform += (seg.k.mu.capacity() + seg.v.mu.capacity()) * sizeof(float);
       }
       L.cells += (hc.seq.capacity() + hc.pos.capacity()) * sizeof(int64_t) +
                  (hc.acc.capacity() + hc.obs.capacity()) * sizeof(float);
@@ -633,6 +677,8 @@ std::string KvCache::Describe() const {
   std::string d = fmt::format("K={} V={}", seg.k.codec->Name(), seg.v.codec->Name());
   if (seg.k.transform) d += " Kt=" + seg.k.transform->Name();
   if (seg.v.transform) d += " Vt=" + seg.v.transform->Name();
+  if (seg.k.center) d += " Kcenter";
+  if (seg.v.center) d += " Vcenter";
   if (cfg_.sink_tokens > 0) d += fmt::format(" sinks={}@{}", cfg_.sink_tokens, cfg_.sink_codec);
   if (cfg_.position_mode != PositionMode::kOriginal) {
     d += std::string(" pos=") + PositionModeName(cfg_.position_mode);

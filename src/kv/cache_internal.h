@@ -15,6 +15,12 @@ struct Stream {
   int dim_in = 0;    // vector length given to Write (head_dim or DimV)
   int dim = 0;       // stored length (codec dim): transform out_dim or dim_in
   bool pre_rope = false;               // keys stored before RoPE (rotated at attention time)
+  // Centering (codec-spec key `center=1`): the stream stores x − μ, μ [dim_in] f32 = mean of the
+  // first batch written to it (the sequence's token 0 left out when the batch has more). Exact:
+  // attention adds q·μ to every key score of the stream and (Σ p)·μ to the output, and every
+  // decode returns x̂ + μ. μ lives where x does (post-RoPE keys: after RoPE).
+  bool center = false;
+  std::vector<float> mu;               // empty until the first write
   std::vector<uint8_t> packed;         // [n_packed / block_tokens, BlockBytes()]
   int64_t n_packed = 0;                // tokens in packed blocks (multiple of block_tokens)
   std::vector<uint16_t> tail;          // [n_tail, dim] IEEE fp16 (the residual window)
@@ -36,6 +42,11 @@ struct Stream {
   bool has_window() const;
   // All tokens decoded: out [n(), dim] f32 (stored domain, before Reconstruct).
   void DecodeAll(float* out) const;
+  // Stored domain -> x domain: Reconstruct (transform) then + μ (centering). y [n, dim] -> x [n, dim_in].
+  void ToInput(const float* y, int64_t n, float* x) const;
+  // Sets μ from x [n, dim_in] if centering and unset (rows with seq 0 skipped when n > 1), then
+  // x -= μ in place.
+  void Center(float* x, int64_t n, const int64_t* seq);
   // Drops everything; replaces with y [n, dim].
   void Rebuild(const float* y, int64_t n);
   size_t packed_bytes() const { return packed.capacity(); }
