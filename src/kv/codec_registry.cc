@@ -74,7 +74,18 @@ const std::map<std::string, std::string>& CodecAliases() {
 std::string ExpandAlias(const std::string& spec) {
   const auto& a = CodecAliases();
   auto it = a.find(spec);
-  return it == a.end() ? spec : it->second;
+  if (it != a.end()) return it->second;
+  // "alias:key=value,...": the alias's expansion with these parameters added or overriding
+  // (e.g. "turbo4:center=1" -> "turbo:bits=4,center=1,variant=mse").
+  const size_t colon = spec.find(':');
+  if (colon == std::string::npos) return spec;
+  it = a.find(spec.substr(0, colon));
+  if (it == a.end()) return spec;
+  auto base = ParseSpec(it->second);
+  auto extra = ParseSpec(spec.substr(0, colon) + spec.substr(colon));
+  if (!base.ok() || !extra.ok()) return spec;
+  for (const auto& [k, v] : extra->params) base->params[k] = v;
+  return base->ToString();
 }
 
 StatusOr<std::unique_ptr<Codec>> MakeCodec(const std::string& text, const CodecContext& ctx) {
