@@ -12,6 +12,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include "cpu/ops.h"
@@ -518,6 +519,8 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Log lines go to stderr: stdout carries results (--json output must stay parseable).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("kvcrunch"));
   spdlog::set_pattern("kvcrunch: %l: %v");
   CLI::App app{"kvcrunch: LLM inference with a compressed, pluggable KV cache"};
   app.require_subcommand(1);
