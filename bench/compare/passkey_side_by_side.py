@@ -131,6 +131,32 @@ def cmd_table(a):
             acc, g, b = summ(rows, full_ok, "kv_tensor_bytes")
             _, g2, _ = summ(rows, their_full_ok, "kv_tensor_bytes")
             lines.append(f"| kvpress (fp32) | {name} | {acc} | {g} | {g2} | {b:,.0f} (f16-equiv {b / 2:,.0f}) |")
+    both_ok = full_ok & their_full_ok
+    lines.append("\n#### best per ratio (gated: trials where both full caches succeed, n = %d)\n" % len(both_ok))
+    lines.append("| ratio | best kvcrunch | acc (all) | acc (gated) | KV bytes | best kvpress | acc (all) | acc (gated) | KV bytes (fp32; f16-equiv) | ours >= theirs |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+
+    def best(d, ratio, kb):
+        cands = []
+        for (name, r), rows in d.items():
+            if r != ratio or name == "full":
+                continue
+            g = sum(x["correct"] for x in rows if key(x) in both_ok)
+            al = sum(x["correct"] for x in rows)
+            b = sum(x.get(kb, x.get("kv_bytes_after_prompt", 0)) for x in rows) / len(rows)
+            cands.append((g, al, -b, name, len(rows)))
+        return max(cands) if cands else None
+
+    for ratio in ratios:
+        if ratio == 0.0:
+            continue
+        o = best(ours, ratio, "kv_bytes_after_context")
+        t = best(theirs, ratio, "kv_tensor_bytes")
+        if not o or not t:
+            continue
+        lines.append(f"| {ratio} | {o[3]} | {o[1]}/{o[4]} | {o[0]}/{len(both_ok)} | {-o[2]:,.0f} | {t[3]} | "
+                     f"{t[1]}/{t[4]} | {t[0]}/{len(both_ok)} | {-t[2]:,.0f}; {-t[2] / 2:,.0f} | "
+                     f"{'yes' if o[0] >= t[0] else 'NO'} |")
     print("\n".join(lines))
 
 
