@@ -13,6 +13,8 @@
 #include "../../tools/cli/lib/calibrate.h"
 #include "../../tools/cli/lib/runner.h"
 #include "kv/calibration_file.h"
+#include "kv/transforms/lowrank.h"
+#include "kv/transforms/think.h"
 #include "model/model.h"
 
 namespace kvc {
@@ -84,6 +86,38 @@ TEST(LowRankModel, CalibrateRunAndRefuseOtherModels) {
   const auto lh = Logits(**m, half, eval, &half_bytes);
   EXPECT_EQ(half_bytes * 2, base_bytes);
   for (float x : lh) ASSERT_TRUE(std::isfinite(x));
+  // One budget over K and V (alloc=global), fitted to attention-side statistics (obj=attn):
+  // keys get lower ranks than values, and the allocated bytes still total half of f32.
+  kv::KvCacheConfig glob = base;
+  glob.k_transform = glob.v_transform =
+      "lowrank:file=" + path + ",ratio=0.5,obj=attn,alloc=global";
+  size_t glob_bytes = 0;
+  const auto lg = Logits(**m, glob, eval, &glob_bytes);
+  EXPECT_EQ(glob_bytes * 2, base_bytes);
+  for (float x : lg) ASSERT_TRUE(std::isfinite(x));
+  {
+    auto rk = kv::PaluRanks(*f, kv::KvKind::kKey, 30, 3, 64, 0.5, "global", 1, false, true);
+    auto rv = kv::PaluRanks(*f, kv::KvKind::kValue, 30, 3, 64, 0.5, "global", 1, false, true);
+    ASSERT_TRUE(rk.ok() && rv.ok());
+    int sk = 0, sv = 0;
+    for (int r : *rk) sk += r;
+    for (int r : *rv) sv += r;
+    EXPECT_EQ(sk + sv, 2 * 90 * 32);
+    EXPECT_LT(sk, sv);  // keys compress better on this model
+  }
+  // The rotation-averaged query metric keeps the query energy: tr(M) · n = Σ_c think.q2[c].
+  for (int l : {0, 29}) {
+    const auto* qm = f->Find(kv::PaluTensorName("qmetric", kv::KvKind::kKey, l, 1));
+    const auto* q2 = f->Find(kv::ThinkTensorName("q2", l, 1));
+    ASSERT_TRUE(qm && q2);
+    double tr = 0, sq = 0;
+    for (int i = 0; i < 64; ++i) tr += qm->data[i * 64 + i];
+    for (float x : q2->data) sq += x;
+    EXPECT_NEAR(tr * 256, sq, 1e-3 * sq);
+    ASSERT_TRUE(f->Find(kv::PaluTensorName("attcov", kv::KvKind::kKey, l, 1)));
+    ASSERT_TRUE(f->Find(kv::PaluTensorName("outcov", kv::KvKind::kValue, l, 1)));
+    ASSERT_TRUE(f->Find(kv::PaluLayerTensorName("jcov", kv::KvKind::kValue, l)));
+  }
   kv::KvCacheConfig think = base;
   think.k_transform = "think:file=" + path + ",ratio=0.4";
   const auto lt = Logits(**m, think, eval, nullptr);

@@ -13,20 +13,28 @@
 // calibration inputs, K = A W), SVD(Sᵀ W) = U Σ Vᵀ has Vᵀ's rows = eigenvectors of
 // Wᵀ S Sᵀ W = Kᵀ K = C, and the truncated reconstruction A S⁻ᵀ U_r Σ_r V_rᵀ = K V_r V_rᵀ
 // (tests/unit/lowrank_test.cc checks this numerically).
-// Ranks: uniform r = round(ratio · head_dim) (rounded up to `multiple`), or alloc=var: every
+// Ranks: uniform r = round(ratio · head_dim) (rounded up to `multiple`); alloc=var: every
 // stream starts with `multiple` components, the remaining budget (ratio · head_dim · n_streams in
 // total, per K and per V separately) goes greedily to the chunks of `multiple` components with
-// the largest explained-variance fraction (λ / Σλ of their stream) across all layers and heads.
+// the largest explained-energy fraction (λ / Σλ of their stream) across all layers and heads;
+// alloc=global: the same greedy over K and V streams together with one budget
+// (ratio · head_dim · 2 · n_streams), so ranks differ per layer, head and K/V (keys, whose
+// spectra decay faster, end up with lower ranks). K and V must use the same options.
+// Optional obj=attn fits the basis to attention-side moments instead of the stream's own:
+// keys to Σ_i Σ_t p_it k_t k_tᵀ (keys weighted by the attention they receive), values to the
+// second moment of attention outputs o = Σ_t p_t v_t (exact target: Σ_t p_t Π v_t = Π o).
 // Optional aware=1 (output-aware, in the spirit of SVD-LLM whitening but on the *consumer* side):
 // minimise E||S (x − x̂)||² instead of E||x − x̂||², S = G^{1/2} with G the metric the error is
-// seen through: keys G = diag(post-RoPE query energy per channel) (the query covariance averaged
-// over relative RoPE rotations, which removes cross-pair terms), values G = Σ_j W_o,jᵀ W_o,j over
-// the group's query heads. Then Q = top-r eigenvectors of S C S, y = (S Q)ᵀ x, x̂ = S⁻¹ Q y (an
-// oblique projection; Forward and Reconstruct use different matrices).
+// seen through: keys G = E_q E_Δ[R(Δ) q qᵀ R(Δ)ᵀ], the group's pre-RoPE query second moment
+// averaged over relative RoPE rotations Δ ∈ [0, 4096) (older files: diag of post-RoPE query
+// energy), values G = Σ_j W_o,jᵀ W_o,j over the group's query heads. Then Q = top-r
+// eigenvectors of S C S, y = (S Q)ᵀ x, x̂ = S⁻¹ Q y (an oblique projection; Forward and
+// Reconstruct use different matrices).
 // Optional rot=1 folds a normalised Walsh–Hadamard H_r into the basis (P ← P Hᵀ, Palu §3.3) to
 // spread latent outliers before low-bit codecs (needs r a power of two).
 //
-// Spec: lowrank:file=CALIB[,ratio=R][,alloc=uniform|var][,multiple=M][,rot=0|1][,aware=0|1]
+// Spec: lowrank:file=CALIB[,ratio=R][,alloc=uniform|var|global][,obj=plain|attn][,multiple=M]
+//       [,rot=0|1][,aware=0|1]
 //   ratio = fraction of dimensions *kept* (default: the file's "ratio" metadata, else 0.5).
 // Bits per value: the codec's bits · r / head_dim (e.g. f16 at r = 32 of 64: 8 bits/value).
 // Worked size example, 128 tokens x head_dim 64, ratio 0.5 (r = 32), f16 latent:

@@ -5,6 +5,10 @@
 //   palu.k.basis/eig   eigen-decomposition of Σ_t k_t k_tᵀ / n over *pre-RoPE* keys (head_dim²)
 //   palu.v.basis/eig   same over values
 //   think.q2 / think.k2  Σ of squared *post-RoPE* query (the group's heads) / key channels
+//   palu.k.qmetric     rotation-averaged pre-RoPE query second moment of the group (aware=1 keys)
+//   palu.k.attcov / palu.v.outcov  attention-weighted key moment / attention-output moment
+//                      (obj=attn); the observer recomputes each layer's causal attention
+//   palu.{k,v}.jcov.{l}  joint moment of all KV heads of a layer (G-LRD energy study)
 // Use text disjoint from the evaluation text (docs/lowrank.md uses a PG-19 book; WikiText-2 test is
 // the evaluation text).
 #pragma once
