@@ -520,6 +520,7 @@ void SignDotRowsImpl(const float* HWY_RESTRICT sq, int n_q, int m, const uint8_t
                      float* HWY_RESTRICT out, int64_t ld) {
   const DF df;
   const int kN = int(hn::Lanes(df));
+  (void)kN;
 #if HWY_TARGET != HWY_SCALAR
   if (kN % 8 == 0 && m % kN == 0 && m <= 8192) {
     const int nbytes = m / 8;
@@ -574,10 +575,11 @@ void SignDotRowsImpl(const float* HWY_RESTRICT sq, int n_q, int m, const uint8_t
 // PolarQuant rows: [nb fp16 radii][46-bit code words per 16-block, LSB-first stream]. Block
 // element i = r · T4[(i>>3)&1] · T3[i/8][(i>>2)&1] · T2[i/4][(i>>1)&1] · T1[i/2][i&1] (cos/sin of
 // the codebook angles), multiplied in the scalar decoder's order (level 4 first), so bit-identical.
-HWY_INLINE uint64_t PolarWord(const uint8_t* codes, size_t code_bytes, int b) {
+// `readable`: bytes readable from `codes` (past this row's codes when more rows follow).
+HWY_INLINE uint64_t PolarWord(const uint8_t* codes, size_t code_bytes, size_t readable, int b) {
   const size_t bit = size_t(b) * 46, byte = bit >> 3;
   uint64_t w = 0;
-  if (code_bytes - byte >= 8) {
+  if (readable - byte >= 8) {
     std::memcpy(&w, codes + byte, 8);
   } else {
     for (size_t i = 0; byte + i < code_bytes; ++i) w |= uint64_t(codes[byte + i]) << (8 * i);
@@ -596,31 +598,40 @@ void PolarRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_
     const auto lane = hn::Iota(di, 0);
     const auto one = hn::Set(di, 1);
     const auto m1 = hn::RebindMask(df, hn::Eq(hn::And(lane, one), one));
-    const auto m2 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<1>(lane), one), one));
-    const auto m3 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<2>(lane), one), one));
     const auto m4 = hn::RebindMask(df, hn::Eq(hn::And(hn::ShiftRight<3>(lane), one), one));
     const auto sh1 = hn::BitCast(DU(), hn::ShiftLeft<2>(hn::ShiftRight<1>(lane)));           // 4·(i/2)
     const auto sh2 = hn::BitCast(DU(), hn::ShiftLeft<1>(hn::ShiftRight<2>(lane)));           // 2·(i/4)
     const auto sh3 = hn::BitCast(DU(), hn::Add(hn::ShiftLeft<1>(hn::ShiftRight<3>(lane)), hn::Set(di, 8)));
     const auto c1 = hn::LoadU(df, trig), s1 = hn::LoadU(df, trig + 16);
-    const auto c2 = hn::LoadU(df, trig + 32), s2 = hn::LoadU(df, trig + 48);
-    const auto c3 = hn::LoadU(df, trig + 64), s3 = hn::LoadU(df, trig + 80);
+    // Levels 2 and 3 share one register: [cos2 0..3, sin2 0..3, cos3 0..3, sin3 0..3]; the lane's
+    // cos/sin choice and level are folded into the index (one permute per level, no blend).
+    HWY_ALIGN float t23[16];
+    for (int k = 0; k < 4; ++k) {
+      t23[k] = trig[32 + k];
+      t23[4 + k] = trig[48 + k];
+      t23[8 + k] = trig[64 + k];
+      t23[12 + k] = trig[80 + k];
+    }
+    const auto tab23 = hn::Load(df, t23);
+    const auto k2 = hn::BitCast(DU(), hn::ShiftLeft<2>(hn::And(hn::ShiftRight<1>(lane), one)));
+    const auto k3 = hn::BitCast(DU(), hn::Add(hn::ShiftLeft<2>(hn::And(hn::ShiftRight<2>(lane), one)), hn::Set(di, 8)));
     const auto m15 = hn::Set(DU(), 15u), m3u = hn::Set(DU(), 3u);
     for (int64_t t = 0; t < n_rows; ++t) {
       const uint8_t* row = rows + size_t(t) * row_bytes;
       const uint8_t* codes = row + 2 * nb;
+      const size_t readable = t + 1 < n_rows ? code_bytes + 8 : code_bytes;
       for (int b = 0; b < nb; ++b) {
-        const uint64_t w = PolarWord(codes, code_bytes, b);
+        const uint64_t w = PolarWord(codes, code_bytes, readable, b);
         const auto lo = hn::Set(DU(), uint32_t(w));          // level 1: 8 × 4 bits
         const auto hi = hn::Set(DU(), uint32_t(w >> 32));    // levels 2, 3, 4: 4 × 2, 2 × 2, 1 × 2
         const int i4 = int((w >> 44) & 3);
         const auto f4 = hn::IfThenElse(m4, hn::Set(df, trig[112 + i4]), hn::Set(df, trig[96 + i4]));
         const auto i1 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(lo >> sh1, m15)));
-        const auto i2 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(hi >> sh2, m3u)));
-        const auto i3 = hn::IndicesFromVec(df, hn::BitCast(di, hn::And(hi >> sh3, m3u)));
+        const auto i2 = hn::IndicesFromVec(df, hn::BitCast(di, hn::Or(hn::And(hi >> sh2, m3u), k2)));
+        const auto i3 = hn::IndicesFromVec(df, hn::BitCast(di, hn::Or(hn::And(hi >> sh3, m3u), k3)));
         const auto f1 = hn::IfThenElse(m1, hn::TableLookupLanes(s1, i1), hn::TableLookupLanes(c1, i1));
-        const auto f2 = hn::IfThenElse(m2, hn::TableLookupLanes(s2, i2), hn::TableLookupLanes(c2, i2));
-        const auto f3 = hn::IfThenElse(m3, hn::TableLookupLanes(s3, i3), hn::TableLookupLanes(c3, i3));
+        const auto f2 = hn::TableLookupLanes(tab23, i2);
+        const auto f3 = hn::TableLookupLanes(tab23, i3);
         const auto r = hn::Set(df, HalfAt(row + 2 * b));
         hn::StoreU(hn::Mul(hn::Mul(hn::Mul(hn::Mul(r, f4), f3), f2), f1), df, out + t * d + b * 16);
       }
@@ -634,7 +645,7 @@ void PolarRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_
     const uint8_t* row = rows + size_t(t) * row_bytes;
     const uint8_t* codes = row + 2 * nb;
     for (int b = 0; b < nb; ++b) {
-      const uint64_t w = PolarWord(codes, code_bytes, b);
+      const uint64_t w = PolarWord(codes, code_bytes, code_bytes, b);
       const float r = HalfAt(row + 2 * b);
       const int i4 = int((w >> 44) & 3);
       for (int i = 0; i < 16; ++i) {
