@@ -13,6 +13,7 @@
 #include "kv/codecs/kvquant.h"
 #include "kv/rope.h"
 #include "model/model.h"
+#include "../../tools/cli/lib/kvquant_calib.h"  // CollectKvQuantSamples (kvc_eval)
 #include "../../tools/cli/lib/runner.h"  // TokenizeText, ReadTextFile (kvc_eval)
 
 namespace kvc {
@@ -22,56 +23,6 @@ const std::string kRoot = KVC_SOURCE_DIR;
 const std::string kModel = kRoot + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const std::string kCalibOut = kRoot + "/models/SmolLM2-135M-Instruct.Q4_1.kvquant.json";
 const std::string kCalibText = "/work/shared/data/pg19/pg1342_pride_and_prejudice_austen.txt";
-
-// Runs `n_chunks` chunks of `n_ctx` tokens through an f32 cache and returns pre-RoPE keys and
-// values per layer (token 0 of each chunk, the attention sink, dropped).
-StatusOr<kv::KvQuantSamples> Collect(const Model& m, const std::vector<int32_t>& toks, int n_ctx,
-                                     int n_chunks) {
-  const kv::KvShape shape = m.kv_shape();
-  kv::KvQuantSamples s;
-  s.n_layer = shape.n_layer;
-  s.n_head_kv = shape.n_head_kv;
-  s.head_dim = shape.head_dim;
-  s.k.resize(s.n_layer);
-  s.v.resize(s.n_layer);
-  kv::KvCacheConfig cfg;
-  cfg.k_codec = cfg.v_codec = "f32";
-  Session::Options opt;
-  opt.n_ctx = n_ctx;
-  auto sess = Session::Create(m, cfg, "", opt);
-  if (!sess.ok()) return sess.status();
-  kv::Rope rope(shape.rope);
-  const int hd = shape.head_dim, nh = shape.n_head_kv;
-  for (int c = 0; c < n_chunks; ++c) {
-    (*sess)->Reset();
-    std::vector<int32_t> chunk(toks.begin() + size_t(c) * n_ctx, toks.begin() + size_t(c + 1) * n_ctx);
-    KVC_RETURN_IF_ERROR((*sess)->Eval(chunk, false, nullptr));
-    const auto& cache = (*sess)->cache();
-    for (int l = 0; l < s.n_layer; ++l) {
-      const int64_t n = cache.n_cells(l, 0);
-      std::vector<float> k(size_t(n) * hd), v(size_t(n) * hd);
-      std::vector<std::vector<float>> kh(nh), vh(nh);
-      for (int h = 0; h < nh; ++h) {
-        cache.DecodeKeys(l, h, k.data());
-        cache.DecodeValues(l, h, v.data());
-        std::vector<int64_t> neg(cache.positions(l, h));
-        for (auto& p : neg) p = -p;  // undo RoPE: rotate back by −pos
-        rope.Apply(k.data(), int(n), hd, neg.data());
-        kh[h] = k;
-        vh[h] = v;
-      }
-      for (int64_t t = 1; t < n; ++t) {
-        for (int h = 0; h < nh; ++h) {
-          s.k[l].insert(s.k[l].end(), &kh[h][t * hd], &kh[h][(t + 1) * hd]);
-          s.v[l].insert(s.v[l].end(), &vh[h][t * hd], &vh[h][(t + 1) * hd]);
-        }
-      }
-    }
-  }
-  s.source = "pg19 " + kCalibText.substr(kCalibText.rfind('/') + 1) + ", " +
-             std::to_string(n_chunks) + "x" + std::to_string(n_ctx) + " tokens, f32 cache";
-  return s;
-}
 
 TEST(KvQuantModel, CalibratesAndReportsKeyOutlierChannels) {
   if (!std::filesystem::exists(kModel)) GTEST_SKIP() << "model missing: " << kModel;
@@ -85,7 +36,8 @@ TEST(KvQuantModel, CalibratesAndReportsKeyOutlierChannels) {
   ASSERT_TRUE(toks.ok());
   const int n_ctx = 1024, n_chunks = 2;
   ASSERT_GE(int(toks->size()), n_ctx * n_chunks);
-  auto s = Collect(**m, *toks, n_ctx, n_chunks);
+  auto s = CollectKvQuantSamples(**m, *toks, n_ctx, n_chunks,
+                                kCalibText.substr(kCalibText.rfind('/') + 1));
   ASSERT_TRUE(s.ok()) << s.status().ToString();
 
   // Per-channel statistics of pre-RoPE keys: max|k| over tokens / median channel RMS per layer.

@@ -18,6 +18,7 @@
 #include "cpu/ops.h"
 #include "calibrate.h"
 #include "eval.h"
+#include "kvquant_calib.h"
 #include "kv/codec.h"
 #include "kv/policy.h"
 #include "kv/transform.h"
@@ -198,6 +199,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
@@ -277,6 +279,7 @@ int CmdLogits(Common& c, const std::string& ids, const std::string& out_path) {
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : int64_t(toks->size());
   so.n_batch = c.batch;
@@ -301,6 +304,7 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
   if (n_ctx < 4) return Fail(InvalidArgument("-c must be at least 4"));
@@ -411,6 +415,8 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
     configs.push_back(*r);
   }
   if (configs.empty()) configs = DefaultRunConfigs();
+  auto kq = EnsureKvQuantCalibration(**m, c.model, configs);
+  if (!kq.ok()) return Fail(kq.status());
   // Every configuration must build before anything runs: bad input is an error, not a table row.
   for (const auto& cfg : configs) {
     auto probe = kv::KvCache::Create((*m)->kv_shape(), cfg.cache);
@@ -455,6 +461,7 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
   so.n_ctx = std::max<int64_t>(n_prompt, depth + n_gen);
   so.n_batch = std::max(n_prompt, depth);

@@ -74,8 +74,14 @@ std::vector<KvRunConfig> DefaultRunConfigs() {
   }
   // Composition rows: the attention-sink-aware variant (first 4 tokens in an fp16 segment,
   // KVQuant §3.5 / StreamingLLM) of the 2-bit codec, the one that needs it most on SmolLM2.
-  auto sinks = ParseRunConfig("kivi2 sinks=4");
-  if (sinks.ok()) out.push_back(*sinks);
+  // KVQuant with its first token in fp16 (§3.5; the codec itself has no sink slot) and QJL keys
+  // (keys-only codec) with q8_0 values. KVQuant's calibration file is made on first use
+  // (EnsureKvQuantCalibration, PG-19 text).
+  for (const char* s : {"kivi2 sinks=4", "kvquant4 sinks=1", "kvquant3 sinks=1", "kvquant2 sinks=1",
+                        "k=qjl:m=256 v=q8_0"}) {
+    auto r = ParseRunConfig(s);
+    if (r.ok()) out.push_back(*r);
+  }
   return out;
 }
 

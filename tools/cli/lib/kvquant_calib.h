@@ -1,0 +1,32 @@
+// KVQuant calibration (Hooper et al., "KVQuant", 2024, §3.1-3.4: per-channel pre-RoPE key
+// ranges, per-layer non-uniform codebooks, outliers) collected from the real model over a PG-19
+// book — text disjoint from the WikiText-2 evaluation text — and saved next to the model.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kv/codecs/kvquant.h"
+#include "model/model.h"
+#include "runner.h"
+
+namespace kvc {
+
+// Runs `n_chunks` chunks of `n_ctx` tokens of `toks` through an f32 cache and returns the pre-RoPE
+// keys and the values per layer: k[l], v[l] [n_tokens · n_head_kv · head_dim] f32 (token 0 of
+// each chunk, the attention sink, left out). INVALID_ARGUMENT if toks is shorter than
+// n_chunks · n_ctx.
+StatusOr<kv::KvQuantSamples> CollectKvQuantSamples(const Model& m, const std::vector<int32_t>& toks,
+                                                   int n_ctx, int n_chunks, const std::string& source);
+
+// The calibration file beside the model: <model path without .gguf>.kvquant.json.
+std::string KvQuantCalibrationPath(const std::string& model_path);
+
+// If any configuration uses a kvquant codec without `calib=` and KVC_KVQUANT_CALIB is unset:
+// uses the calibration file beside the model, creating it first when missing (2 × 1,024 tokens of
+// PG-19 "Pride and Prejudice", ~10 s), then points KVC_KVQUANT_CALIB at it. Returns the path used
+// ("" when no configuration needs one). NOT_FOUND when the book is missing.
+StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string& model_path,
+                                               const std::vector<KvRunConfig>& configs);
+
+}  // namespace kvc
