@@ -88,7 +88,25 @@ class KiviCodec final : public Codec {
     }
   }
 
+  // Highway decode (cpu::AffineGroupRows / AffineCodesRow: code · s + z, bit-identical to the
+  // scalar unpack below, DecodeScalar, which the kernels' tests mirror).
   void Decode(const uint8_t* block, float* x) const override {
+    if (kind_ == KvKind::kValue) {
+      cpu::AffineGroupRows(block, 1, BlockBytes(), d_ / g_, g_, bits_, x);
+      return;
+    }
+    const size_t cb = size_t(g_) * bits_ / 8;
+    float tmp[4096];
+    if (g_ > 4096) return DecodeScalar(block, x);
+    for (int c = 0; c < d_; ++c) {
+      uint16_t sz[2];
+      std::memcpy(sz, block + 4 * c, 4);
+      cpu::AffineCodesRow(block + 4 * d_ + c * cb, g_, bits_, gguf::Fp16ToFp32(sz[0]),
+                          gguf::Fp16ToFp32(sz[1]), tmp);
+      for (int t = 0; t < g_; ++t) x[size_t(t) * d_ + c] = tmp[t];
+    }
+  }
+  void DecodeScalar(const uint8_t* block, float* x) const {
     std::vector<float> s, z;
     std::vector<uint8_t> codes;
     Unpacked(block, &s, &z, &codes);
