@@ -400,6 +400,13 @@ HWY_INLINE CodeChunk PlanChunk(int j0, int n, int b) {
 // FastCodes(b) only.
 HWY_INLINE hn::Vec<DU> CodesPlanned(const uint8_t* HWY_RESTRICT bits, const CodeChunk& c, int n, int b) {
   const DU du;
+  if (!c.one_word && hn::Lanes(du) > 8 && (n * b + 7) / 8 - c.g0 * b >= 8) {
+    // Both groups from one 8-byte read: group g0 + 1 starts b bytes after group g0.
+    uint64_t w64;
+    std::memcpy(&w64, bits + size_t(c.g0) * b, 8);
+    const auto w = hn::IfThenElse(c.second, hn::Set(du, uint32_t(w64 >> (8 * b))), hn::Set(du, uint32_t(w64)));
+    return hn::And(w >> c.sh, hn::Set(du, (1u << b) - 1u));
+  }
   const auto w0 = hn::Set(du, GroupWord(bits, c.g0, b, n));
   const auto w = c.one_word || hn::Lanes(du) <= 8
                      ? w0
