@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <random>
@@ -526,6 +527,15 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenMP threads that spin at barriers (libgomp's default) collapse throughput as soon as the
+  // cores are shared: measured 36x slower wall time at load 7 on 2 cores (streaming eval, -t 2:
+  // 444 s active vs 12 s passive). libgomp reads its wait policy when it loads, before main, so
+  // re-exec once with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy (set
+  // OMP_WAIT_POLICY=ACTIVE on a dedicated machine for the last few percent of decode speed).
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // only returns on failure: continue with the default policy
+  }
   // Log lines go to stderr: stdout carries results (--json output must stay parseable).
   spdlog::set_default_logger(spdlog::stderr_color_mt("kvcrunch"));
   spdlog::set_pattern("kvcrunch: %l: %v");
