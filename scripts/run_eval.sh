@@ -5,9 +5,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-# OpenMP threads sleep instead of spinning at barriers: spinning collapses throughput when the
-# cores are shared (tests run in parallel; see tools/cli/main.cc). Override by setting it.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 bash scripts/setup.sh
 BUILD_DIR="${BUILD_DIR:-build}"
 "$BUILD_DIR/kvcrunch" eval -t "$(nproc)" --report out/eval "$@"

@@ -527,13 +527,14 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
 }  // namespace
 
 int main(int argc, char** argv) {
-  // OpenMP threads that spin at barriers (libgomp's default) collapse throughput as soon as the
-  // cores are shared: measured 36x slower wall time at load 7 on 2 cores (streaming eval, -t 2:
-  // 444 s active vs 12 s passive). libgomp reads its wait policy when it loads, before main, so
-  // re-exec once with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy (set
-  // OMP_WAIT_POLICY=ACTIVE on a dedicated machine for the last few percent of decode speed).
+  // OpenMP threads that spin at barriers (libgomp's default, up to ~300k spins) collapse
+  // throughput as soon as the cores are shared; sleeping at once (OMP_WAIT_POLICY=PASSIVE) halves
+  // idle decode speed instead. Measured on 2 cores: streaming eval at load 7, -t 2: default 444 s,
+  // 10k spins 32 s, passive 10 s; idle tg @ d4096: default 52.3 t/s, 5k spins 49.1, 20k 51.9,
+  // passive 28.0. So spin briefly, then sleep. libgomp reads this when it loads, before main:
+  // re-exec once with GOMP_SPINCOUNT=10000 unless the user set a policy or a spin count.
   if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
-    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    setenv("GOMP_SPINCOUNT", "10000", 1);
     execv("/proc/self/exe", argv);  // only returns on failure: continue with the default policy
   }
   // Log lines go to stderr: stdout carries results (--json output must stay parseable).
