@@ -7,4 +7,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bash scripts/setup.sh
 BUILD_DIR="${BUILD_DIR:-build}"
-"$BUILD_DIR/kvcrunch" eval -t "$(nproc)" --report out/eval "$@"
+# -t defaults to every core unless the caller passes its own -t/--threads.
+threads=(-t "$(nproc)")
+for a in "$@"; do case "$a" in -t|--threads|-t*|--threads=*) threads=();; esac; done
+"$BUILD_DIR/kvcrunch" eval "${threads[@]}" --report out/eval "$@"

@@ -60,6 +60,22 @@ void AddKvFlags(CLI::App* app, Common& c) {
   app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate");
 }
 
+// Eviction acts between batches: the tokens of one batch attend to each other (and to the cache)
+// before the policy runs. With whole-chunk batches, perplexity rows of eviction configurations
+// therefore measure almost the full cache. Say so instead of printing a misleading number.
+void WarnEvictionBatch(const std::vector<KvRunConfig>& configs, int64_t n_batch, int64_t n_ctx) {
+  for (const auto& rc : configs) {
+    if (!rc.evict.empty() && n_batch > 16) {
+      spdlog::warn("eviction ({}) runs between batches of -b {} tokens: tokens inside one batch attend "
+                   "uncompressed, so with -b >= -c ({}) its perplexity is close to the full cache's; "
+                   "use -b 16 for step policies (streaming, h2o, tova) or `retrieval --task "
+                   "streaming|prefix` for protocol-correct numbers (docs/eviction.md)",
+                   rc.evict, n_batch, n_ctx);
+      return;
+    }
+  }
+}
+
 int Fail(const Status& s) {
   std::fprintf(stderr, "kvcrunch: error: %s\n", s.ToString().c_str());
   return 1;
@@ -308,6 +324,7 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
+  WarnEvictionBatch({*rc}, std::min<int64_t>(c.batch, n_ctx), n_ctx);
   if (n_ctx < 4) return Fail(InvalidArgument("-c must be at least 4"));
   int64_t n_chunks = int64_t(toks->size()) / n_ctx;
   if (chunks > 0) n_chunks = std::min(n_chunks, chunks);
@@ -417,6 +434,7 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   }
   if (configs.empty()) configs = DefaultRunConfigs();
   auto kq = EnsureKvQuantCalibration(**m, c.model, configs);
+  WarnEvictionBatch(configs, std::min<int64_t>(c.batch, opt.ppl.n_ctx), opt.ppl.n_ctx);
   if (!kq.ok()) return Fail(kq.status());
   // Every configuration must build before anything runs: bad input is an error, not a table row.
   for (const auto& cfg : configs) {
@@ -598,7 +616,8 @@ int main(int argc, char** argv) {
   cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
   cal->add_option("--kv-lowrank", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var]");
   cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)");
-  cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)");
+  cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
   cal->add_option("-o,--out", out_path, "output calibration file")->required();
 
   // llama.cpp's -ctk/-ctv: CLI11 2.1 rejects multi-letter single-dash names, so translate them.

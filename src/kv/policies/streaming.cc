@@ -18,7 +18,9 @@ class StreamingPolicy : public EvictionPolicy {
   }
   PositionMode position_mode() const override { return pos_; }
   Status BeforeWrite(KvCache& cache, int n_incoming) override {
-    return Trim(cache, std::max<int64_t>(0, sink_ + window_ - n_incoming));
+    // Room for the incoming tokens, but never at the sinks' expense (a batch as large as the
+    // budget used to evict the sinks too).
+    return Trim(cache, std::max<int64_t>(sink_, sink_ + window_ - n_incoming));
   }
   Status AfterPrefill(KvCache& cache, int n_prompt) override {
     if (n_prompt <= 0) return InvalidArgument("streaming: empty prompt");

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "kv/policies/common.h"
+#include "kv/policy.h"
 #include "model/model.h"
 
 namespace kvc {
@@ -481,10 +482,11 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   }
   std::vector<int32_t> toks;
   if (a.task == "streaming" || a.task == "prefix" || a.task == "speed" || a.task == "sinks") {
-    // Tokenize only what the task needs (~5 chars per token is plenty).
+    // Tokenize only what the task needs: ~4-5 chars per token, plus room for the books' leading
+    // whitespace and headers (6 chars per token was too few for short requests).
     const int64_t need = a.task == "prefix" ? int64_t(a.windows) * (a.prefix + a.score)
                                             : a.n_tokens + a.n_decode + 2;
-    KVC_ASSIGN_OR_RETURN(toks, TokenizeText(m, text.substr(0, size_t(need) * 6)));
+    KVC_ASSIGN_OR_RETURN(toks, TokenizeText(m, text.substr(0, size_t(need) * 8 + 65536)));
   }
   if (a.task == "sinks") return Sinks(m, toks, int(a.n_tokens));
   json out{{"task", a.task}, {"configs", json::array()}};
@@ -507,6 +509,15 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   }
   std::vector<std::string> cfgs = a.configs;
   if (cfgs.empty()) cfgs.push_back("full");
+  // Every configuration must build before anything runs: a bad one is an error (non-zero exit),
+  // not an error row.
+  for (const auto& cs : cfgs) {
+    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs));
+    auto probe = kv::KvCache::Create(m.kv_shape(), c.cache);
+    if (!probe.ok()) return Status(probe.status().code(), cs + ": " + probe.status().message());
+    auto pol = kv::MakePolicy(c.evict, m.kv_shape());
+    if (!pol.ok()) return Status(pol.status().code(), cs + ": " + pol.status().message());
+  }
   for (const auto& cs : cfgs) {
     KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs));
     StatusOr<json> r = InvalidArgument("unknown --task '" + a.task +
