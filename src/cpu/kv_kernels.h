@@ -63,29 +63,31 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
 
 // Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns
 // m consecutive rows into [m, d] f32). One tile is at most ~16 KiB, so it stays in L1.
-template <class Decode>
-void ScoreViaTile(const float* q, int n_q, const uint8_t* rows, size_t row_bytes, int64_t n, int d,
-                  float* out, int64_t ld, Decode&& decode) {
+// Decodes n packed rows tile by tile and hands each tile to fn(t0, m, tile) (tile [m, d] f32).
+template <class Decode, class Fn>
+void ForEachTile(const uint8_t* rows, size_t row_bytes, int64_t n, int d, Decode&& decode, Fn&& fn) {
   thread_local std::vector<float> tile;
   const int64_t tt = d >= 4096 ? 1 : 4096 / d;
   tile.resize(size_t(tt) * d);
   for (int64_t t0 = 0; t0 < n; t0 += tt) {
     const int64_t m = n - t0 < tt ? n - t0 : tt;
     decode(rows + size_t(t0) * row_bytes, m, tile.data());
-    DotF32Rows(q, n_q, tile.data(), m, d, out + t0, ld);
+    fn(t0, m, tile.data());
   }
+}
+template <class Decode>
+void ScoreViaTile(const float* q, int n_q, const uint8_t* rows, size_t row_bytes, int64_t n, int d,
+                  float* out, int64_t ld, Decode&& decode) {
+  ForEachTile(rows, row_bytes, n, d, decode, [&](int64_t t0, int64_t m, const float* tile) {
+    DotF32Rows(q, n_q, tile, m, d, out + t0, ld);
+  });
 }
 template <class Decode>
 void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows, size_t row_bytes,
                        int64_t n, int d, float* out, Decode&& decode) {
-  thread_local std::vector<float> tile;
-  const int64_t tt = d >= 4096 ? 1 : 4096 / d;
-  tile.resize(size_t(tt) * d);
-  for (int64_t t0 = 0; t0 < n; t0 += tt) {
-    const int64_t m = n - t0 < tt ? n - t0 : tt;
-    decode(rows + size_t(t0) * row_bytes, m, tile.data());
-    AxpyF32Rows(p + t0, ld, n_q, tile.data(), m, d, out);
-  }
+  ForEachTile(rows, row_bytes, n, d, decode, [&](int64_t t0, int64_t m, const float* tile) {
+    AxpyF32Rows(p + t0, ld, n_q, tile, m, d, out);
+  });
 }
 
 namespace ref {

@@ -550,11 +550,7 @@ Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos
       std::vector<int64_t> delta(n);
       for (int64_t i = 0; i < n; ++i) delta[i] = new_pos[off + i] - hc.pos[off + i];
       impl_->rope->Apply(x.data(), int(n), hd, delta.data());
-      if (seg.k.center) {
-        for (int64_t i = 0; i < n; ++i) {
-          for (int d = 0; d < hd; ++d) x[size_t(i) * hd + d] -= seg.k.mu[d];
-        }
-      }
+      seg.k.Center(x.data(), n, hc.seq.data() + off);  // the stream's μ (set: it holds tokens)
       if (seg.k.transform) {
         seg.k.transform->Forward(x.data(), int(n), y.data());
         seg.k.Rebuild(y.data(), n);
