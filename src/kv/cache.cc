@@ -219,8 +219,9 @@ static Status ApplyRotParam(const std::string& codec_text, int dim_in, std::stri
   return Status::Ok();
 }
 
-static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::string& transform_text,
-                                   CodecContext ctx, int dim_in, const KvCacheConfig& cfg) {
+static StatusOr<Stream> MakeStreamImpl(const std::string& codec_text,
+                                       const std::string& transform_text, CodecContext ctx,
+                                       int dim_in, const KvCacheConfig& cfg) {
   std::string codec_spec, transform_spec = transform_text;
   KVC_RETURN_IF_ERROR(ApplyRotParam(codec_text, dim_in, &codec_spec, &transform_spec));
   Stream s;
@@ -248,11 +249,7 @@ static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::str
   s.dim = s.transform ? s.transform->out_dim() : dim_in;
   ctx.dim = s.dim;
   auto c = MakeCodec(codec_spec, ctx);
-  if (!c.ok()) {
-    return Status(c.status().code(), fmt::format("layer {} {} codec '{}': {}", ctx.layer,
-                                                  KvKindName(ctx.kind), codec_spec,
-                                                  c.status().message()));
-  }
+  if (!c.ok()) return c.status();
   s.codec = std::move(c).value();
   if (s.codec->dim() != s.dim) return Internal("codec dim mismatch");
   if (s.codec->flush_quantum() % s.codec->block_tokens() != 0) {
@@ -266,6 +263,20 @@ static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::str
     // Harmless: values have no RoPE.
   }
   return s;
+}
+
+// Every configuration error names the layer, K or V, the segment (sink or main) and the spec as
+// the user wrote it (an alias, not its expansion), e.g.
+// "layer 0 K codec 'turbo4:center=2': turbo: parameter center='2' is not a boolean".
+static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::string& transform_text,
+                                   const CodecContext& ctx, int dim_in, const KvCacheConfig& cfg,
+                                   bool sink) {
+  auto s = MakeStreamImpl(codec_text, transform_text, ctx, dim_in, cfg);
+  if (s.ok()) return s;
+  return Status(s.status().code(),
+                fmt::format("layer {} {} {}codec '{}': {}", ctx.layer, KvKindName(ctx.kind),
+                            sink ? "sink segment (--kv-sink-codec) " : "", codec_text,
+                            s.status().message()));
 }
 
 StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const KvCacheConfig& cfg) {
@@ -308,12 +319,14 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
         seg.capacity = sink ? cfg.sink_tokens : -1;
         ctx.kind = KvKind::kKey;
         ctx.seed = cfg.seed ^ (uint64_t(l) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(h) << 32) ^ 0x4b;
-        auto ks = MakeStream(sink ? cfg.sink_codec : kc, cfg.k_transform, ctx, shape.head_dim, cfg);
+        auto ks = MakeStream(sink ? cfg.sink_codec : kc, cfg.k_transform, ctx, shape.head_dim, cfg,
+                             sink);
         if (!ks.ok()) return ks.status();
         seg.k = std::move(ks).value();
         ctx.kind = KvKind::kValue;
         ctx.seed = cfg.seed ^ (uint64_t(l) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(h) << 32) ^ 0x56;
-        auto vs = MakeStream(sink ? cfg.sink_codec : vc, cfg.v_transform, ctx, shape.DimV(), cfg);
+        auto vs = MakeStream(sink ? cfg.sink_codec : vc, cfg.v_transform, ctx, shape.DimV(), cfg,
+                             sink);
         if (!vs.ok()) return vs.status();
         seg.v = std::move(vs).value();
         if (sink) seg.k.limit_tokens = seg.v.limit_tokens = cfg.sink_tokens;  // no 64-token step

@@ -1,5 +1,7 @@
 // The codec and transform registries: one row per plug-in. Adding a codec = one file pair in
 // src/kv/codecs/ + one row here.
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "kv/codec.h"
@@ -94,10 +96,14 @@ StatusOr<std::unique_ptr<Codec>> MakeCodec(const std::string& text, const CodecC
   for (const auto& c : RegisteredCodecs()) {
     if (c.name == spec->name) return c.factory(*spec, ctx);
   }
-  std::string known;
-  for (const auto& c : RegisteredCodecs()) known += (known.empty() ? "" : ", ") + c.name;
-  for (const auto& [k, v] : CodecAliases()) known += ", " + k;
-  return InvalidArgument(fmt::format("unknown cache type '{}' (known: {})", text, known));
+  // Codecs in registration order, then the aliases that are not also codec names.
+  std::vector<std::string> names;
+  for (const auto& c : RegisteredCodecs()) names.push_back(c.name);
+  for (const auto& [k, v] : CodecAliases()) {
+    if (std::find(names.begin(), names.end(), k) == names.end()) names.push_back(k);
+  }
+  return InvalidArgument(fmt::format("unknown cache type '{}' (known: {})", text,
+                                     fmt::join(names, ", ")));
 }
 
 const std::vector<TransformInfo>& RegisteredTransforms() {

@@ -332,6 +332,24 @@ TEST(KvCache, UnknownCodecIsAConfigurationError) {
   c = KvCache::Create(SmallShape(), cfg);
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("unknown parameter"), std::string::npos);
+  // The message names the spec as written (the alias, not its expansion), and each known name
+  // once.
+  cfg.k_codec = "turbo4:center=2";
+  c = KvCache::Create(SmallShape(), cfg);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("K codec 'turbo4:center=2'"), std::string::npos)
+      << c.status().message();
+  cfg.k_codec = "q3_wat";
+  c = KvCache::Create(SmallShape(), cfg);
+  const std::string msg(c.status().message());
+  EXPECT_EQ(msg.find("kivi2"), msg.rfind("kivi2")) << msg;
+  // A bad sink codec is reported as the sink segment's, not as the K codec.
+  cfg.k_codec = "f16";
+  cfg.sink_tokens = 4;
+  cfg.sink_codec = "q3_wat";
+  c = KvCache::Create(SmallShape(), cfg);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("sink segment"), std::string::npos) << c.status().message();
 }
 
 TEST(KvCache, Fp16SaturatesInsteadOfInf) {

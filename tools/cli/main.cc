@@ -210,7 +210,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
     toks = *r;
     if (toks.empty()) return Fail(InvalidArgument("the prompt tokenizes to nothing"));
   }
-  if (n_predict < 0) return Fail(InvalidArgument("-n must be >= 0"));
+  if (n_predict < 0) return Fail(InvalidArgument("-n must be >= 0 (number of tokens to generate; generation also stops at EOS)"));
   if (!(temp >= 0) || !std::isfinite(temp) || !(top_p > 0 && top_p <= 1)) {
     return Fail(InvalidArgument("--temp must be >= 0 and --top-p in (0, 1]"));
   }
@@ -596,14 +596,14 @@ int main(int argc, char** argv) {
   AddModelFlags(ppl, c);
   AddKvFlags(ppl, c);
   ppl->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
-  ppl->add_option("--chunks", chunks, "max chunks");
+  ppl->add_option("--chunks", chunks, "max chunks (0 or less: every chunk of the file)");
   ppl->add_flag("--json", json, "print one JSON object");
 
   auto* ev = app.add_subcommand("eval", "compare KV configurations against the f16 cache (the main job)");
   AddModelFlags(ev, c);
   AddKvFlags(ev, c);
   ev->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
-  ev->add_option("--chunks", chunks, "max chunks (default 4)");
+  ev->add_option("--chunks", chunks, "max chunks (default 4; 0: every chunk of the file)");
   ev->add_option("--config", cfgs, "KV configuration, repeatable: 'q4_0' or 'k=q8_0 v=q4_0 evict=...'");
   ev->add_flag("--json", json, "JSON output");
   ev->add_flag("--csv", csv, "CSV output");

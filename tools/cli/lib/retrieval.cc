@@ -307,7 +307,8 @@ StatusOr<json> Streaming(const Model& m, const RetrievalArgs& a, const KvRunConf
   if (seg_n > 0) segments.push_back(std::exp(nll_seg / seg_n));
   const double dt = NowSeconds() - t0;
   json out{{"ppl", std::exp(nll / std::max<int64_t>(scored, 1))},
-           {"ppl_after_1024", late ? std::exp(nll_late / late) : 0.0},
+           // null when no token past position 1,024 was scored (a run of <= 1,024 tokens)
+           {"ppl_after_1024", late ? json(std::exp(nll_late / late)) : json(nullptr)},
            {"n_scored", scored}, {"micro_batch", B}, {"segment_tokens", a.segment},
            {"ppl_by_segment", segments}, {"peak_kv_bytes", peak.kv_bytes},
            {"peak_cells_per_head", peak.max_cells}, {"tokens_per_second", scored / dt}};
