@@ -60,6 +60,12 @@ struct Driver {
     return d;
   }
   Status Feed(int n) {
+    KVC_RETURN_IF_ERROR(Forward(n));
+    if (!policy) return Status::Ok();
+    return n > 1 ? policy->AfterPrefill(*cache, n) : policy->AfterStep(*cache);
+  }
+  // BeforeWrite, then Write + Attend on every layer (no AfterPrefill/AfterStep).
+  Status Forward(int n) {
     if (policy) KVC_RETURN_IF_ERROR(policy->BeforeWrite(*cache, n));
     const size_t row = size_t(shape.n_head_kv) * shape.head_dim;
     auto k = Randn(n * row, seed++), v = Randn(n * row, seed++);
@@ -72,8 +78,7 @@ struct Driver {
       cache->Attend(l, q.data(), seq.data(), n, out.data());
     }
     next += n;
-    if (!policy) return Status::Ok();
-    return n > 1 ? policy->AfterPrefill(*cache, n) : policy->AfterStep(*cache);
+    return Status::Ok();
   }
 };
 
@@ -172,6 +177,37 @@ TEST(Policies, MemoryNeverExceedsBudgetBytes) {
   omp_set_num_threads(2);
 }
 
+// TOVA (kvpress TOVAPress): one decision per layer from the last query's attention averaged over
+// all query heads; every KV head keeps the same cells. Regression: compressing head 0 first made
+// the later heads fall back to their own group's scores (3 different kept sets per layer).
+TEST(Policies, TovaKeepsOneSetPerLayerFromTheHeadMean) {
+  for (const char* spec : {"tova:ratio=0.5,when=prefill,once=1", "tova:budget=40"}) {
+    auto d = Driver::Make(spec);
+    ASSERT_TRUE(d.Forward(100).ok());
+    std::vector<std::vector<int32_t>> want(2);
+    for (int l = 0; l < 2; ++l) {
+      std::vector<float> mean(100, 0.f);
+      for (int h = 0; h < 3; ++h) {
+        const auto& obs = d.cache->obs_scores(l, h);
+        ASSERT_EQ(obs.size(), 100u);
+        for (int i = 0; i < 100; ++i) mean[i] += obs[i] / 3.f;
+      }
+      want[l] = SelectKeep(mean.data(), 100, std::string(spec).find("40") != std::string::npos ? 40 : 50, 0, 0);
+    }
+    ASSERT_TRUE(d.policy->AfterPrefill(*d.cache, 100).ok());
+    for (int l = 0; l < 2; ++l) {
+      std::vector<int64_t> w(want[l].begin(), want[l].end());
+      for (int h = 0; h < 3; ++h) EXPECT_EQ(d.cache->seqs(l, h), w) << spec << " layer " << l << " head " << h;
+    }
+    // Decode steps (step mode evicts for space): the heads stay identical.
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(d.Feed(1).ok());
+    for (int l = 0; l < 2; ++l) {
+      EXPECT_EQ(d.cache->seqs(l, 1), d.cache->seqs(l, 0)) << spec;
+      EXPECT_EQ(d.cache->seqs(l, 2), d.cache->seqs(l, 0)) << spec;
+    }
+  }
+}
+
 TEST(Policies, ComposedHalvesRemoveThreeQuarters) {
   auto d = Driver::Make("knorm:ratio=0.5+snapkv:ratio=0.5,window=8");
   ASSERT_TRUE(d.Feed(256).ok());
@@ -210,7 +246,9 @@ TEST(Policies, PyramidScheduleMeanIsBudget) {
   int64_t sum = 0;
   for (int l = 0; l < 30; ++l) {
     const int64_t b = PyramidLayerBudget(l, 30, 4096, 1024, 32, 20);
-    if (l > 0) EXPECT_LE(b, PyramidLayerBudget(l - 1, 30, 4096, 1024, 32, 20));
+    if (l > 0) {
+      EXPECT_LE(b, PyramidLayerBudget(l - 1, 30, 4096, 1024, 32, 20));
+    }
     sum += b;
   }
   EXPECT_NEAR(double(sum) / 30, 1024, 1.0);
