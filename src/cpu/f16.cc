@@ -3,6 +3,7 @@
 // Scalar references: ref::F16ToF32 / ref::DotF16Rows / ref::AxpyF16Rows (tests/unit/cpu_f16_test.cc).
 #ifndef KVC_CPU_F16_SHARED_
 #define KVC_CPU_F16_SHARED_
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/ops.h"
@@ -35,54 +36,55 @@ void F16ToF32Impl(const uint16_t* HWY_RESTRICT h, int64_t n, float* HWY_RESTRICT
   for (; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
 }
 
-// out[r * ld + t] = <q[r], k[t]>: q [n_q, d] f32, k [n, d] fp16.
+// out[r * ld + t] = <q[r], k[t]>: q [n_q, d] f32, k [n, d] fp16. Any d: whole vectors, then a
+// scalar tail of d mod Lanes channels (low-rank and ThinK streams have d = 38, 49, ...).
 void DotF16RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint16_t* HWY_RESTRICT k, int64_t n,
                     int d, float* HWY_RESTRICT out, int64_t ld) {
-  const DF df;
-  const int kN = int(hn::Lanes(df));
-  if (d % kN != 0 || n_q > 16) {
-    for (int64_t t = 0; t < n; ++t) {
-      for (int r = 0; r < n_q; ++r) {
-        float s = 0;
-        for (int c = 0; c < d; ++c) s += q[size_t(r) * d + c] * gguf::Fp16ToFp32(k[t * d + c]);
-        out[size_t(r) * ld + t] = s;
-      }
+  constexpr int kMaxRows = 16;
+  if (n_q > kMaxRows) {
+    for (int r0 = 0; r0 < n_q; r0 += kMaxRows) {
+      DotF16RowsImpl(q + size_t(r0) * d, std::min(kMaxRows, n_q - r0), k, n, d,
+                     out + size_t(r0) * ld, ld);
     }
     return;
   }
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int d_vec = d - d % kN;
   for (int64_t t = 0; t < n; ++t) {
     const uint16_t* kt = k + t * d;
-    hn::Vec<DF> acc[16];
+    hn::Vec<DF> acc[kMaxRows];
     for (int r = 0; r < n_q; ++r) acc[r] = hn::Zero(df);
-    for (int c = 0; c < d; c += kN) {
+    for (int c = 0; c < d_vec; c += kN) {
       const auto kv = LoadH(kt + c);
       for (int r = 0; r < n_q; ++r) acc[r] = hn::MulAdd(hn::LoadU(df, q + size_t(r) * d + c), kv, acc[r]);
     }
-    for (int r = 0; r < n_q; ++r) out[size_t(r) * ld + t] = hn::GetLane(hn::SumOfLanes(df, acc[r]));
+    for (int r = 0; r < n_q; ++r) {
+      float s = hn::GetLane(hn::SumOfLanes(df, acc[r]));
+      for (int c = d_vec; c < d; ++c) s += q[size_t(r) * d + c] * gguf::Fp16ToFp32(kt[c]);
+      out[size_t(r) * ld + t] = s;
+    }
   }
 }
 
-// out[r] [d] += Σ_t p[r * ld + t] · v[t]: v [n, d] fp16.
+// out[r] [d] += Σ_t p[r * ld + t] · v[t]: v [n, d] fp16. Any d (scalar tail as above).
 void AxpyF16RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint16_t* HWY_RESTRICT v,
                      int64_t n, int d, float* HWY_RESTRICT out) {
   const DF df;
   const int kN = int(hn::Lanes(df));
-  if (d % kN != 0) {
-    for (int64_t t = 0; t < n; ++t) {
-      for (int r = 0; r < n_q; ++r) {
-        const float w = p[size_t(r) * ld + t];
-        for (int c = 0; c < d; ++c) out[size_t(r) * d + c] += w * gguf::Fp16ToFp32(v[t * d + c]);
-      }
-    }
-    return;
-  }
+  const int d_vec = d - d % kN;
   for (int r = 0; r < n_q; ++r) {
-    for (int c = 0; c < d; c += kN) {
-      auto acc = hn::LoadU(df, out + size_t(r) * d + c);
-      for (int64_t t = 0; t < n; ++t) {
-        acc = hn::MulAdd(hn::Set(df, p[size_t(r) * ld + t]), LoadH(v + t * d + c), acc);
-      }
-      hn::StoreU(acc, df, out + size_t(r) * d + c);
+    float* o = out + size_t(r) * d;
+    const float* pr = p + size_t(r) * ld;
+    for (int c = 0; c < d_vec; c += kN) {
+      auto acc = hn::LoadU(df, o + c);
+      for (int64_t t = 0; t < n; ++t) acc = hn::MulAdd(hn::Set(df, pr[t]), LoadH(v + t * d + c), acc);
+      hn::StoreU(acc, df, o + c);
+    }
+    for (int c = d_vec; c < d; ++c) {
+      float acc = o[c];
+      for (int64_t t = 0; t < n; ++t) acc += pr[t] * gguf::Fp16ToFp32(v[t * d + c]);
+      o[c] = acc;
     }
   }
 }

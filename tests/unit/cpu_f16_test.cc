@@ -32,8 +32,10 @@ TEST(CpuF16, ConversionMatchesScalar) {
 TEST(CpuF16, DotAndAxpyRowsMatchScalar) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
-  for (int d : {64, 48, 17}) {
-    for (int n_q : {1, 3, 9}) {
+  // d not a multiple of the vector width (38 = ThinK 40 % of 64, 49 = a ragged low-rank rank) and
+  // more than 16 query rows take the vector path with a scalar tail / row chunks.
+  for (int d : {64, 48, 38, 49, 17}) {
+    for (int n_q : {1, 3, 9, 20}) {
       const int n = 37;
       auto k = RandomHalf(size_t(n) * d, d + n_q);
       std::vector<float> q(size_t(n_q) * d);
