@@ -36,8 +36,16 @@ void F16ToF32Impl(const uint16_t* HWY_RESTRICT h, int64_t n, float* HWY_RESTRICT
   for (; i < n; ++i) out[i] = gguf::Fp16ToFp32(h[i]);
 }
 
-// out[r * ld + t] = <q[r], k[t]>: q [n_q, d] f32, k [n, d] fp16. Any d: whole vectors, then a
-// scalar tail of d mod Lanes channels (low-rank and ThinK streams have d = 38, 49, ...).
+// The last d mod Lanes channels of a row, zero-padded to one vector (low-rank and ThinK streams
+// have d = 38, 49, 8, ...: the tail is one more vector step instead of a scalar loop).
+constexpr int kMaxF32Lanes = HWY_MAX_BYTES / 4;  // >= Lanes(DF) on every target
+HWY_INLINE hn::Vec<DF> LoadHTail(const uint16_t* p, int n_tail) {
+  alignas(64) uint16_t buf[kMaxF32Lanes] = {};
+  std::memcpy(buf, p, size_t(n_tail) * 2);
+  return LoadH(buf);
+}
+
+// out[r * ld + t] = <q[r], k[t]>: q [n_q, d] f32, k [n, d] fp16. Any d, any n_q.
 void DotF16RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint16_t* HWY_RESTRICT k, int64_t n,
                     int d, float* HWY_RESTRICT out, int64_t ld) {
   constexpr int kMaxRows = 16;
@@ -50,7 +58,17 @@ void DotF16RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint16_t* HWY_RE
   }
   const DF df;
   const int kN = int(hn::Lanes(df));
-  const int d_vec = d - d % kN;
+  const int n_tail = d % kN, d_vec = d - n_tail;
+  // Query tails, zero-padded once per call.
+  alignas(64) float q_tail[kMaxRows * kMaxF32Lanes];
+  if (n_tail > 0) {
+    std::memset(q_tail, 0, sizeof(q_tail));
+    for (int r = 0; r < n_q; ++r) {
+      std::memcpy(q_tail + r * kN, q + size_t(r) * d + d_vec, size_t(n_tail) * 4);
+    }
+  }
+  // Rows t < n_full_load can load a whole vector at their tail without leaving the n rows.
+  const int64_t n_full_load = n * d >= d_vec + kN ? (n * d - d_vec - kN) / d + 1 : 0;
   for (int64_t t = 0; t < n; ++t) {
     const uint16_t* kt = k + t * d;
     hn::Vec<DF> acc[kMaxRows];
@@ -59,20 +77,24 @@ void DotF16RowsImpl(const float* HWY_RESTRICT q, int n_q, const uint16_t* HWY_RE
       const auto kv = LoadH(kt + c);
       for (int r = 0; r < n_q; ++r) acc[r] = hn::MulAdd(hn::LoadU(df, q + size_t(r) * d + c), kv, acc[r]);
     }
-    for (int r = 0; r < n_q; ++r) {
-      float s = hn::GetLane(hn::SumOfLanes(df, acc[r]));
-      for (int c = d_vec; c < d; ++c) s += q[size_t(r) * d + c] * gguf::Fp16ToFp32(kt[c]);
-      out[size_t(r) * ld + t] = s;
+    if (n_tail > 0) {
+      // A full vector from the tail runs into the next row (finite fp16: the cache refuses
+      // non-finite input), which the zero-padded query lanes cancel; the last rows, where that
+      // would read past the rows, copy the tail instead.
+      const auto kv = t < n_full_load ? LoadH(kt + d_vec) : LoadHTail(kt + d_vec, n_tail);
+      for (int r = 0; r < n_q; ++r) acc[r] = hn::MulAdd(hn::Load(df, q_tail + r * kN), kv, acc[r]);
     }
+    for (int r = 0; r < n_q; ++r) out[size_t(r) * ld + t] = hn::GetLane(hn::SumOfLanes(df, acc[r]));
   }
 }
 
-// out[r] [d] += Σ_t p[r * ld + t] · v[t]: v [n, d] fp16. Any d (scalar tail as above).
+// out[r] [d] += Σ_t p[r * ld + t] · v[t]: v [n, d] fp16. Any d (zero-padded tail vector).
 void AxpyF16RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint16_t* HWY_RESTRICT v,
                      int64_t n, int d, float* HWY_RESTRICT out) {
   const DF df;
   const int kN = int(hn::Lanes(df));
-  const int d_vec = d - d % kN;
+  const int n_tail = d % kN, d_vec = d - n_tail;
+  const int64_t n_full_load = n * d >= d_vec + kN ? (n * d - d_vec - kN) / d + 1 : 0;
   for (int r = 0; r < n_q; ++r) {
     float* o = out + size_t(r) * d;
     const float* pr = p + size_t(r) * ld;
@@ -81,10 +103,18 @@ void AxpyF16RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uin
       for (int64_t t = 0; t < n; ++t) acc = hn::MulAdd(hn::Set(df, pr[t]), LoadH(v + t * d + c), acc);
       hn::StoreU(acc, df, o + c);
     }
-    for (int c = d_vec; c < d; ++c) {
-      float acc = o[c];
-      for (int64_t t = 0; t < n; ++t) acc += pr[t] * gguf::Fp16ToFp32(v[t * d + c]);
-      o[c] = acc;
+    if (n_tail > 0) {
+      // As in DotF16Rows: whole vectors into the next row while they stay inside the n rows; the
+      // extra lanes only reach accumulator lanes that are never stored.
+      auto acc = hn::Zero(df);
+      int64_t t = 0;
+      for (; t < n_full_load; ++t) acc = hn::MulAdd(hn::Set(df, pr[t]), LoadH(v + t * d + d_vec), acc);
+      for (; t < n; ++t) {
+        acc = hn::MulAdd(hn::Set(df, pr[t]), LoadHTail(v + t * d + d_vec, n_tail), acc);
+      }
+      alignas(64) float tail[kMaxF32Lanes];
+      hn::Store(acc, df, tail);
+      for (int c = 0; c < n_tail; ++c) o[d_vec + c] += tail[c];
     }
   }
 }

@@ -50,6 +50,8 @@ void Softmax(float* x, int64_t n);
 // out [n] f32 = h [n] fp16.
 void F16ToF32(const uint16_t* h, int64_t n, float* out);
 // out[r * ld + t] = <q[r], k[t]>; q [n_q, d] f32, k [n, d] fp16, out rows of stride ld.
+// Any d and n_q. k must be finite when d is not a multiple of the vector width: a row's tail is
+// read as a whole vector running into the next row, whose lanes meet zero query lanes.
 void DotF16Rows(const float* q, int n_q, const uint16_t* k, int64_t n, int d, float* out, int64_t ld);
 // out[r] += Σ_t p[r * ld + t] · v[t]; p rows of stride ld, v [n, d] fp16, out [n_q, d] f32.
 void AxpyF16Rows(const float* p, int64_t ld, int n_q, const uint16_t* v, int64_t n, int d, float* out);

@@ -471,7 +471,9 @@ int CmdRetrieval(Common& c, const RetrievalArgs& a) {
 
 // llama-bench style speed: pp = n_prompt tokens in one batch from an empty cache; tg = n_gen
 // single-token steps after a depth-token context. Fixed pseudo-random token ids; median of reps
-// after one warm-up. Peak RSS (VmHWM) is reported too.
+// after one warm-up. Peak RSS (VmHWM) is reported too, and the process CPU time per decode step
+// (tg_cpu_ms_per_token): wall-clock t/s on a shared machine counts other jobs' load, CPU time
+// does not, so compare configurations by CPU time there (at -t 1 it is the work done).
 int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json) {
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
@@ -492,7 +494,7 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   for (auto& t : prompt) t = tok(rng);
   for (auto& t : ctx) t = tok(rng);
   for (auto& t : gen) t = tok(rng);
-  std::vector<double> pp, tg;
+  std::vector<double> pp, tg, tg_cpu;
   std::vector<float> logits;
   size_t kv_bytes = 0;
   for (int r = 0; r <= reps; ++r) {
@@ -505,15 +507,18 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
     st = (*s)->Eval(ctx, false, &logits);
     if (!st.ok()) return Fail(st);
     t0 = NowSeconds();
+    const double c0 = ProcessCpuSeconds();
     for (int32_t t : gen) {
       st = (*s)->Eval({t}, false, &logits);
       if (!st.ok()) return Fail(st);
     }
     const double ttg = NowSeconds() - t0;
+    const double ctg = ProcessCpuSeconds() - c0;
     kv_bytes = (*s)->cache().Memory().KvBytes();
     if (r == 0) continue;  // warm-up
     pp.push_back(n_prompt / tpp);
     tg.push_back(n_gen / ttg);
+    tg_cpu.push_back(1e3 * ctg / n_gen);
   }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -528,6 +533,7 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   j["depth"] = depth;
   j["pp_tokens_per_second"] = median(pp);
   j["tg_tokens_per_second"] = median(tg);
+  j["tg_cpu_ms_per_token"] = median(tg_cpu);
   j["kv_bytes"] = kv_bytes;
   j["weight_bytes"] = (*m)->weight_bytes();
   j["gguf_bytes"] = (*m)->file().file_size();
@@ -535,9 +541,10 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
   } else {
-    std::printf("%s | pp%d %.1f t/s | tg%d @ d%d %.1f t/s | KV %zu B | peak RSS %.1f MiB\n",
+    std::printf("%s | pp%d %.1f t/s | tg%d @ d%d %.1f t/s (CPU %.2f ms/tok) | KV %zu B | "
+                "peak RSS %.1f MiB\n",
                 (*s)->cache().Describe().c_str(), n_prompt, median(pp), n_gen, depth, median(tg),
-                kv_bytes, PeakRssBytes() / 1048576.0);
+                median(tg_cpu), kv_bytes, PeakRssBytes() / 1048576.0);
   }
   return 0;
 }

@@ -72,5 +72,8 @@ class Progress {
   double t0_;
 };
 double NowSeconds();
+// CPU time of this process, all threads (seconds): on a shared machine it counts only our work,
+// so ratios of CPU time between configurations stay meaningful under load (at -t 1 especially).
+double ProcessCpuSeconds();
 
 }  // namespace kvc
