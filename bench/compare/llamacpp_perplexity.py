@@ -16,10 +16,17 @@ llama-perplexity batches n_batch/n_ctx chunks as parallel sequences (default
 n_batch 2048 -> 4 seqs); here each chunk is one sequence evaluated with
 n_batch = n_ubatch = n_ctx. The math is the same (sequences never see each other).
 
+KV rotation: llama.cpp PR #21038 (in the llama.cpp that llama-cpp-python 0.3.36 vendors) rotates
+Q/K/V by a Walsh-Hadamard matrix whenever the K (resp. V) cache type is quantized and the head
+dim is a multiple of 64 (attn_rot_k / attn_rot_v; SmolLM2: head dim 64 -> on for q8_0 AND q4_0).
+--no-attn-rot sets LLAMA_ATTN_ROT_DISABLE=1 (its kill switch) for plain ggml blocks. The script
+captures llama.cpp's own log and reports what the context really used (n_ctx, n_batch, n_ubatch,
+flash attention, K/V cache types, attn_rot_k/v) in the JSON ("llama_log") and on stderr.
+
 Usage:
   python3 bench/compare/llamacpp_perplexity.py -m models/SmolLM2-135M-Instruct.Q4_1.gguf \
       -f /work/shared/data/wikitext-2-raw/wiki.test.raw -c 512 [--chunks N] \
-      [--cache-type-k f16|q8_0|q4_0] [--cache-type-v ...] [--threads 2] [--json [PATH]]
+      [--cache-type-k f16|q8_0|q4_0] [--cache-type-v ...] [--threads 2] [--no-attn-rot] [--json [PATH]]
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -47,6 +55,57 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+_LOG_LINES: list[str] = []
+_LOG_CB = None  # keep the ctypes callback alive
+
+
+def capture_llama_log() -> None:
+    """Route llama.cpp's log into _LOG_LINES (instead of llama-cpp-python's verbose-gated print)."""
+    global _LOG_CB
+    if _LOG_CB is not None:
+        return
+    import ctypes
+    import llama_cpp
+    import llama_cpp._logger  # noqa: F401  (installs its callback first; ours replaces it)
+    buf = []
+
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):
+        t = text.decode("utf-8", "replace")
+        buf.append(t)
+        if t.endswith("\n"):
+            _LOG_LINES.append("".join(buf).rstrip("\n"))
+            buf.clear()
+    _LOG_CB = _cb
+    llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+
+
+def parse_llama_log(lines: list[str]) -> dict:
+    """What the context really used, from llama.cpp's own log lines."""
+    out: dict = {}
+    pats = {
+        "n_ctx": r"llama_context: n_ctx\s+=\s+(\d+)",
+        "n_batch": r"llama_context: n_batch\s+=\s+(\d+)",
+        "n_ubatch": r"llama_context: n_ubatch\s+=\s+(\d+)",
+        "flash_attn": r"llama_context: flash_attn\s+=\s+(\S+)",
+        "n_ctx_train": r"n_ctx_train\s+=\s+(\d+)",
+        "attn_rot_k": r"attn_rot_k = (\d+)",
+        "attn_rot_v": r"attn_rot_v = (\d+)",
+        "kv_cache_k": r"llama_kv_cache: size = .*K \((\w+)\)",
+        "kv_cache_v": r"llama_kv_cache: size = .*V \((\w+)\)",
+        "kv_cache_size": r"llama_kv_cache: size = (.*)",
+        "attn_rot_disabled_warning": r"(attention rotation force disabled)",
+    }
+    for k, pat in pats.items():
+        for ln in lines:
+            m = re.search(pat, ln)
+            if m:
+                v = m.group(1)
+                out[k] = int(v) if v.isdigit() else v.strip()
+                break
+    return out
 
 
 def make_llama(model: str, n_ctx: int, threads: int, type_k: str, type_v: str,
@@ -99,6 +158,7 @@ def perplexity(llm, tokens: list[int], n_ctx: int, n_chunks: int, add_bos: bool,
     count = 0
     t_eval = 0.0
     ppl_per_chunk = []
+    nll_tokens = []
     for c in range(n_chunk):
         chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if add_bos:
@@ -110,6 +170,7 @@ def perplexity(llm, tokens: list[int], n_ctx: int, n_chunks: int, add_bos: bool,
         logits = np.asarray(llm.scores[first:n_ctx - 1])  # positions first .. n_ctx-2
         targets = np.asarray(tokens[c * n_ctx + first + 1:(c + 1) * n_ctx])  # original tokens
         lp = log_softmax_at(logits, targets)
+        nll_tokens.extend((-lp).tolist())
         nll += float(-lp.sum())
         nll2 += float((lp * lp).sum())
         count += n_ctx - first - 1
@@ -124,7 +185,7 @@ def perplexity(llm, tokens: list[int], n_ctx: int, n_chunks: int, add_bos: bool,
     return {"ppl": math.exp(av), "ppl_se": math.exp(av) * se, "nll": av, "n_chunks": n_chunk,
             "n_scored": count, "eval_seconds": t_eval,
             "tokens_per_second": n_chunk * n_ctx / t_eval if t_eval > 0 else float("nan"),
-            "ppl_per_chunk": ppl_per_chunk}
+            "ppl_per_chunk": ppl_per_chunk, "nll_per_token": nll_tokens}
 
 
 def main(argv=None) -> int:
@@ -139,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flash-attn", action="store_true",
                     help="disable flash attention (llama-perplexity's default 'auto' "
                          "enables it on CPU; quantized V requires it)")
+    ap.add_argument("--no-attn-rot", action="store_true",
+                    help="set LLAMA_ATTN_ROT_DISABLE=1: no Hadamard rotation of a quantized "
+                         "K/V cache (llama.cpp rotates by default since PR #21038)")
     ap.add_argument("--extra-bufts", action="store_true",
                     help="allow ggml's AMX/repack weight buffers (AMX crashes on our machines)")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
@@ -148,9 +212,22 @@ def main(argv=None) -> int:
     if a.ctx_size < 4 or a.ctx_size % 2:
         ap.error("-c must be even and >= 4")
 
+    if a.no_attn_rot:
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"  # read by llama_kv_cache's constructor
+    capture_llama_log()
     llm = make_llama(a.model, a.ctx_size, a.threads, a.cache_type_k, a.cache_type_v,
                      not a.no_flash_attn, logits_all=True, extra_bufts=a.extra_bufts)
     import llama_cpp
+    info = parse_llama_log(_LOG_LINES)
+    info.update({"api_n_ctx": int(llama_cpp.llama_n_ctx(llm.ctx)),
+                 "api_n_batch": int(llama_cpp.llama_n_batch(llm.ctx)),
+                 "api_n_ubatch": int(llama_cpp.llama_n_ubatch(llm.ctx)),
+                 "LLAMA_ATTN_ROT_DISABLE": os.environ.get("LLAMA_ATTN_ROT_DISABLE")})
+    if not a.quiet:
+        print("llama.cpp context: " + ", ".join(f"{k}={v}" for k, v in info.items()), file=sys.stderr)
+    if info["api_n_ctx"] < a.ctx_size:
+        print(f"llama.cpp gave n_ctx {info['api_n_ctx']} < {a.ctx_size}", file=sys.stderr)
+        return 1
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     bos = int(llama_cpp.llama_vocab_bos(vocab))
@@ -172,6 +249,7 @@ def main(argv=None) -> int:
               "n_tokens_file": len(tokens), "add_bos": add_bos,
               "cache_type_k": a.cache_type_k, "cache_type_v": a.cache_type_v,
               "flash_attn": not a.no_flash_attn, "threads": a.threads, "cpu": cpu_model(),
+              "attn_rot_disabled": a.no_attn_rot, "llama_log": info,
               "llama_cpp_python": llama_cpp.__version__})
     print(f"ppl = {r['ppl']:.4f} +/- {r['ppl_se']:.4f}  ({r['n_chunks']} chunks x {a.ctx_size}, "
           f"{r['n_scored']} scored tokens, K={a.cache_type_k} V={a.cache_type_v}); "
