@@ -26,7 +26,8 @@ constexpr int kFusedMaxTokens = 4;   // up to this many query tokens use the fus
 // Rows of one task: query tokens [t0, t1) of the call, times the g heads of the group.
 struct HeadPlan {
   const HeadCache* hc = nullptr;
-  bool tiled = false;
+  bool tiled = false;     // keys read through a decoded f32 tile
+  bool v_tiled = false;   // values read through a decoded f32 tile
   std::vector<float> k_tile;   // [n, head_dim] decoded keys (post-RoPE), tiled path
   std::vector<float> v_tile;   // [n, dv]
   std::vector<int64_t> rope_pos;  // [n] key RoPE positions as attention sees them
@@ -62,7 +63,7 @@ void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* r
   std::vector<float> raw(size_t(n) * st.dim);
   Fp16ToFp32Row(st.tail.data(), n * st.dim, raw.data());
   pd.alt.resize(size_t(n) * st.dim_in);
-  st.ToInput(raw.data(), n, pd.alt.data());
+  st.ToInput(raw.data(), n, pd.alt.data(), rope_pos ? rope_pos + pd.begin : nullptr);
   if (rope && st.pre_rope) rope->Apply(pd.alt.data(), int(n), st.dim_in, rope_pos + (pd.begin));
   st.Flush();
   out->push_back(std::move(pd));
@@ -100,7 +101,12 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       any_window = any_window || (seg.k.has_window() && seg.k.n_tail > 0) ||
                    (seg.v.has_window() && seg.v.n_tail > 0);
     }
-    p.tiled = want_tiled || any_pre || (n_q > 1 && any_window);
+    // Pre-RoPE keys (KVQuant, low-rank, in-cache positions) must be decoded and rotated, but
+    // only the keys: at decode the values still take the fused path (a low-rank value stream is
+    // accumulated in its latent and reconstructed once per query row).
+    const bool both_tiled = want_tiled || (n_q > 1 && any_window);
+    p.tiled = both_tiled || any_pre;
+    p.v_tiled = both_tiled;
     if (p.tiled && n_q > 1 && any_window) {
       HeadCache& hm = heads[h];
       int64_t off = 0;
@@ -112,8 +118,10 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
     }
     if (p.tiled) {
       p.k_tile.resize(size_t(n) * hd);
-      p.v_tile.resize(size_t(n) * dv);
       DecodeKeys(layer, h, p.k_tile.data());
+    }
+    if (p.v_tiled) {
+      p.v_tile.resize(size_t(n) * dv);
       DecodeValues(layer, h, p.v_tile.data());
     }
   }
@@ -208,7 +216,14 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           if (tail_n > 0) {
             cpu::DotF16Rows(qsrc, rows, st.tail.data(), tail_n, st.dim, &s[off + st.n_packed], n_eff);
           }
-          if (st.center && !st.mu.empty()) {  // stored x − μ: add q·μ back (Stream::center)
+          if (st.center && !st.mu.empty() && st.mu_rope) {
+            // stored k − R(pos) μ: add q·R(pos_j) μ back per key (Stream::mu_rope)
+            const int64_t end = std::min(off + n_seg, n_eff);
+            std::vector<float> m(size_t(end - off) * hd);
+            st.MuRows(p.rope_pos.data() + off, end - off, m.data());
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(end - off), hd, 1.0f,
+                        qh.data(), hd, m.data(), hd, 1.0f, &s[off], int(n_eff));
+          } else if (st.center && !st.mu.empty()) {  // stored x − μ: add q·μ back (Stream::center)
             const int64_t end = std::min(off + n_seg, n_eff);
             for (int r = 0; r < rows; ++r) {
               float b = 0.f;
@@ -242,7 +257,7 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
         }
       }
       // ---- values
-      if (p.tiled) {
+      if (p.v_tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_eff), 1.0f,
                     s.data(), int(n_eff), p.v_tile.data(), dv, 0.0f, o.data(), dv);
         for (const auto& pd : p.v_pend) {

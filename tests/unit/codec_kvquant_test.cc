@@ -7,10 +7,27 @@
 #include <random>
 
 #include "kv/codec.h"
+#include "kv/codecs/bitpack.h"
 #include "kv/codecs/kvquant.h"
 
 namespace kvc::kv {
 namespace {
+
+// The word-at-a-time unpacker the codecs decode with equals the bit-by-bit reader.
+TEST(BitPack, UnpackCodesEqualsBitReader) {
+  std::mt19937 rng(3);
+  for (int w = 1; w <= 8; ++w) {
+    for (int n : {1, 5, 8, 9, 64, 67}) {
+      std::vector<uint8_t> bytes((size_t(n) * w + 7) / 8 + 1);
+      std::vector<uint32_t> codes(n);
+      BitWriter bw(bytes.data());
+      for (int i = 0; i < n; ++i) bw.Put(codes[i] = rng() & ((1u << w) - 1), w);
+      std::vector<uint8_t> idx(n, 0xEE);
+      UnpackCodes(bytes.data(), n, w, idx.data());
+      for (int i = 0; i < n; ++i) ASSERT_EQ(idx[i], codes[i]) << "w=" << w << " n=" << n << " i=" << i;
+    }
+  }
+}
 
 KvQuantSamples Synthetic(int n_tok, uint32_t seed) {
   KvQuantSamples s;
@@ -82,6 +99,24 @@ TEST(KvQuant, CalibrateEncodeDecode) {
       }
       // Non-uniform b-bit codes on ~Gaussian data: relative error well below 4^-b·4.
       EXPECT_LT(err / tot, 4.0 * std::pow(4.0, -b)) << "bits " << b << (key ? " K" : " V");
+      // Many-block accumulate (the decode path for values) equals decode-then-axpy.
+      const int n = 100;
+      std::vector<uint8_t> blocks(size_t(n) * c->BlockBytes());
+      std::vector<float> dec(size_t(n) * 64), p(2 * n);
+      for (int t = 0; t < n; ++t) {
+        c->Encode(&(key ? test.k : test.v)[1][size_t(t * 2 + 1) * 64], &blocks[t * c->BlockBytes()]);
+        c->Decode(&blocks[t * c->BlockBytes()], &dec[size_t(t) * 64]);
+        p[t] = std::cos(0.1f * t);
+        p[n + t] = 0.01f * t;
+      }
+      std::vector<float> acc(2 * 64, 0.5f), ref(acc);
+      c->AccumulateBlocks(p.data(), n, 2, blocks.data(), n, acc.data());
+      for (int r = 0; r < 2; ++r) {
+        for (int t = 0; t < n; ++t) {
+          for (int j = 0; j < 64; ++j) ref[r * 64 + j] += p[r * n + t] * dec[size_t(t) * 64 + j];
+        }
+      }
+      for (int i = 0; i < 128; ++i) EXPECT_NEAR(acc[i], ref[i], 1e-3 * (1 + std::fabs(ref[i])));
     }
   }
 }

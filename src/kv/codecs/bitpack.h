@@ -47,6 +47,21 @@ class BitReader {
   size_t pos_;
 };
 
+// Codes [0, n) of width w (1..8 bits) starting at bit 0 of p, one per byte of idx. Eight codes
+// fill exactly w bytes, so groups of eight are read as one little-endian word; the rest (n mod 8)
+// through BitReader. Same result as n calls of BitReader::Get(w).
+inline void UnpackCodes(const uint8_t* p, int n, int w, uint8_t* idx) {
+  const uint64_t mask = (uint64_t(1) << w) - 1;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v = 0;
+    std::memcpy(&v, p + size_t(i / 8) * w, size_t(w));  // little-endian host (x86, arm64)
+    for (int j = 0; j < 8; ++j) idx[i + j] = uint8_t((v >> (j * w)) & mask);
+  }
+  BitReader br(p, size_t(i) * w);
+  for (; i < n; ++i) idx[i] = uint8_t(br.Get(w));
+}
+
 inline uint16_t LoadU16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline void StoreU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 

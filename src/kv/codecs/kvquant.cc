@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
 #include "kv/codecs/bitpack.h"
@@ -106,15 +107,28 @@ class KvQuantCodec final : public Codec {
       vo = gguf::Fp16ToFp32(LoadU16(block));
       vr = gguf::Fp16ToFp32(LoadU16(block + 2));
     }
-    BitReader br(block + head_);
-    for (int c = 0; c < d_; ++c) {
-      const float u = cb_[br.Get(b_)];
-      x[c] = key_ ? u * rng_[c] + off_[c] : u * vr + vo;
+    // Highway codebook lookup (cpu::CodebookRow, b <= 4 reads no byte past the codes), then the
+    // per-channel (keys) or per-token (values) affine map: the same products as u·rng + off.
+    cpu::CodebookRow(block + head_, d_, b_, cb_.data(), key_ ? 1.f : vr, x);
+    if (key_) {
+      for (int c = 0; c < d_; ++c) x[c] = x[c] * rng_[c] + off_[c];
+    } else {
+      for (int c = 0; c < d_; ++c) x[c] += vo;
     }
     const uint8_t* o = block + head_ + code_bytes_;
     for (int i = 0; i < n_out_; ++i) {
       if (o[3 * i] != kEmpty && o[3 * i] < d_) x[o[3 * i]] = gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1));
     }
+  }
+
+  // Values at decode (fused path): decode L1-sized tiles of rows, then one f32 multi-row axpy.
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                        int64_t n_blocks, float* out) const override {
+    const size_t bb = BlockBytes();
+    cpu::AccumulateViaTile(p, ld, n_q, blocks, bb, n_blocks, d_, out,
+                           [&](const uint8_t* rows, int64_t m, float* tile) {
+                             for (int64_t i = 0; i < m; ++i) Decode(rows + i * bb, tile + i * d_);
+                           });
   }
 
   // Keys: [q∘rng (d), q·off, q (d)]; values (per-token scales): [q (d), Σq, q (d)].
@@ -135,8 +149,7 @@ class KvQuantCodec final : public Codec {
 
   void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
     uint8_t idx[256];
-    BitReader br(block + head_);
-    for (int c = 0; c < d_; ++c) idx[c] = uint8_t(br.Get(b_));
+    UnpackCodes(block + head_, d_, b_, idx);
     float vo = 0, vr = 1;
     if (!key_) {
       vo = gguf::Fp16ToFp32(LoadU16(block));
