@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <numeric>
 
@@ -28,8 +29,10 @@ struct HeadPlan {
   const HeadCache* hc = nullptr;
   bool tiled = false;     // keys read through a decoded f32 tile
   bool v_tiled = false;   // values read through a decoded f32 tile
-  std::vector<float> k_tile;   // [n, head_dim] decoded keys (post-RoPE), tiled path
-  std::vector<float> v_tile;   // [n, dv]
+  // Uninitialised (every element is written by DecodeKeys / DecodeValues before it is read):
+  // zero-filling n × head_dim floats per head and step was ~5 % of a decode step at 4k.
+  std::unique_ptr<float[]> k_tile;   // [n, head_dim] decoded keys (post-RoPE), tiled path
+  std::unique_ptr<float[]> v_tile;   // [n, dv]
   std::vector<int64_t> rope_pos;  // [n] key RoPE positions as attention sees them
   // Tokens of window codecs (KIVI) written by this call: they are flushed (encoded) before the
   // tiles are decoded, but each query must see them as a token-by-token stream would: token j is
@@ -117,12 +120,12 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       }
     }
     if (p.tiled) {
-      p.k_tile.resize(size_t(n) * hd);
-      DecodeKeys(layer, h, p.k_tile.data());
+      p.k_tile.reset(new float[size_t(n) * hd]);
+      DecodeKeys(layer, h, p.k_tile.get());
     }
     if (p.v_tiled) {
-      p.v_tile.resize(size_t(n) * dv);
-      DecodeValues(layer, h, p.v_tile.data());
+      p.v_tile.reset(new float[size_t(n) * dv]);
+      DecodeValues(layer, h, p.v_tile.get());
     }
   }
 
@@ -165,7 +168,7 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       // ---- scores
       if (p.tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_eff), hd, 1.0f, qh.data(),
-                    hd, p.k_tile.data(), hd, 0.0f, s.data(), int(n_eff));
+                    hd, p.k_tile.get(), hd, 0.0f, s.data(), int(n_eff));
         for (const auto& pd : p.k_pend) {
           const int64_t a = pd.begin, b = std::min(pd.end, n_eff);
           if (a >= b) continue;
@@ -259,7 +262,7 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       // ---- values
       if (p.v_tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_eff), 1.0f,
-                    s.data(), int(n_eff), p.v_tile.data(), dv, 0.0f, o.data(), dv);
+                    s.data(), int(n_eff), p.v_tile.get(), dv, 0.0f, o.data(), dv);
         for (const auto& pd : p.v_pend) {
           const int64_t a = pd.begin, b = std::min(pd.end, n_eff);
           if (a >= b) continue;

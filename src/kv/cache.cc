@@ -128,38 +128,51 @@ void Stream::Flush() {
 }
 
 void Stream::DecodeAll(float* out) const {
-  const int64_t bt = block_tokens();
-  const size_t bb = block_bytes();
-  for (int64_t b = 0; b < n_packed / bt; ++b) codec->Decode(packed.data() + b * bb, out + b * bt * dim);
+  codec->DecodeBlocks(packed.data(), n_packed / block_tokens(), out);
   Fp16ToFp32Row(tail.data(), n_tail * dim, out + n_packed * dim);
 }
 
-void Stream::ToInput(const float* y, int64_t n, float* x) const {
-  if (transform) transform->Reconstruct(y, int(n), x);
-  else if (x != y) std::memcpy(x, y, size_t(n) * dim * sizeof(float));
-  if (center && !mu.empty()) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int d = 0; d < dim_in; ++d) x[i * dim_in + d] += mu[d];
-    }
+void Stream::MuRows(const int64_t* pos, int64_t n, float* out) const {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * dim_in, mu.data(), size_t(dim_in) * sizeof(float));
+  if (mu_rope) {
+    KVC_CHECK(pos != nullptr);
+    mu_rope->Apply(out, int(n), dim_in, pos);
   }
 }
 
-void Stream::Center(float* x, int64_t n, const int64_t* seq) {
+void Stream::ToInput(const float* y, int64_t n, float* x, const int64_t* pos) const {
+  if (transform) transform->Reconstruct(y, int(n), x);
+  else if (x != y) std::memcpy(x, y, size_t(n) * dim * sizeof(float));
+  if (center && !mu.empty() && n > 0) {
+    std::vector<float> m(size_t(n) * dim_in);
+    MuRows(pos, n, m.data());
+    for (size_t i = 0; i < m.size(); ++i) x[i] += m[i];
+  }
+}
+
+void Stream::Center(float* x, int64_t n, const int64_t* seq, const int64_t* pos) {
   if (!center || n <= 0) return;
+  if (mu_rope) KVC_CHECK(pos != nullptr);
   if (mu.empty()) {
     mu.assign(dim_in, 0.f);
     std::vector<double> s(dim_in, 0.0);
+    std::vector<float> row(dim_in);
     int64_t used = 0;
     for (int64_t i = 0; i < n; ++i) {
       if (n > 1 && seq[i] == 0) continue;  // token 0 is the attention sink: an outlier key
-      for (int d = 0; d < dim_in; ++d) s[d] += x[i * dim_in + d];
+      std::memcpy(row.data(), x + i * dim_in, size_t(dim_in) * sizeof(float));
+      if (mu_rope) {  // back to the pre-RoPE frame: R(−pos) x
+        const int64_t back = -pos[i];
+        mu_rope->Apply(row.data(), 1, dim_in, &back);
+      }
+      for (int d = 0; d < dim_in; ++d) s[d] += row[d];
       ++used;
     }
     for (int d = 0; d < dim_in; ++d) mu[d] = float(s[d] / double(used));
   }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int d = 0; d < dim_in; ++d) x[i * dim_in + d] -= mu[d];
-  }
+  std::vector<float> m(size_t(n) * dim_in);
+  MuRows(pos, n, m.data());
+  for (size_t i = 0; i < m.size(); ++i) x[i] -= m[i];
 }
 
 void Stream::Rebuild(const float* y, int64_t n) {
@@ -342,7 +355,21 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       for (const auto& seg : hc.segs) any_pre_rope = any_pre_rope || seg.k.pre_rope;
     }
   }
-  if (any_pre_rope) c->impl_->rope = std::make_unique<Rope>(shape.rope, kRopeTablePositions);
+  // Centred post-RoPE keys add q·R(pos_j) μ per key (Stream::mu_rope): same table, for speed.
+  bool any_mu_rope = false;
+  for (const auto& heads : c->impl_->layers) {
+    for (const auto& hc : heads) {
+      for (const auto& seg : hc.segs) any_mu_rope = any_mu_rope || (seg.k.center && !seg.k.pre_rope);
+    }
+  }
+  if (any_pre_rope || any_mu_rope) c->impl_->rope = std::make_unique<Rope>(shape.rope, kRopeTablePositions);
+  for (auto& heads : c->impl_->layers) {
+    for (auto& hc : heads) {
+      for (auto& seg : hc.segs) {
+        if (seg.k.center && !seg.k.pre_rope) seg.k.mu_rope = c->impl_->rope.get();
+      }
+    }
+  }
   return c;
 }
 
@@ -396,7 +423,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
       // Keys: rotate now unless stored pre-RoPE; then transform; then codec.
       float* kp = &kx[size_t(done) * hd];
       if (!seg.k.pre_rope) impl_->rope->Apply(kp, take, hd, &pos[done]);
-      seg.k.Center(kp, take, seq + done);
+      seg.k.Center(kp, take, seq + done, &pos[done]);
       if (seg.k.transform) {
         y.resize(size_t(take) * seg.k.dim);
         seg.k.transform->Forward(kp, take, y.data());
@@ -450,12 +477,13 @@ static void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* r
   const int64_t n = s.n();
   if (n == 0) return;
   if (s.transform) {
-    std::vector<float> y(size_t(n) * s.dim);
+    thread_local std::vector<float> y;  // latent rows, reused across calls (no zero-fill)
+    if (y.size() < size_t(n) * s.dim) y.resize(size_t(n) * s.dim);
     s.DecodeAll(y.data());
-    s.ToInput(y.data(), n, out);
+    s.ToInput(y.data(), n, out, rope_pos);
   } else {
     s.DecodeAll(out);
-    s.ToInput(out, n, out);
+    s.ToInput(out, n, out, rope_pos);
   }
   if (rope && s.pre_rope) rope->Apply(out, int(n), s.dim_in, rope_pos);
 }
@@ -559,11 +587,12 @@ Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos
       // Re-rotate: decode stored keys (post-RoPE), rotate by the delta, re-encode.
       std::vector<float> y(size_t(n) * seg.k.dim), x(size_t(n) * hd);
       seg.k.DecodeAll(y.data());
-      seg.k.ToInput(y.data(), n, x.data());
+      seg.k.ToInput(y.data(), n, x.data(), hc.pos.data() + off);
       std::vector<int64_t> delta(n);
       for (int64_t i = 0; i < n; ++i) delta[i] = new_pos[off + i] - hc.pos[off + i];
       impl_->rope->Apply(x.data(), int(n), hd, delta.data());
-      seg.k.Center(x.data(), n, hc.seq.data() + off);  // the stream's μ (set: it holds tokens)
+      // The stream's μ (set: it holds tokens), at the new positions.
+      seg.k.Center(x.data(), n, hc.seq.data() + off, new_pos.data() + off);
       if (seg.k.transform) {
         seg.k.transform->Forward(x.data(), int(n), y.data());
         seg.k.Rebuild(y.data(), n);

@@ -128,6 +128,12 @@ void Codec::AccumulateWeighted(const float* p, int n_q, const uint8_t* block, fl
   }
 }
 
+void Codec::DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const {
+  const size_t bb = BlockBytes();
+  const size_t per_block = size_t(block_tokens()) * dim();
+  for (int64_t b = 0; b < n_blocks; ++b) Decode(blocks + b * bb, x + b * per_block);
+}
+
 void Codec::ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks,
                         float* scores, int64_t ld) const {
   const int bt = block_tokens();

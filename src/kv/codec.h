@@ -84,6 +84,9 @@ class Codec {
   virtual void Encode(const float* x, uint8_t* block) = 0;
   // block -> x [block_tokens, dim] f32.
   virtual void Decode(const uint8_t* block, float* x) const = 0;
+  // blocks [n_blocks, BlockBytes()] -> x [n_blocks · block_tokens, dim] f32. Default: Decode per
+  // block; formats whose blocks are plain arrays (f16) convert them in one call.
+  virtual void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const;
 
   // Fused scoring on packed data. scores [n_q, block_tokens] = q' · decode(block)ᵀ, where
   // q' = PrepareQuery(q) [n_q, PreparedQueryDim()]. The default decodes then dots; codecs that

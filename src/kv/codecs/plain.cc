@@ -54,6 +54,10 @@ class F16Codec final : public Codec {
     if (bf16_) return Codec::AccumulateBlocks(p, ld, n_q, blocks, n_blocks, out);
     cpu::AxpyF16Rows(p, ld, n_q, reinterpret_cast<const uint16_t*>(blocks), n_blocks, d_, out);
   }
+  void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const override {
+    if (bf16_) return Codec::DecodeBlocks(blocks, n_blocks, x);
+    Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(blocks), n_blocks * d_, x);  // one array
+  }
   void Decode(const uint8_t* block, float* x) const override {
     const auto* h = reinterpret_cast<const uint16_t*>(block);
     if (bf16_) {
