@@ -18,9 +18,18 @@ struct Stream {
   // Centering (codec-spec key `center=1`): the stream stores x − μ, μ [dim_in] f32 = mean of the
   // first batch written to it (the sequence's token 0 left out when the batch has more). Exact:
   // attention adds q·μ to every key score of the stream and (Σ p)·μ to the output, and every
-  // decode returns x̂ + μ. μ lives where x does (post-RoPE keys: after RoPE).
+  // decode returns x̂ + μ. μ lives where x does (values, pre-RoPE keys).
+  //
+  // Post-RoPE keys (mu_rope set): μ is kept in the pre-RoPE frame and subtracted as R(pos) μ at each
+  // token's RoPE position (μ = mean of R(−pos) x over the first batch). A post-RoPE mean taken
+  // over the first batch's positions is wrong later in the sequence: RoPE turns the mean of every
+  // pair whose period is longer than that batch but shorter than the context (measured on SmolLM2
+  // at -c 4096: centred keys kept 71 % of their energy at positions >= 512 with a post-RoPE μ from
+  // positions 1..511, 24 % with the pre-RoPE one; docs/results.md). Scores then add q·R(pos_j) μ per
+  // key instead of one q·μ per stream.
   bool center = false;
   std::vector<float> mu;               // empty until the first write
+  const Rope* mu_rope = nullptr;       // set: μ is pre-RoPE, applied as R(pos) μ (post-RoPE keys)
   std::vector<uint8_t> packed;         // [n_packed / block_tokens, BlockBytes()]
   int64_t n_packed = 0;                // tokens in packed blocks (multiple of block_tokens)
   std::vector<uint16_t> tail;          // [n_tail, dim] IEEE fp16 (the residual window)
@@ -43,10 +52,13 @@ struct Stream {
   // All tokens decoded: out [n(), dim] f32 (stored domain, before Reconstruct).
   void DecodeAll(float* out) const;
   // Stored domain -> x domain: Reconstruct (transform) then + μ (centering). y [n, dim] -> x [n, dim_in].
-  void ToInput(const float* y, int64_t n, float* x) const;
+  // pos [n]: the rows' RoPE positions (needed when mu_rope is set; may be null otherwise).
+  void ToInput(const float* y, int64_t n, float* x, const int64_t* pos = nullptr) const;
   // Sets μ from x [n, dim_in] if centering and unset (rows with seq 0 skipped when n > 1), then
-  // x -= μ in place.
-  void Center(float* x, int64_t n, const int64_t* seq);
+  // x -= μ in place (x -= R(pos_i) μ with mu_rope; pos [n] required then).
+  void Center(float* x, int64_t n, const int64_t* seq, const int64_t* pos = nullptr);
+  // out [n, dim_in] = the μ subtracted from each row: R(pos_i) μ (mu_rope) or μ. Needs μ set.
+  void MuRows(const int64_t* pos, int64_t n, float* out) const;
   // Drops everything; replaces with y [n, dim].
   void Rebuild(const float* y, int64_t n);
   size_t packed_bytes() const { return packed.capacity(); }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <vector>
 
@@ -237,6 +238,32 @@ TEST(KvCache, CenteringIsExactOnEveryPath) {
     const double plain = err(spec), centered = err((std::string(spec) + ":center=1").c_str());
     EXPECT_LT(centered, 0.7 * plain) << spec << " " << plain << " vs centered " << centered;
   }
+  // Lossy codecs: the fused decode path (packed scores + q·μ, packed accumulate + (Σp)·μ) must
+  // give what the tiled path gives (decode the same blocks, + μ, GEMM): TurboQuant scores keys in
+  // its rotated domain against the rotated query (split variant: two parts, split frozen on the
+  // centred first token; nc), q4_0 behind its Hadamard transform; with and without a sink segment.
+  for (const char* spec : {"turbo4:center=1", "turbo3:center=1", "turbo:bits=2.5,center=1",
+                           "turbo:bits=4,nc=1,center=1", "turbo:bits=4,split=8,center=1",
+                           "q4_0:center=1"}) {
+    for (int sinks : {0, 4}) {
+      KvCacheConfig cfg;
+      cfg.k_codec = cfg.v_codec = spec;
+      cfg.sink_tokens = sinks;
+      auto c = KvCache::Create(s, cfg);
+      ASSERT_TRUE(c.ok()) << spec << ": " << c.status().ToString();
+      std::vector<int64_t> seq(n);
+      for (int i = 0; i < n; ++i) seq[i] = i;
+      for (int l = 0; l < s.n_layer; ++l) {
+        ASSERT_TRUE((*c)->Write(l, seq.data(), n, st.k.data(), st.v.data()).ok());
+      }
+      const int rowsz = s.n_head * s.head_dim;
+      std::vector<float> tiled(size_t(n) * rowsz), fused(rowsz);
+      (*c)->Attend(0, st.q.data(), seq.data(), n, tiled.data());                     // n_q > 4: tiled
+      (*c)->Attend(0, &st.q[size_t(n - 1) * rowsz], &seq[n - 1], 1, fused.data());  // fused
+      const std::vector<float> last(tiled.end() - rowsz, tiled.end());
+      EXPECT_LT(MaxAbsDiff(last, fused), 1e-4) << spec << " sinks " << sinks;
+    }
+  }
   // Window codecs: tokens still in the fp16 window are read through the pending path of a
   // batched prefill; with a residual longer than the sequence nothing is quantized, so the
   // centered cache must give the reference answer up to fp16 rounding (μ added back there too).
@@ -250,6 +277,59 @@ TEST(KvCache, CenteringIsExactOnEveryPath) {
   KvCacheConfig bad;
   bad.k_codec = "q8_0:center=maybe";
   EXPECT_FALSE(KvCache::Create(s, bad).ok());
+}
+
+// Centred post-RoPE keys: μ is taken in the pre-RoPE frame and subtracted as R(pos) μ, so it
+// stays right at positions far past the first batch. Keys here are a fixed pre-RoPE offset plus
+// noise (as SmolLM2's keys are); a post-RoPE mean of the first 64 positions is wrong for every
+// pair whose RoPE period lies between 64 and 1,024 tokens, and centred keys at positions >= 512
+// then had more energy than raw ones (turbo4 squared error at positions >= 512, centred / raw:
+// 9,510 / 8,999 with the post-RoPE μ; with the pre-RoPE μ only the noise is left: 299 / 8,999).
+TEST(KvCache, CenteringFollowsRopeOverLongContexts) {
+  const KvShape s = SmallShape();
+  const int n = 1024, b = 64, hd = s.head_dim, nkv = s.n_head_kv;
+  std::vector<float> k = Randn(size_t(n) * nkv * hd, 7), v = Randn(size_t(n) * nkv * hd, 8);
+  const std::vector<float> off = Randn(size_t(nkv) * hd, 9, 5.0f);
+  for (size_t i = 0; i < k.size(); ++i) k[i] += off[i % (size_t(nkv) * hd)];
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = i;
+  // True post-RoPE keys of head 0.
+  Rope rope(s.rope);
+  std::vector<float> kr(size_t(n) * hd);
+  for (int t = 0; t < n; ++t) std::copy_n(&k[size_t(t) * nkv * hd], hd, &kr[size_t(t) * hd]);
+  rope.Apply(kr.data(), n, hd, seq.data());
+  auto late_err = [&](const char* spec) {
+    KvCacheConfig cfg;
+    cfg.k_codec = cfg.v_codec = spec;
+    auto c = KvCache::Create(s, cfg);
+    EXPECT_TRUE(c.ok()) << spec;
+    for (int i = 0; i < n; i += b) EXPECT_TRUE((*c)->Write(0, &seq[i], b, &k[size_t(i) * nkv * hd], &v[size_t(i) * nkv * hd]).ok());
+    std::vector<float> got(size_t(n) * hd);
+    (*c)->DecodeKeys(0, 0, got.data());
+    double e = 0;
+    for (size_t i = size_t(512) * hd; i < got.size(); ++i) e += (got[i] - kr[i]) * (got[i] - kr[i]);
+    return e;
+  };
+  EXPECT_LT(late_err("f32:center=1"), 1e-6);
+  const double raw = late_err("turbo4"), centred = late_err("turbo4:center=1");
+  EXPECT_LT(centred, 0.1 * raw) << "raw " << raw << " centred " << centred;
+  std::printf("turbo4 squared key error at positions >= 512: raw %.1f, centred %.1f\n", raw, centred);
+  // Relabel (positions shifted, keys re-rotated) keeps the centred stream exact.
+  KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "f32:center=1";
+  auto c = KvCache::Create(s, cfg);
+  ASSERT_TRUE(c.ok());
+  for (int i = 0; i < n; i += b) ASSERT_TRUE((*c)->Write(0, &seq[i], b, &k[size_t(i) * nkv * hd], &v[size_t(i) * nkv * hd]).ok());
+  std::vector<int64_t> moved(n);
+  for (int i = 0; i < n; ++i) moved[i] = i / 2;
+  ASSERT_TRUE((*c)->Relabel(0, 0, moved).ok());
+  std::vector<float> want(size_t(n) * hd), got(size_t(n) * hd);
+  for (int t = 0; t < n; ++t) std::copy_n(&k[size_t(t) * nkv * hd], hd, &want[size_t(t) * hd]);
+  rope.Apply(want.data(), n, hd, moved.data());
+  (*c)->DecodeKeys(0, 0, got.data());
+  double m = 0;
+  for (size_t i = 0; i < got.size(); ++i) m = std::max(m, double(std::fabs(got[i] - want[i])));
+  EXPECT_LT(m, 1e-3);
 }
 
 TEST(KvCache, F16HalvesBytesOfF32AndGrowsInSteps) {
