@@ -222,10 +222,8 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           if (st.center && !st.mu.empty() && st.mu_rope) {
             // stored k − R(pos) μ: add q·R(pos_j) μ back per key (Stream::mu_rope)
             const int64_t end = std::min(off + n_seg, n_eff);
-            std::vector<float> m(size_t(end - off) * hd);
-            st.MuRows(p.rope_pos.data() + off, end - off, m.data());
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(end - off), hd, 1.0f,
-                        qh.data(), hd, m.data(), hd, 1.0f, &s[off], int(n_eff));
+            st.mu_rope->AddDotRotated(qh.data(), rows, hd, st.mu.data(), p.rope_pos.data() + off,
+                                      end - off, &s[off], n_eff);
           } else if (st.center && !st.mu.empty()) {  // stored x − μ: add q·μ back (Stream::center)
             const int64_t end = std::min(off + n_seg, n_eff);
             for (int r = 0; r < rows; ++r) {

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/kv_kernels.h"
+
 namespace kvc::kv {
 
 Rope::Rope(const RopeParams& p, int table_positions) : p_(p) {
@@ -55,6 +57,56 @@ void Rope::Apply(float* x, int n, int dim, const int64_t* pos) const {
 
 void Rope::ApplySame(float* x, int n, int dim, int64_t pos) const {
   for (int r = 0; r < n; ++r) RotateRow(x + int64_t(r) * dim, pos);
+}
+
+void Rope::AddDotRotated(const float* q, int n_q, int dim, const float* mu, const int64_t* pos,
+                         int64_t n, float* s, int64_t ld) const {
+  if (n <= 0 || n_q <= 0) return;
+  const int half = p_.n_rot / 2;
+  std::vector<float> w(size_t(n_q) * p_.n_rot), base(n_q, 0.f);
+  for (int r = 0; r < n_q; ++r) {
+    const float* qr = q + size_t(r) * dim;
+    float b = 0.f;  // unrotated dims: plain q·μ
+    for (int d = 0; d < dim; ++d) {
+      if (d < p_.rot_offset || d >= p_.rot_offset + p_.n_rot) b += qr[d] * mu[d];
+    }
+    base[r] = b;
+    const float* qo = qr + p_.rot_offset;
+    const float* mo = mu + p_.rot_offset;
+    for (int i = 0; i < half; ++i) {
+      const int i0 = p_.neox ? i : 2 * i;
+      const int i1 = p_.neox ? i + half : 2 * i + 1;
+      w[size_t(r) * p_.n_rot + 2 * i] = qo[i0] * mo[i0] + qo[i1] * mo[i1];
+      w[size_t(r) * p_.n_rot + 2 * i + 1] = qo[i1] * mo[i0] - qo[i0] * mo[i1];
+    }
+  }
+  std::vector<float> tmp;
+  int64_t j = 0;
+  while (j < n) {
+    if (pos[j] >= 0 && pos[j] < table_positions_) {
+      int64_t e = j + 1;  // run of consecutive positions inside the table
+      while (e < n && pos[e] == pos[e - 1] + 1 && pos[e] < table_positions_) ++e;
+      tmp.resize(size_t(n_q) * (e - j));
+      cpu::DotF32Rows(w.data(), n_q, table_.data() + size_t(pos[j]) * p_.n_rot, e - j, p_.n_rot,
+                      tmp.data(), e - j);
+      for (int r = 0; r < n_q; ++r) {
+        for (int64_t t = j; t < e; ++t) s[r * ld + t] += base[r] + tmp[size_t(r) * (e - j) + t - j];
+      }
+      j = e;
+      continue;
+    }
+    const double pp = double(pos[j]) * p_.freq_scale;
+    for (int r = 0; r < n_q; ++r) {
+      const float* wr = w.data() + size_t(r) * p_.n_rot;
+      float acc = base[r];
+      for (int i = 0; i < half; ++i) {
+        const double a = pp * inv_freq_[i];
+        acc += wr[2 * i] * float(std::cos(a)) + wr[2 * i + 1] * float(std::sin(a));
+      }
+      s[r * ld + j] += acc;
+    }
+    ++j;
+  }
 }
 
 }  // namespace kvc::kv

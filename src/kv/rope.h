@@ -28,6 +28,14 @@ class Rope {
   void Apply(float* x, int n, int dim, const int64_t* pos) const;
   // Same with one position for all rows (e.g. n query heads of one token): x [n, dim].
   void ApplySame(float* x, int n, int dim, int64_t pos) const;
+  // s[r * ld + j] += <q[r], R(pos[j]) mu> for r < n_q, j < n; q [n_q, dim], mu [dim] f32.
+  // Without materialising R(pos) mu: per query row, w_2i = q0·μ0 + q1·μ1 and
+  // w_2i+1 = q1·μ0 − q0·μ1 over each rotated pair (i0, i1), so the term is
+  // q·μ (unrotated dims) + Σ_i w_2i cos(pos θ_i) + w_2i+1 sin(pos θ_i): a dot product with the
+  // cos/sin table row of pos (runs of consecutive positions in one multi-row call). Positions
+  // outside the table rotate mu directly. Used for centred post-RoPE keys (Stream::mu_rope).
+  void AddDotRotated(const float* q, int n_q, int dim, const float* mu, const int64_t* pos,
+                     int64_t n, float* s, int64_t ld) const;
 
  private:
   void RotateRow(float* x, int64_t pos) const;

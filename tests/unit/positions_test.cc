@@ -199,3 +199,40 @@ TEST(Positions, RopeTableBitIdenticalToDirectPath) {
     }
   }
 }
+
+// q·R(pos)μ from the cos/sin table (centred post-RoPE keys) equals rotating μ and dotting, for
+// both pair layouts, a partial rotation (rot_offset / n_rot < dim), runs of consecutive positions,
+// gaps, and positions outside the table.
+TEST(Positions, AddDotRotatedEqualsRotateThenDot) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  for (bool neox : {false, true}) {
+    for (int rot_offset : {0, 16}) {
+      kvc::kv::RopeParams p;
+      p.n_rot = rot_offset ? 32 : 64;
+      p.rot_offset = rot_offset;
+      p.neox = neox;
+      const kvc::kv::Rope rope(p, 1000);
+      const int dim = 64, n_q = 3;
+      std::vector<float> q(size_t(n_q) * dim), mu(dim);
+      for (float& x : q) x = nd(rng);
+      for (float& x : mu) x = nd(rng);
+      const std::vector<int64_t> pos = {0, 1, 2, 3, 10, 11, 500, 998, 999, 1000, 1001, 5, 123456789, -3};
+      const int64_t n = int64_t(pos.size()), ld = n + 2;
+      std::vector<float> s(size_t(n_q) * ld, 0.25f), ref(s);
+      rope.AddDotRotated(q.data(), n_q, dim, mu.data(), pos.data(), n, s.data(), ld);
+      for (int64_t j = 0; j < n; ++j) {
+        std::vector<float> m(mu);
+        rope.Apply(m.data(), 1, dim, &pos[j]);
+        for (int r = 0; r < n_q; ++r) {
+          double d = 0;
+          for (int c = 0; c < dim; ++c) d += double(q[r * dim + c]) * m[c];
+          ref[r * ld + j] += float(d);
+        }
+      }
+      for (size_t i = 0; i < s.size(); ++i) {
+        ASSERT_NEAR(s[i], ref[i], 1e-4 * (1 + std::fabs(ref[i]))) << "neox " << neox << " i " << i;
+      }
+    }
+  }
+}
