@@ -31,6 +31,7 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
     KvRunConfig cfg;
     std::unique_ptr<Session> s;
     std::vector<double> kld;
+    std::vector<double> nll;   // per scored token, in order (same tokens for every run)
     double nll_sum = 0;
     int64_t n = 0, agree = 0;
     double prefill_s = 0;
@@ -78,6 +79,7 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
       const int64_t ns = int64_t(out.nll.size());
       for (int64_t t = 0; t < ns; ++t) {
         r.nll_sum += out.nll[t];
+        r.nll.push_back(out.nll[t]);
         r.agree += out.argmax[t] == base_scores.argmax[t];
         const float* lb = &base_scores.logprobs[size_t(t) * n_vocab];
         const float* lc = &out.logprobs[size_t(t) * n_vocab];
@@ -128,6 +130,16 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
     if (r.n > 0 && row.error.empty()) {
       row.ppl = std::exp(r.nll_sum / r.n);
       row.dppl_pct = 100.0 * (row.ppl / base_ppl - 1.0);
+      if (&r != &runs[0] && r.nll.size() == runs[0].nll.size() && r.n > 1) {
+        double m = 0, m2 = 0;
+        for (size_t t = 0; t < r.nll.size(); ++t) m += r.nll[t] - runs[0].nll[t];
+        m /= double(r.n);
+        for (size_t t = 0; t < r.nll.size(); ++t) {
+          const double d = r.nll[t] - runs[0].nll[t] - m;
+          m2 += d * d;
+        }
+        row.dppl_se_pct = 100.0 * std::exp(m) * std::sqrt(m2 / double(r.n - 1) / double(r.n));
+      }
       double s = 0;
       for (double k : r.kld) s += k;
       row.kld_mean = s / r.kld.size();
@@ -145,17 +157,17 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
 }
 
 std::string FormatTable(const EvalResult& r) {
-  std::string s = fmt::format("{:<34} {:>6} {:>6} {:>11} {:>6} {:>9} {:>8} {:>9} {:>9} {:>7} {:>8}\n",
+  std::string s = fmt::format("{:<34} {:>6} {:>6} {:>11} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
                               "method", "K bpv", "V bpv", "KV bytes", "comp×", "ppl", "Δppl%",
-                              "KLD", "KLD p99.9", "top1%", "dec t/s");
+                              "±SE", "KLD", "KLD p99.9", "top1%", "dec t/s");
   for (const auto& x : r.rows) {
     if (!x.error.empty()) {
       s += fmt::format("{:<34} ERROR: {}\n", x.method, x.error);
       continue;
     }
-    s += fmt::format("{:<34} {:>6.2f} {:>6.2f} {:>11} {:>6.2f} {:>9.4f} {:>+8.3f} {:>9.5f} {:>9.4f} {:>7.2f} {:>8.1f}\n",
+    s += fmt::format("{:<34} {:>6.2f} {:>6.2f} {:>11} {:>6.2f} {:>9.4f} {:>+8.3f} {:>6.3f} {:>9.5f} {:>9.4f} {:>7.2f} {:>8.1f}\n",
                      x.method.substr(0, 34), x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl,
-                     x.dppl_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
+                     x.dppl_pct, x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
   }
   s += fmt::format("\n{} chunks x {} tokens ({} scored per config), {} threads, peak RSS {:.1f} MiB\n",
                    r.n_chunks, r.n_ctx, r.rows.empty() ? 0 : r.rows[0].n_scored, r.threads,
@@ -186,6 +198,7 @@ nlohmann::json ToJson(const EvalResult& r) {
       o["compression"] = x.compression;
       o["ppl"] = x.ppl;
       o["dppl_pct"] = x.dppl_pct;
+      o["dppl_se_pct"] = x.dppl_se_pct;
       o["kld_mean"] = x.kld_mean;
       o["kld_p999"] = x.kld_p999;
       o["top1_pct"] = x.top1_pct;
@@ -199,11 +212,11 @@ nlohmann::json ToJson(const EvalResult& r) {
 }
 
 std::string ToCsv(const EvalResult& r) {
-  std::string s = "method,k_bits,v_bits,kv_bytes,compression,ppl,dppl_pct,kld_mean,kld_p999,top1_pct,decode_tps,error\n";
+  std::string s = "method,k_bits,v_bits,kv_bytes,compression,ppl,dppl_pct,dppl_se_pct,kld_mean,kld_p999,top1_pct,decode_tps,error\n";
   for (const auto& x : r.rows) {
-    s += fmt::format("\"{}\",{:.4f},{:.4f},{},{:.4f},{:.6f},{:.4f},{:.6f},{:.6f},{:.3f},{:.2f},\"{}\"\n",
+    s += fmt::format("\"{}\",{:.4f},{:.4f},{},{:.4f},{:.6f},{:.4f},{:.4f},{:.6f},{:.6f},{:.3f},{:.2f},\"{}\"\n",
                      x.method, x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl, x.dppl_pct,
-                     x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps, x.error);
+                     x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps, x.error);
   }
   return s;
 }
@@ -229,16 +242,16 @@ Status WriteReport(const EvalResult& r, const std::string& dir) {
     md << "# kvcrunch eval\n\n";
     md << fmt::format("Model `{}`, text `{}`, {} chunks x {} tokens, {} threads, peak RSS {:.1f} MiB.\n\n",
                       r.model, r.text, r.n_chunks, r.n_ctx, r.threads, r.peak_rss / 1048576.0);
-    md << "| method | K bits | V bits | KV bytes | compression x | ppl | Δppl % | mean KLD | KLD p99.9 | top-1 % | decode t/s |\n";
-    md << "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md << "| method | K bits | V bits | KV bytes | compression x | ppl | Δppl % | ± SE | mean KLD | KLD p99.9 | top-1 % | decode t/s |\n";
+    md << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const auto& x : r.rows) {
       if (!x.error.empty()) {
-        md << fmt::format("| {} | error: {} |||||||||| \n", x.method, x.error);
+        md << fmt::format("| {} | error: {} ||||||||||| \n", x.method, x.error);
         continue;
       }
-      md << fmt::format("| {} | {:.2f} | {:.2f} | {} | {:.2f} | {:.4f} | {:+.3f} | {:.5f} | {:.4f} | {:.2f} | {:.1f} |\n",
+      md << fmt::format("| {} | {:.2f} | {:.2f} | {} | {:.2f} | {:.4f} | {:+.3f} | {:.3f} | {:.5f} | {:.4f} | {:.2f} | {:.1f} |\n",
                         x.method, x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl, x.dppl_pct,
-                        x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
+                        x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
     }
     md << "\n![quality vs KV bytes](quality_vs_bytes.svg)\n";
   }

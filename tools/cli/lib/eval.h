@@ -25,6 +25,10 @@ struct EvalRow {
   double kv_bytes_per_token = 0;
   double compression = 0;    // baseline kv_bytes / kv_bytes
   double ppl = 0, dppl_pct = 0;
+  // Standard error of dppl_pct from the paired per-token NLL differences (config − baseline on
+  // the same tokens), treating tokens as independent: 100·exp(m)·sd(d)/√n. Neighbouring tokens
+  // are correlated, so read it as a lower bound on the noise. 0 for the baseline.
+  double dppl_se_pct = 0;
   double kld_mean = 0, kld_p999 = 0;  // vs baseline (nats)
   double top1_pct = 0;       // argmax agreement with the baseline
   double decode_tps = 0;
