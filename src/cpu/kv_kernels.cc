@@ -668,6 +668,253 @@ void PolarRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_
   }
 }
 
+
+// ---- PolarQuant attention without a row-major tile: tokens in lanes. A tile of up to kPolarStage
+// codes (nb · tokens) is staged per block as 32-bit code halves (bits 0..31: level-1 codes, 32..45:
+// levels 2..4) and fp16 radii, 16 tokens per vector; the recursive decode then runs on vectors
+// of 16 tokens (same multiplications in the same order as the scalar decode, so every decoded
+// value is bit-identical), and the dots / weighted sums consume the decoded values straight from
+// registers. Keys: scores of 16 tokens accumulate lane-wise. Values: per (block, quarter of a
+// block) four element accumulators per query row run over the tile's tokens and are summed across
+// lanes once per tile.
+constexpr int kPolarStage = 2048;  // codes (nb · tokens) per staged tile
+
+struct PolarStaged {
+  HWY_ALIGN uint32_t lo[kPolarStage];
+  HWY_ALIGN uint32_t hi[kPolarStage];
+  HWY_ALIGN uint16_t rad[kPolarStage];
+};
+
+// Stages rows [t0, t0 + m) into st (block b of token tt at b · tt_stride + tt; tokens m..m16 zero).
+HWY_INLINE void PolarStage(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes, int nb,
+                           int64_t t0, int m, int tt_stride, PolarStaged* HWY_RESTRICT st) {
+  const size_t code_bytes = (size_t(nb) * 46 + 7) / 8;
+  const uint8_t* end = rows + size_t(n_rows) * row_bytes;
+  // Rows whose every 8-byte code word read stays inside the rows (all but the last row or so).
+  const size_t tail = 2 * size_t(nb) + (size_t(nb - 1) * 46 >> 3) + 8;
+  const int64_t left = int64_t(end - rows) - int64_t(tail);  // row start must be <= left
+  int fast = m;
+  if (left < 0) {
+    fast = 0;
+  } else {
+    fast = int(std::min<int64_t>(m, std::max<int64_t>(0, left / int64_t(row_bytes) + 1 - t0)));
+  }
+  const uint8_t* row = rows + size_t(t0) * row_bytes;
+  for (int tt = 0; tt < fast; ++tt, row += row_bytes) {
+    const uint8_t* codes = row + 2 * nb;
+    for (int b = 0; b < nb; ++b) {
+      const int bit = b * 46;
+      uint64_t w;
+      std::memcpy(&w, codes + (bit >> 3), 8);
+      w >>= (bit & 7);
+      uint16_t h;
+      std::memcpy(&h, row + 2 * b, 2);
+      st->lo[b * tt_stride + tt] = uint32_t(w);
+      st->hi[b * tt_stride + tt] = uint32_t(w >> 32) & 0x3FFFu;
+      st->rad[b * tt_stride + tt] = h;
+    }
+  }
+  for (int tt = fast; tt < m; ++tt, row += row_bytes) {
+    const uint8_t* codes = row + 2 * nb;
+    const size_t readable = size_t(end - codes);
+    for (int b = 0; b < nb; ++b) {
+      const uint64_t w = PolarWord(codes, code_bytes, readable, b);
+      st->lo[b * tt_stride + tt] = uint32_t(w);
+      st->hi[b * tt_stride + tt] = uint32_t(w >> 32) & 0x3FFFu;
+      uint16_t h;
+      std::memcpy(&h, row + 2 * b, 2);
+      st->rad[b * tt_stride + tt] = h;
+    }
+  }
+  const int m16 = (m + 15) / 16 * 16;
+  for (int b = 0; b < nb; ++b) {
+    for (int tt = m; tt < m16; ++tt) {
+      st->lo[b * tt_stride + tt] = 0;
+      st->hi[b * tt_stride + tt] = 0;
+      st->rad[b * tt_stride + tt] = 0;
+    }
+  }
+}
+
+#if HWY_TARGET != HWY_SCALAR
+struct PolarTabs {
+  hn::Vec<DF> c1, s1, c2, s2, c3, s3, c4, s4;
+};
+HWY_INLINE PolarTabs LoadPolarTabs(const float* trig) {
+  const DF df;
+  return {hn::LoadU(df, trig),      hn::LoadU(df, trig + 16), hn::LoadU(df, trig + 32),
+          hn::LoadU(df, trig + 48), hn::LoadU(df, trig + 64), hn::LoadU(df, trig + 80),
+          hn::LoadU(df, trig + 96), hn::LoadU(df, trig + 112)};
+}
+HWY_INLINE hn::Vec<DF> Tab(hn::Vec<DF> t, hn::Vec<DU> idx) {
+  return hn::TableLookupLanes(t, hn::IndicesFromVec(DF(), hn::BitCast(DI(), idx)));
+}
+HWY_INLINE hn::Vec<DF> Radii16(const uint16_t* p) {
+  const DF df;
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  return hn::PromoteTo(df, hn::Load(dh, reinterpret_cast<const hwy::float16_t*>(p)));
+}
+#endif
+
+// Fallback (vectors other than 16 floats): decode into a row-major tile, then f32 dots / axpys.
+void PolarDotRowsTile(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes,
+                      int nb, const float* trig, float* out, int64_t ld) {
+  const int d = nb * 16;
+  std::vector<float> tile(size_t(64) * d);
+  for (int64_t t0 = 0; t0 < n; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - t0);
+    PolarRowsImpl(rows + size_t(t0) * row_bytes, m, row_bytes, nb, trig, tile.data());
+    DotF32RowsImpl(q, n_q, tile.data(), m, d, out + t0, ld);
+  }
+}
+
+void PolarDotRowsImpl(const float* HWY_RESTRICT q, int n_q, const uint8_t* HWY_RESTRICT rows,
+                      int64_t n, size_t row_bytes, int nb, const float* HWY_RESTRICT trig,
+                      float* HWY_RESTRICT out, int64_t ld) {
+#if HWY_TARGET != HWY_SCALAR
+  const DF df;
+  const DU du;
+  if (hn::Lanes(df) == 16 && nb <= kPolarStage / 16) {
+    thread_local PolarStaged st;
+    const int d = nb * 16;
+    const PolarTabs tb = LoadPolarTabs(trig);
+    const auto m3 = hn::Set(du, 3u), m15 = hn::Set(du, 15u);
+    const int tile = kPolarStage / nb / 16 * 16;
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int m = int(std::min<int64_t>(tile, n - t0));
+      PolarStage(rows, n, row_bytes, nb, t0, m, tile, &st);
+      for (int g = 0; g < m; g += 16) {
+        for (int r0 = 0; r0 < n_q; r0 += 4) {
+          const int nr = std::min(4, n_q - r0);
+          hn::Vec<DF> a0[4], a1[4];
+          for (int r = 0; r < 4; ++r) a0[r] = a1[r] = hn::Zero(df);
+          for (int b = 0; b < nb; ++b) {
+            const auto lo = hn::Load(du, st.lo + b * tile + g);
+            const auto hi = hn::Load(du, st.hi + b * tile + g);
+            const auto rad = Radii16(st.rad + b * tile + g);
+            const auto i4 = hn::ShiftRight<12>(hi);
+            hn::Vec<DF> y3[4], y2[8];
+            {
+              const auto y40 = hn::Mul(rad, Tab(tb.c4, i4)), y41 = hn::Mul(rad, Tab(tb.s4, i4));
+              const auto i30 = hn::And(hn::ShiftRight<8>(hi), m3), i31 = hn::ShiftRight<10>(hn::And(hi, hn::Set(du, 0xC00u)));
+              y3[0] = hn::Mul(y40, Tab(tb.c3, i30));
+              y3[1] = hn::Mul(y40, Tab(tb.s3, i30));
+              y3[2] = hn::Mul(y41, Tab(tb.c3, i31));
+              y3[3] = hn::Mul(y41, Tab(tb.s3, i31));
+            }
+            for (int k = 0; k < 4; ++k) {
+              const auto i2 = hn::And(hn::ShiftRightSame(hi, 2 * k), m3);
+              y2[2 * k] = hn::Mul(y3[k], Tab(tb.c2, i2));
+              y2[2 * k + 1] = hn::Mul(y3[k], Tab(tb.s2, i2));
+            }
+            const float* qb = q + size_t(r0) * d + 16 * b;
+            for (int j = 0; j < 8; ++j) {
+              const auto i1 = hn::And(hn::ShiftRightSame(lo, 4 * j), m15);
+              const auto e0 = hn::Mul(y2[j], Tab(tb.c1, i1));
+              const auto e1 = hn::Mul(y2[j], Tab(tb.s1, i1));
+              for (int r = 0; r < nr; ++r) {
+                a0[r] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + 2 * j]), e0, a0[r]);
+                a1[r] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + 2 * j + 1]), e1, a1[r]);
+              }
+            }
+          }
+          const int cnt = std::min(16, m - g);
+          for (int r = 0; r < nr; ++r) {
+            float* o = out + size_t(r0 + r) * ld + t0 + g;
+            const auto s = hn::Add(a0[r], a1[r]);
+            if (cnt == 16) {
+              hn::StoreU(s, df, o);
+            } else {
+              HWY_ALIGN float tmp[16];
+              hn::Store(s, df, tmp);
+              std::copy(tmp, tmp + cnt, o);
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
+  PolarDotRowsTile(q, n_q, rows, n, row_bytes, nb, trig, out, ld);
+}
+
+void PolarAxpyRowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint8_t* HWY_RESTRICT rows,
+                       int64_t n, size_t row_bytes, int nb, const float* HWY_RESTRICT trig,
+                       float* HWY_RESTRICT out) {
+  const int d = nb * 16;
+#if HWY_TARGET != HWY_SCALAR
+  const DF df;
+  const DU du;
+  if (hn::Lanes(df) == 16 && nb <= kPolarStage / 16) {
+    thread_local PolarStaged st;
+    thread_local std::vector<float> pad;
+    const PolarTabs tb = LoadPolarTabs(trig);
+    const auto m3 = hn::Set(du, 3u), m15 = hn::Set(du, 15u);
+    const int tile = kPolarStage / nb / 16 * 16;
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int m = int(std::min<int64_t>(tile, n - t0));
+      const int m16 = (m + 15) / 16 * 16;
+      PolarStage(rows, n, row_bytes, nb, t0, m, tile, &st);
+      // Weights of the last, partial group of 16 tokens, zero-padded (radius 0 there too).
+      const int gl = m / 16 * 16;
+      if (gl < m) {
+        pad.assign(size_t(n_q) * 16, 0.f);
+        for (int r = 0; r < n_q; ++r) std::copy(p + size_t(r) * ld + t0 + gl, p + size_t(r) * ld + t0 + m, &pad[size_t(r) * 16]);
+      }
+      for (int b = 0; b < nb; ++b) {
+        for (int qd = 0; qd < 4; ++qd) {
+          const auto t4 = (qd >> 1) ? tb.s4 : tb.c4;
+          const auto t3 = (qd & 1) ? tb.s3 : tb.c3;
+          const int sh3 = 8 + 2 * (qd >> 1), sh2 = 2 * qd, sh1 = 8 * qd;
+          for (int r0 = 0; r0 < n_q; r0 += 4) {
+            const int nr = std::min(4, n_q - r0);
+            hn::Vec<DF> acc[4][4];
+            for (int r = 0; r < 4; ++r) {
+              for (int k = 0; k < 4; ++k) acc[r][k] = hn::Zero(df);
+            }
+            for (int g = 0; g < m16; g += 16) {
+              const auto lo = hn::Load(du, st.lo + b * tile + g);
+              const auto hi = hn::Load(du, st.hi + b * tile + g);
+              const auto rad = Radii16(st.rad + b * tile + g);
+              const auto y4 = hn::Mul(rad, Tab(t4, hn::ShiftRight<12>(hi)));
+              const auto y3 = hn::Mul(y4, Tab(t3, hn::And(hn::ShiftRightSame(hi, sh3), m3)));
+              const auto i2 = hn::And(hn::ShiftRightSame(hi, sh2), m3);
+              const auto y2a = hn::Mul(y3, Tab(tb.c2, i2)), y2b = hn::Mul(y3, Tab(tb.s2, i2));
+              const auto ia = hn::And(hn::ShiftRightSame(lo, sh1), m15);
+              const auto ib = hn::And(hn::ShiftRightSame(lo, sh1 + 4), m15);
+              const auto e0 = hn::Mul(y2a, Tab(tb.c1, ia)), e1 = hn::Mul(y2a, Tab(tb.s1, ia));
+              const auto e2 = hn::Mul(y2b, Tab(tb.c1, ib)), e3 = hn::Mul(y2b, Tab(tb.s1, ib));
+              for (int r = 0; r < nr; ++r) {
+                const float* wp = g < gl ? p + size_t(r0 + r) * ld + t0 + g : &pad[size_t(r0 + r) * 16];
+                const auto w = hn::LoadU(df, wp);
+                acc[r][0] = hn::MulAdd(w, e0, acc[r][0]);
+                acc[r][1] = hn::MulAdd(w, e1, acc[r][1]);
+                acc[r][2] = hn::MulAdd(w, e2, acc[r][2]);
+                acc[r][3] = hn::MulAdd(w, e3, acc[r][3]);
+              }
+            }
+            for (int r = 0; r < nr; ++r) {
+              float s4[4];
+              Sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s4);
+              float* o = out + size_t(r0 + r) * d + 16 * b + 4 * qd;
+              for (int k = 0; k < 4; ++k) o[k] += s4[k];
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
+  std::vector<float> tile(size_t(64) * d);
+  for (int64_t t0 = 0; t0 < n; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - t0);
+    PolarRowsImpl(rows + size_t(t0) * row_bytes, m, row_bytes, nb, trig, tile.data());
+    AxpyF32RowsImpl(p + t0, ld, n_q, tile.data(), m, d, out);
+  }
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -686,6 +933,16 @@ HWY_EXPORT(AxpyCodesRowsImpl);
 HWY_EXPORT(CodebookRowsImpl);
 HWY_EXPORT(SignDotRowsImpl);
 HWY_EXPORT(PolarRowsImpl);
+HWY_EXPORT(PolarDotRowsImpl);
+HWY_EXPORT(PolarAxpyRowsImpl);
+void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
+                  const float* trig, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(PolarDotRowsImpl)(q, n_q, rows, n, row_bytes, nb, trig, out, ld);
+}
+void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
+                   size_t row_bytes, int nb, const float* trig, float* out) {
+  HWY_DYNAMIC_DISPATCH(PolarAxpyRowsImpl)(p, ld, n_q, rows, n, row_bytes, nb, trig, out);
+}
 void PolarRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int nb, const float* trig,
                float* out) {
   HWY_DYNAMIC_DISPATCH(PolarRowsImpl)(rows, n_rows, row_bytes, nb, trig, out);
@@ -822,6 +1079,54 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
                      gguf::Fp16ToFp32(sz[1]), out + t * n_groups * group + g * group);
     }
   }
+}
+static void PolarRowDecode(const uint8_t* row, int nb, const float* trig, float* y) {
+  const uint8_t* codes = row + 2 * nb;
+  for (int b = 0; b < nb; ++b) {
+    int idx[15];
+    int pos = b * 46;
+    for (int i = 0; i < 15; ++i) {
+      const int w = i < 8 ? 4 : 2;
+      int v = 0;
+      for (int k = 0; k < w; ++k, ++pos) v |= ((codes[pos >> 3] >> (pos & 7)) & 1) << k;
+      idx[i] = v;
+    }
+    uint16_t h;
+    std::memcpy(&h, row + 2 * b, 2);
+    float r[16] = {gguf::Fp16ToFp32(h)};
+    int n = 1;
+    const int off[4] = {0, 8, 12, 14};
+    for (int l = 3; l >= 0; --l) {
+      float nr[16];
+      for (int j = 0; j < n; ++j) {
+        nr[2 * j] = r[j] * trig[2 * l * 16 + idx[off[l] + j]];
+        nr[2 * j + 1] = r[j] * trig[(2 * l + 1) * 16 + idx[off[l] + j]];
+      }
+      n *= 2;
+      std::copy(nr, nr + n, r);
+    }
+    std::copy(r, r + 16, y + 16 * b);
+  }
+}
+void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
+                  const float* trig, float* out, int64_t ld) {
+  const int d = nb * 16;
+  std::vector<float> y(d);
+  for (int64_t t = 0; t < n; ++t) {
+    PolarRowDecode(rows + size_t(t) * row_bytes, nb, trig, y.data());
+    for (int r = 0; r < n_q; ++r) {
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += double(q[size_t(r) * d + c]) * y[c];
+      out[size_t(r) * ld + t] = float(s);
+    }
+  }
+}
+void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
+                   size_t row_bytes, int nb, const float* trig, float* out) {
+  const int d = nb * 16;
+  std::vector<float> y(size_t(n) * d);
+  for (int64_t t = 0; t < n; ++t) PolarRowDecode(rows + size_t(t) * row_bytes, nb, trig, &y[size_t(t) * d]);
+  AxpyF32Rows(p, ld, n_q, y.data(), n, d, out);
 }
 }  // namespace ref
 }  // namespace kvc::cpu

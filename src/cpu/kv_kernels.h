@@ -56,6 +56,13 @@ void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t ro
 // (4 angles each, rest unused). Bit-identical to the codec's scalar recursive decode.
 void PolarRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int nb, const float* trig,
                float* out);
+// Attention over PolarQuant rows without a row-major tile (y_t: row t decoded as PolarRows does,
+// bit-identical values; sums in another order): out[r * ld + t] = <q[r], y_t> (q [n_q, 16 · nb])
+// and out[r] [16 · nb] += Σ_t p[r * ld + t] · y_t.
+void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
+                  const float* trig, float* out, int64_t ld);
+void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
+                   size_t row_bytes, int nb, const float* trig, float* out);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
 // out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
@@ -104,6 +111,11 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
                      int b, float* out);
 void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
                  size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
+// PolarQuant: codes read bit by bit, recursive decode (level 4 first), double-precision sums.
+void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
+                  const float* trig, float* out, int64_t ld);
+void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
+                   size_t row_bytes, int nb, const float* trig, float* out);
 }  // namespace ref
 
 }  // namespace kvc::cpu

@@ -282,5 +282,58 @@ TEST(KvKernels, PolarRowsEqualRecursiveDecode) {
   }
 }
 
+// The tokens-in-lanes attention kernels against ref:: (bit-by-bit codes, recursive decode, double
+// sums) and against the decoded rows: odd token counts (partial groups of 16), more tokens than
+// one staged tile (nb 4: 512), 1-9 query rows, ld > n.
+TEST(KvKernels, PolarDotAndAxpyRowsMatchReference) {
+  auto trig = Randn(8 * 16, 33);
+  for (auto& v : trig) v = std::tanh(v);  // cos / sin-sized factors
+  for (int nb : {1, 3, 4, 8}) {
+    const int d = nb * 16;
+    const size_t row_bytes = 2 * nb + (size_t(nb) * 46 + 7) / 8;
+    for (int64_t n : {1, 5, 16, 17, 130, 600}) {
+      auto rows = RandBytes(row_bytes * n, 50 + nb + uint32_t(n));
+      for (int64_t t = 0; t < n; ++t) {
+        for (int b = 0; b < nb; ++b) {
+          const uint16_t h = gguf::Fp32ToFp16(0.5f + 0.01f * float((t * 7 + b * 3) % 100));
+          std::memcpy(&rows[t * row_bytes + 2 * b], &h, 2);
+        }
+      }
+      std::vector<float> y(size_t(n) * d);
+      PolarRows(rows.data(), n, row_bytes, nb, trig.data(), y.data());
+      for (int n_q : {1, 3, 5, 9}) {
+        const int64_t ld = n + 3;
+        const auto q = Randn(size_t(n_q) * d, 60 + n_q);
+        std::vector<float> got(size_t(n_q) * ld, -7.f), want(got.size(), -7.f);
+        PolarDotRows(q.data(), n_q, rows.data(), n, row_bytes, nb, trig.data(), got.data(), ld);
+        ref::PolarDotRows(q.data(), n_q, rows.data(), n, row_bytes, nb, trig.data(), want.data(), ld);
+        for (int r = 0; r < n_q; ++r) {
+          for (int64_t t = 0; t < n; ++t) {
+            double mag = 0;
+            for (int c = 0; c < d; ++c) mag += std::fabs(double(q[size_t(r) * d + c]) * y[size_t(t) * d + c]);
+            ASSERT_NEAR(got[size_t(r) * ld + t], want[size_t(r) * ld + t], 1e-5 * mag + 1e-6)
+                << "nb=" << nb << " n=" << n << " n_q=" << n_q << " r=" << r << " t=" << t;
+          }
+          for (int64_t t = n; t < ld; ++t) ASSERT_EQ(got[size_t(r) * ld + t], -7.f);
+        }
+        auto p = Randn(size_t(n_q) * ld, 70 + n_q);
+        for (auto& v : p) v = std::fabs(v);
+        const auto out0 = Randn(size_t(n_q) * d, 80 + n_q);
+        std::vector<float> ga = out0, wa = out0;
+        PolarAxpyRows(p.data(), ld, n_q, rows.data(), n, row_bytes, nb, trig.data(), ga.data());
+        ref::PolarAxpyRows(p.data(), ld, n_q, rows.data(), n, row_bytes, nb, trig.data(), wa.data());
+        for (int r = 0; r < n_q; ++r) {
+          for (int c = 0; c < d; ++c) {
+            double mag = std::fabs(out0[size_t(r) * d + c]);
+            for (int64_t t = 0; t < n; ++t) mag += std::fabs(double(p[size_t(r) * ld + t]) * y[size_t(t) * d + c]);
+            ASSERT_NEAR(ga[size_t(r) * d + c], wa[size_t(r) * d + c], 1e-5 * mag + 1e-6)
+                << "nb=" << nb << " n=" << n << " n_q=" << n_q << " r=" << r << " c=" << c;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvc::cpu

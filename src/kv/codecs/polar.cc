@@ -136,24 +136,19 @@ class PolarCodec final : public Codec {
     }
   }
 
-  // Many tokens (decode attention): Highway decode of the rotated blocks into an f32 tile (no
-  // trigonometry: cos/sin tables), SIMD dot against the pre-rotated query; values accumulated in
-  // the rotated domain and rotated back once per query row per call. Score above and the default
-  // AccumulateWeighted (decode, then axpy) are the references (codec_blocks_test).
+  // Many tokens (decode attention): Highway kernels with 16 tokens per vector (cpu::PolarDotRows /
+  // PolarAxpyRows: the recursive decode from cos/sin tables, no trigonometry, no row-major tile),
+  // scored against the pre-rotated query; values accumulated in the rotated domain and rotated
+  // back once per query row per call. Score above and the default AccumulateWeighted (decode, then
+  // axpy) are the references (codec_blocks_test).
   void ScoreBlocks(const float* qp, int n_q, const uint8_t* blocks, int64_t n_blocks, float* scores,
                    int64_t ld) const override {
-    cpu::ScoreViaTile(qp, n_q, blocks, BlockBytes(), n_blocks, d_, scores, ld,
-                      [this](const uint8_t* rows, int64_t m, float* y) {
-                        cpu::PolarRows(rows, m, BlockBytes(), nb_, trig_.data(), y);
-                      });
+    cpu::PolarDotRows(qp, n_q, blocks, n_blocks, BlockBytes(), nb_, trig_.data(), scores, ld);
   }
   void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
                         float* out) const override {
     std::vector<float> acc(size_t(n_q) * d_, 0.f), x(d_);
-    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, acc.data(),
-                           [this](const uint8_t* rows, int64_t m, float* y) {
-                             cpu::PolarRows(rows, m, BlockBytes(), nb_, trig_.data(), y);
-                           });
+    cpu::PolarAxpyRows(p, ld, n_q, blocks, n_blocks, BlockBytes(), nb_, trig_.data(), acc.data());
     for (int r = 0; r < n_q; ++r) {
       rot_.ApplyT(&acc[size_t(r) * d_], x.data());
       for (int j = 0; j < d_; ++j) out[size_t(r) * d_ + j] += x[j];
