@@ -674,7 +674,9 @@ void PolarRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_
 // levels 2..4) and fp16 radii, 16 tokens per vector; the recursive decode then runs on vectors
 // of 16 tokens (same multiplications in the same order as the scalar decode, so every decoded
 // value is bit-identical), and the dots / weighted sums consume the decoded values straight from
-// registers. Keys: scores of 16 tokens accumulate lane-wise. Values: per (block, quarter of a
+// registers. Keys: level 1 is folded into the query (per pair j and row, a 16-entry table
+// q_2j·cos ψ + q_2j+1·sin ψ over the level-1 angles, one lane permute per pair and row instead of
+// two products), scores of 16 tokens accumulate lane-wise. Values: per (block, quarter of a
 // block) four element accumulators per query row run over the tile's tokens and are summed across
 // lanes once per tile.
 constexpr int kPolarStage = 2048;  // codes (nb · tokens) per staged tile
@@ -780,6 +782,17 @@ void PolarDotRowsImpl(const float* HWY_RESTRICT q, int n_q, const uint8_t* HWY_R
     const PolarTabs tb = LoadPolarTabs(trig);
     const auto m3 = hn::Set(du, 3u), m15 = hn::Set(du, 15u);
     const int tile = kPolarStage / nb / 16 * 16;
+    thread_local std::vector<float> qt;
+    qt.resize(size_t(n_q) * nb * 128);
+    for (int r = 0; r < n_q; ++r) {
+      for (int b = 0; b < nb; ++b) {
+        for (int j = 0; j < 8; ++j) {
+          const float* qq = q + size_t(r) * d + 16 * b + 2 * j;
+          hn::StoreU(hn::MulAdd(hn::Set(df, qq[1]), tb.s1, hn::Mul(hn::Set(df, qq[0]), tb.c1)), df,
+                    qt.data() + (size_t(r) * nb + b) * 128 + 16 * j);
+        }
+      }
+    }
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int m = int(std::min<int64_t>(tile, n - t0));
       PolarStage(rows, n, row_bytes, nb, t0, m, tile, &st);
@@ -807,14 +820,15 @@ void PolarDotRowsImpl(const float* HWY_RESTRICT q, int n_q, const uint8_t* HWY_R
               y2[2 * k] = hn::Mul(y3[k], Tab(tb.c2, i2));
               y2[2 * k + 1] = hn::Mul(y3[k], Tab(tb.s2, i2));
             }
-            const float* qb = q + size_t(r0) * d + 16 * b;
-            for (int j = 0; j < 8; ++j) {
-              const auto i1 = hn::And(hn::ShiftRightSame(lo, 4 * j), m15);
-              const auto e0 = hn::Mul(y2[j], Tab(tb.c1, i1));
-              const auto e1 = hn::Mul(y2[j], Tab(tb.s1, i1));
+            // Level 1 folded into the query: q_2j·cos ψ + q_2j+1·sin ψ per codebook angle.
+            const float* lb = qt.data() + (size_t(r0) * nb + b) * 128;
+            for (int j = 0; j < 8; j += 2) {
+              const auto i1a = hn::And(hn::ShiftRightSame(lo, 4 * j), m15);
+              const auto i1b = hn::And(hn::ShiftRightSame(lo, 4 * j + 4), m15);
               for (int r = 0; r < nr; ++r) {
-                a0[r] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + 2 * j]), e0, a0[r]);
-                a1[r] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + 2 * j + 1]), e1, a1[r]);
+                const float* l = lb + size_t(r) * nb * 128 + 16 * j;
+                a0[r] = hn::MulAdd(y2[j], Tab(hn::LoadU(df, l), i1a), a0[r]);
+                a1[r] = hn::MulAdd(y2[j + 1], Tab(hn::LoadU(df, l + 16), i1b), a1[r]);
               }
             }
           }
