@@ -251,7 +251,10 @@ static StatusOr<Stream> MakeStreamImpl(const std::string& codec_text,
   ctx.dim = dim_in;
   if (!transform_spec.empty()) {
     auto t = MakeTransform(transform_spec, ctx);
-    if (!t.ok()) return t.status();
+    if (!t.ok()) {
+      return Status(t.status().code(), fmt::format("transform '{}': {}", transform_spec,
+                                                   t.status().message()));
+    }
     s.transform = std::move(t).value();
     if (s.transform->in_dim() != dim_in) {
       return InvalidArgument(fmt::format("transform '{}' expects dim {} but {} has dim {}",
@@ -286,10 +289,12 @@ static StatusOr<Stream> MakeStream(const std::string& codec_text, const std::str
                                    bool sink) {
   auto s = MakeStreamImpl(codec_text, transform_text, ctx, dim_in, cfg);
   if (s.ok()) return s;
+  const std::string msg(s.status().message());
+  const bool transform_error = msg.rfind("transform '", 0) == 0;  // labelled by MakeStreamImpl
   return Status(s.status().code(),
-                fmt::format("layer {} {} {}codec '{}': {}", ctx.layer, KvKindName(ctx.kind),
-                            sink ? "sink segment (--kv-sink-codec) " : "", codec_text,
-                            s.status().message()));
+                fmt::format("layer {} {} {}{}{}", ctx.layer, KvKindName(ctx.kind),
+                            sink ? "sink segment (--kv-sink-codec) " : "",
+                            transform_error ? "" : fmt::format("codec '{}': ", codec_text), msg));
 }
 
 StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const KvCacheConfig& cfg) {

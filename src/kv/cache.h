@@ -59,6 +59,9 @@ struct KvCacheConfig {
   int sink_tokens = 0;                     // first tokens kept in their own segment ...
   std::string sink_codec = "f16";          // ... with this codec (K and V)
   PositionMode position_mode = PositionMode::kOriginal;
+  // true: position_mode was given explicitly (--kv-positions / pos=) and wins over the eviction
+  // policy's default (StreamingLLM: in-cache), even when it is kOriginal.
+  bool position_mode_set = false;
   const CalibrationData* calib = nullptr;  // shared by all codec/transform instances; may be null
   uint64_t seed = 0x6b76637275ull;
   int grow_tokens = 64;                    // storage grows in steps of this many tokens

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 
@@ -123,6 +124,10 @@ Status WriteCalibrationFile(const std::string& path, const CalibrationFile& f) {
 }
 
 StatusOr<CalibrationFile> ReadCalibrationFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return InvalidArgument(fmt::format("calibration file '{}' is a directory", path));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound(fmt::format("calibration file '{}' not found", path));
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -225,7 +225,8 @@ StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, kv::KvCac
   KVC_ASSIGN_OR_RETURN(s->policy_, kv::MakePolicy(evict_spec, model.kv_shape()));
   // An explicit position mode (not the default) wins; otherwise the policy's own (StreamingLLM:
   // in-cache). Policies take a `pos=` parameter too.
-  if (s->policy_ && cache_cfg.position_mode == kv::PositionMode::kOriginal) {
+  if (s->policy_ && !cache_cfg.position_mode_set &&
+      cache_cfg.position_mode == kv::PositionMode::kOriginal) {
     cache_cfg.position_mode = s->policy_->position_mode();
   }
   KVC_ASSIGN_OR_RETURN(s->cache_, kv::KvCache::Create(model.kv_shape(), cache_cfg));

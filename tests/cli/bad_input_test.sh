@@ -53,6 +53,16 @@ check "top-p"             "$BIN" generate -m "$MODEL" -p hi -n 1 --top-p 2
 check "token id"          "$BIN" logits -m "$MODEL" --tokens 99999999 --out "$tmp/l.bin"
 check "empty prompt"      "$BIN" generate -m "$MODEL" -p "" -n 1
 check "threads"           "$BIN" info -m "$MODEL" -t 0
+# Directories where files are expected, requests too large to allocate, outputs that cannot be
+# written: refused up front (these used to abort, allocate until killed, or fail after the run).
+check "is a directory"    "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-lowrank "$tmp"
+check "is a directory"    "$BIN" logits -m "$MODEL" --tokens 1,2 --out "$tmp/l.bin" --kv-transform-k "think:file=$tmp,ratio=0.4"
+check "is a directory"    "$BIN" perplexity -m "$MODEL" -f "$tmp"
+check "at most"           "$BIN" bench -m "$MODEL" -p 8 -n 2 --depth 100000000
+check "trained context"   "$BIN" retrieval -m "$MODEL" --task passkey --lengths 100000000
+check "report"            "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config q8_0 --report /proc/kvcrunch-nope
+check "is a directory"    "$BIN" calibrate -m "$MODEL" -f "$tmp/bad.txt" -o "$tmp"
+check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));

@@ -137,3 +137,24 @@ TEST_F(EvictionModel, DeterministicAcrossRunsAndThreads) {
 
 }  // namespace
 }  // namespace kvc
+
+namespace kvc {
+namespace {
+// An explicitly requested position mode wins over the policy's default, even when it is
+// "original" (the default value of the field): StreamingLLM defaults to in-cache positions.
+TEST_F(EvictionModel, ExplicitOriginalPositionsWinOverStreamingDefault) {
+  kv::KvCacheConfig cfg;
+  Session::Options o;
+  o.n_ctx = 256;
+  auto def = Session::Create(*model_, cfg, "streaming:sink=4,window=60", o);
+  ASSERT_TRUE(def.ok()) << def.status().ToString();
+  EXPECT_NE((*def)->cache().Describe().find("pos=in-cache"), std::string::npos);
+  cfg.position_mode = kv::PositionMode::kOriginal;
+  cfg.position_mode_set = true;
+  auto orig = Session::Create(*model_, cfg, "streaming:sink=4,window=60", o);
+  ASSERT_TRUE(orig.ok()) << orig.status().ToString();
+  EXPECT_EQ((*orig)->cache().Describe().find("in-cache"), std::string::npos)
+      << (*orig)->cache().Describe();
+}
+}  // namespace
+}  // namespace kvc

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -36,7 +37,7 @@ struct Common {
   int threads = 2;
   int64_t ctx = 0;  // 0 = command default
   int batch = 512;
-  std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos = "original", lowrank;
+  std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos, lowrank;  // pos "": policy default
   int sinks = 0;
   std::string sink_codec = "f16";
 };
@@ -57,7 +58,7 @@ void AddKvFlags(CLI::App* app, Common& c) {
   app->add_option("--kv-evict", c.evict, "eviction policy spec (e.g. streaming:sink=4,window=1020)");
   app->add_option("--kv-sinks", c.sinks, "first N tokens kept in their own segment")->check(CLI::Range(0, 1 << 20));
   app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment");
-  app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate");
+  app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate (default: original, or the policy's own: streaming in-cache)");
 }
 
 // Eviction acts between batches: the tokens of one batch attend to each other (and to the cache)
@@ -99,7 +100,10 @@ StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
   }
   r.cache.sink_tokens = c.sinks;
   r.cache.sink_codec = c.sink_codec;
-  KVC_ASSIGN_OR_RETURN(r.cache.position_mode, kv::ParsePositionMode(c.pos));
+  if (!c.pos.empty()) {
+    KVC_ASSIGN_OR_RETURN(r.cache.position_mode, kv::ParsePositionMode(c.pos));
+    r.cache.position_mode_set = true;
+  }
   r.evict = c.evict;
   return r;
 }
@@ -296,6 +300,7 @@ int CmdLogits(Common& c, const std::string& ids, const std::string& out_path) {
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : int64_t(toks->size());
@@ -390,6 +395,10 @@ int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
   if (file.empty()) return Fail(InvalidArgument("calibrate needs -f TEXT (use text disjoint from the evaluation text, e.g. a PG-19 book)"));
+  // Refuse an output path that cannot be written before the (minutes-long) calibration runs.
+  if (std::error_code ec; std::filesystem::is_directory(out_path, ec)) {
+    return Fail(InvalidArgument(fmt::format("-o '{}' is a directory; give a file path", out_path)));
+  }
   auto text = ReadTextFile(file);
   if (!text.ok()) return Fail(text.status());
   auto toks = TokenizeText(**m, *text);
@@ -413,6 +422,14 @@ int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path
 
 int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vector<std::string>& cfgs,
             bool json, bool csv, const std::string& report, int decode_tokens) {
+  if (!report.empty()) {  // fail before the run, not after it
+    std::error_code ec;
+    std::filesystem::create_directories(report, ec);
+    if (ec || !std::filesystem::is_directory(report)) {
+      return Fail(InvalidArgument(fmt::format("cannot create --report directory '{}'{}", report,
+                                              ec ? ": " + ec.message() : "")));
+    }
+  }
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
   EvalOptions opt;
@@ -480,8 +497,14 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   if (n_prompt < 1 || n_gen < 1 || depth < 1 || reps < 1) {
     return Fail(InvalidArgument("-p, -n, --depth and -r must be >= 1"));
   }
+  const int64_t max_depth = 16 * int64_t(std::max<int64_t>((*m)->config().n_ctx_train, 8192));
+  if (int64_t(depth) + n_gen > max_depth || n_prompt > max_depth) {
+    return Fail(InvalidArgument(fmt::format(
+        "--depth + -n and -p must be at most {} tokens (16x the model's trained context)", max_depth)));
+  }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
   so.n_ctx = std::max<int64_t>(n_prompt, depth + n_gen);
@@ -622,7 +645,8 @@ int main(int argc, char** argv) {
   AddModelFlags(cal, c);
   cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
   cal->add_option("--kv-lowrank", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var]");
-  cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)");
+  cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)")
+      ->check(CLI::Range(int64_t(4), int64_t(1) << 24));
   cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
   cal->add_option("-o,--out", out_path, "output calibration file")->required();
@@ -650,13 +674,24 @@ int main(int argc, char** argv) {
   bn->add_flag("--json", json, "JSON output");
 
   CLI11_PARSE(app, int(argv2.size()), argv2.data());
-  if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
-  if (*info) return CmdInfo(c);
-  if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
-  if (*lg) return CmdLogits(c, ids, out_path);
-  if (*ppl) return CmdPerplexity(c, file, chunks, json);
-  if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);
-  if (*rt) return CmdRetrieval(c, retrieval_args);
-  if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);
+  // Errors are Status values; an exception reaching here (out of memory for a huge request, an
+  // I/O failure inside a library) still ends with one clear line and exit 1, not an abort.
+  try {
+    if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
+    if (*info) return CmdInfo(c);
+    if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
+    if (*lg) return CmdLogits(c, ids, out_path);
+    if (*ppl) return CmdPerplexity(c, file, chunks, json);
+    if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);
+    if (*rt) return CmdRetrieval(c, retrieval_args);
+    if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "kvcrunch: error: RESOURCE_EXHAUSTED: out of memory (the request is too "
+                         "large for this machine: lower -c / --depth / --lengths)\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kvcrunch: error: INTERNAL: %s\n", e.what());
+    return 1;
+  }
   return 0;
 }

@@ -271,10 +271,10 @@ StatusOr<std::unique_ptr<Codec>> MakeKiviCodec(const CodecSpec& spec, const Code
   }
   if (group <= 0 || group % 8 != 0 || group > 4096) {
     return InvalidArgument(
-        fmt::format("kivi: group={} must be a positive multiple of 8 (e.g. 32)", group));
+        fmt::format("kivi: group={} must be a positive multiple of 8, at most 4096 (e.g. 32)", group));
   }
   if (residual < 0 || residual > (1 << 20)) {
-    return InvalidArgument(fmt::format("kivi: residual={} must be >= 0 (e.g. 128)", residual));
+    return InvalidArgument(fmt::format("kivi: residual={} must be in [0, 1048576] tokens (e.g. 128)", residual));
   }
   if (ctx.kind == KvKind::kValue && ctx.dim % group != 0) {
     return Unimplemented(fmt::format(

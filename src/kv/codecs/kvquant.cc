@@ -369,6 +369,10 @@ Status SaveCalibrationJson(const CalibrationData& c, const std::string& path) {
 }
 
 StatusOr<CalibrationData> LoadCalibrationJson(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return InvalidArgument(fmt::format("calibration file {} is a directory", path));
+  }
   std::ifstream f(path, std::ios::binary);
   if (!f) return NotFound(fmt::format("calibration file {} not found", path));
   CalibrationData c;

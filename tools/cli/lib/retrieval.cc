@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "calibrate.h"
 #include "kv/policies/common.h"
 #include "kv/policy.h"
 #include "model/model.h"
@@ -462,8 +463,15 @@ static StatusOr<std::string> DefaultBooks() {
 StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   std::string text;
   // Bad numbers are errors before any work (a negative size used to throw or loop).
+  // Prompts are built in memory and prefilled whole: far beyond the trained context they only
+  // measure extrapolation, and 100M tokens would exhaust memory before any output.
+  const int64_t max_len = 16 * int64_t(m.config().n_ctx_train > 0 ? m.config().n_ctx_train : 8192);
   for (int len : a.lengths) {
     if (len < 16) return InvalidArgument(fmt::format("--lengths: {} is too short (>= 16 tokens)", len));
+    if (len > max_len) {
+      return InvalidArgument(fmt::format("--lengths: {} is more than 16x the model's trained "
+                                         "context ({} tokens max)", len, max_len));
+    }
   }
   for (double d : a.depths) {
     if (!(d >= 0.0 && d <= 1.0)) return InvalidArgument(fmt::format("--depths: {} is outside [0, 1]", d));
@@ -518,6 +526,9 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
     if (!probe.ok()) return Status(probe.status().code(), cs + ": " + probe.status().message());
     auto pol = kv::MakePolicy(c.evict, m.kv_shape());
     if (!pol.ok()) return Status(pol.status().code(), cs + ": " + pol.status().message());
+    if (Status cal = CheckRunConfigCalibration(c, m); !cal.ok()) {
+      return Status(cal.code(), cs + ": " + cal.message());
+    }
   }
   for (const auto& cs : cfgs) {
     KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs));

@@ -56,6 +56,7 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       c.cache.sink_tokens = int(v);
     } else if (key == "pos") {
       KVC_ASSIGN_OR_RETURN(c.cache.position_mode, kv::ParsePositionMode(val));
+      c.cache.position_mode_set = true;
     } else {
       return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (k, v, kt, vt, evict, "
                                          "sinks, sink_codec, pos, name)", key, text));
@@ -87,6 +88,10 @@ std::vector<KvRunConfig> DefaultRunConfigs() {
 }
 
 StatusOr<std::string> ReadTextFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return InvalidArgument(fmt::format("text file '{}' is a directory", path));
+  }
   std::ifstream f(path, std::ios::binary);
   if (!f) return NotFound(fmt::format("cannot open text file '{}'", path));
   std::stringstream ss;
