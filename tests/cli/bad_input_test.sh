@@ -62,6 +62,8 @@ check "at most"           "$BIN" bench -m "$MODEL" -p 8 -n 2 --depth 100000000
 check "trained context"   "$BIN" retrieval -m "$MODEL" --task passkey --lengths 100000000
 check "report"            "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config q8_0 --report /proc/kvcrunch-nope
 check "is a directory"    "$BIN" calibrate -m "$MODEL" -f "$tmp/bad.txt" -o "$tmp"
+check "given twice"       "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "k=q8_0 k=q4_0"
+check "no value"          "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "evict="
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?

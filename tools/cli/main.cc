@@ -154,9 +154,17 @@ int CmdInfo(Common& c) {
     kv::KvCacheConfig cfg;
     cfg.k_codec = cfg.v_codec = info.name;
     auto cache = kv::KvCache::Create(shape, cfg);
+    std::string label = info.name;
     if (!cache.ok()) {
-      fmt::print("{:<12} unavailable: {}\n", info.name, cache.status().message());
-      continue;
+      // Key-only codecs (QJL): show them with f16 values, labelled so.
+      cfg.v_codec = "f16";
+      auto k_only = kv::KvCache::Create(shape, cfg);
+      if (!k_only.ok()) {
+        fmt::print("{:<12} unavailable: {}\n", info.name, cache.status().message());
+        continue;
+      }
+      cache = std::move(k_only);
+      label = info.name + "+f16V";
     }
     // Measure: write 256 random tokens per layer and read the allocation back.
     const int n = 256;
@@ -173,7 +181,7 @@ int CmdInfo(Common& c) {
     const double bpv = ((*cache)->KBitsPerValue() + (*cache)->VBitsPerValue()) / 2;
     const double per_tok = mc.KvBytesPerToken((*cache)->KBitsPerValue(), (*cache)->VBitsPerValue());
     const double measured = ok ? double((*cache)->Memory().KvBytes()) / n : 0;
-    fmt::print("{:<12} {:>10.3f} {:>14.1f} {:>14.0f} {:>12.1f}  {}\n", info.name, bpv, per_tok,
+    fmt::print("{:<12} {:>10.3f} {:>14.1f} {:>14.0f} {:>12.1f}  {}\n", label, bpv, per_tok,
                per_tok * mc.n_ctx_train, measured, info.summary);
   }
   fmt::print("\naliases:");

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -32,6 +33,7 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   std::istringstream in(text);
   std::string tok;
   bool any = false;
+  std::set<std::string> seen;
   while (in >> tok) {
     any = true;
     const size_t eq = tok.find('=');
@@ -42,6 +44,12 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       continue;
     }
     const std::string key = tok.substr(0, eq), val = tok.substr(eq + 1);
+    if (!seen.insert(key).second) {
+      return InvalidArgument(fmt::format("key '{}' given twice in config '{}'", key, text));
+    }
+    if (val.empty()) {
+      return InvalidArgument(fmt::format("key '{}' has no value in config '{}'", key, text));
+    }
     if (key == "k") c.cache.k_codec = val;
     else if (key == "v") c.cache.v_codec = val;
     else if (key == "kt") c.cache.k_transform = val;
