@@ -62,6 +62,8 @@ check "at most"           "$BIN" bench -m "$MODEL" -p 8 -n 2 --depth 100000000
 check "trained context"   "$BIN" retrieval -m "$MODEL" --task passkey --lengths 100000000
 check "report"            "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config q8_0 --report /proc/kvcrunch-nope
 check "is a directory"    "$BIN" calibrate -m "$MODEL" -f "$tmp/bad.txt" -o "$tmp"
+check "excludes"          "$BIN" generate -m "$MODEL" -p hi --tokens 1,2 -n 1
+check "requires --kv-sinks" "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-sink-codec q8_0
 check "given twice"       "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "k=q8_0 k=q4_0"
 check "no value"          "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "evict="
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"

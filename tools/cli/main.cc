@@ -56,8 +56,10 @@ void AddKvFlags(CLI::App* app, Common& c) {
   app->add_option("--kv-transform-v", c.vt, "V transform spec");
   app->add_option("--kv-lowrank", c.lowrank, "calibration FILE: Palu low-rank K and V (= lowrank:file=FILE for K and V)");
   app->add_option("--kv-evict", c.evict, "eviction policy spec (e.g. streaming:sink=4,window=1020)");
-  app->add_option("--kv-sinks", c.sinks, "first N tokens kept in their own segment")->check(CLI::Range(0, 1 << 20));
-  app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment");
+  auto* sinks = app->add_option("--kv-sinks", c.sinks, "first N tokens kept in their own segment")
+                    ->check(CLI::Range(0, 1 << 20));
+  app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment (needs --kv-sinks)")
+      ->needs(sinks);
   app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate (default: original, or the policy's own: streaming in-cache)");
 }
 
@@ -614,9 +616,9 @@ int main(int argc, char** argv) {
   auto* gen = app.add_subcommand("generate", "generate text from a prompt (streamed)");
   AddModelFlags(gen, c);
   AddKvFlags(gen, c);
-  gen->add_option("-p,--prompt", prompt, "prompt text");
-  gen->add_option("-f,--file", file, "read the prompt from a file");
-  gen->add_option("--tokens", ids, "prompt as comma-separated token ids");
+  auto* gen_p = gen->add_option("-p,--prompt", prompt, "prompt text");
+  auto* gen_f = gen->add_option("-f,--file", file, "read the prompt from a file")->excludes(gen_p);
+  gen->add_option("--tokens", ids, "prompt as comma-separated token ids")->excludes(gen_p)->excludes(gen_f);
   gen->add_flag("--chat", chat, "wrap the prompt in the model's chat template");
   gen->add_option("-n,--n-predict", n_predict, "tokens to generate");
   gen->add_option("--temp", temp, "temperature (0 = greedy)");
@@ -643,8 +645,8 @@ int main(int argc, char** argv) {
   ev->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
   ev->add_option("--chunks", chunks, "max chunks (default 4; 0: every chunk of the file)");
   ev->add_option("--config", cfgs, "KV configuration, repeatable: 'q4_0' or 'k=q8_0 v=q4_0 evict=...'");
-  ev->add_flag("--json", json, "JSON output");
-  ev->add_flag("--csv", csv, "CSV output");
+  auto* ev_json = ev->add_flag("--json", json, "JSON output");
+  ev->add_flag("--csv", csv, "CSV output")->excludes(ev_json);
   ev->add_option("--report", report, "write DIR/report.md and DIR/quality_vs_bytes.svg");
   ev->add_option("--decode-tokens", decode_tokens, "decode steps timed per configuration")->check(CLI::Range(0, 100000));
 
