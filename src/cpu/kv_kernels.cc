@@ -1094,7 +1094,7 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
     }
   }
 }
-static void PolarRowDecode(const uint8_t* row, int nb, const float* trig, float* y) {
+void PolarRow(const uint8_t* row, int nb, const float* trig, float* y) {
   const uint8_t* codes = row + 2 * nb;
   for (int b = 0; b < nb; ++b) {
     int idx[15];
@@ -1127,7 +1127,7 @@ void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_
   const int d = nb * 16;
   std::vector<float> y(d);
   for (int64_t t = 0; t < n; ++t) {
-    PolarRowDecode(rows + size_t(t) * row_bytes, nb, trig, y.data());
+    PolarRow(rows + size_t(t) * row_bytes, nb, trig, y.data());
     for (int r = 0; r < n_q; ++r) {
       double s = 0;
       for (int c = 0; c < d; ++c) s += double(q[size_t(r) * d + c]) * y[c];
@@ -1139,7 +1139,7 @@ void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int
                    size_t row_bytes, int nb, const float* trig, float* out) {
   const int d = nb * 16;
   std::vector<float> y(size_t(n) * d);
-  for (int64_t t = 0; t < n; ++t) PolarRowDecode(rows + size_t(t) * row_bytes, nb, trig, &y[size_t(t) * d]);
+  for (int64_t t = 0; t < n; ++t) PolarRow(rows + size_t(t) * row_bytes, nb, trig, &y[size_t(t) * d]);
   AxpyF32Rows(p, ld, n_q, y.data(), n, d, out);
 }
 }  // namespace ref

@@ -112,6 +112,9 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
 void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
                  size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
 // PolarQuant: codes read bit by bit, recursive decode (level 4 first), double-precision sums.
+// PolarRow decodes one row [nb fp16 radii][nb 46-bit code words] -> y [16 · nb] (the recursive
+// decode of kv/codecs/polar.h, cos / sin from trig as PolarRows).
+void PolarRow(const uint8_t* row, int nb, const float* trig, float* y);
 void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
                   const float* trig, float* out, int64_t ld);
 void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,

@@ -232,37 +232,6 @@ TEST(KvKernels, SignDotRowsMatchReference) {
   }
 }
 
-// Independent reference: the recursive decode of kv/codecs/polar.h (level 4 first), codes read bit
-// by bit from the stream, cos / sin taken from the same table.
-void PolarRowRef(const uint8_t* row, int nb, const float* trig, float* y) {
-  const uint8_t* codes = row + 2 * nb;
-  size_t pos = 0;
-  auto get = [&](int w) {
-    uint32_t v = 0;
-    for (int i = 0; i < w; ++i, ++pos) v |= uint32_t((codes[pos >> 3] >> (pos & 7)) & 1) << i;
-    return int(v);
-  };
-  for (int b = 0; b < nb; ++b) {
-    int idx[15];
-    for (int i = 0; i < 15; ++i) idx[i] = get(i < 8 ? 4 : 2);
-    uint16_t h;
-    std::memcpy(&h, row + 2 * b, 2);
-    float r[16] = {gguf::Fp16ToFp32(h)};
-    int n = 1;
-    const int off[4] = {0, 8, 12, 14};
-    for (int l = 3; l >= 0; --l) {
-      float nr[16];
-      for (int j = 0; j < n; ++j) {
-        nr[2 * j] = r[j] * trig[2 * l * 16 + idx[off[l] + j]];
-        nr[2 * j + 1] = r[j] * trig[(2 * l + 1) * 16 + idx[off[l] + j]];
-      }
-      n *= 2;
-      std::copy(nr, nr + n, r);
-    }
-    std::copy(r, r + 16, y + 16 * b);
-  }
-}
-
 TEST(KvKernels, PolarRowsEqualRecursiveDecode) {
   const auto trig = Randn(8 * 16, 31);
   for (int nb : {1, 3, 4, 8}) {
@@ -277,7 +246,7 @@ TEST(KvKernels, PolarRowsEqualRecursiveDecode) {
     }
     std::vector<float> got(size_t(n) * nb * 16), want(got.size());
     PolarRows(rows.data(), n, row_bytes, nb, trig.data(), got.data());
-    for (int64_t t = 0; t < n; ++t) PolarRowRef(&rows[t * row_bytes], nb, trig.data(), &want[size_t(t) * nb * 16]);
+    for (int64_t t = 0; t < n; ++t) ref::PolarRow(&rows[t * row_bytes], nb, trig.data(), &want[size_t(t) * nb * 16]);
     for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i]) << "nb=" << nb << " i=" << i;
   }
 }
