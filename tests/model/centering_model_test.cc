@@ -31,6 +31,21 @@ namespace {
 const std::string kRoot = KVC_SOURCE_DIR;
 const std::string kModel = kRoot + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+// raw[t] = ‖x_t‖², centered[t] = ‖x_t − μ‖² for rows x [n, d] (float), μ [d] (double).
+void RawAndCenteredNorms(const float* x, int n, int d, const std::vector<double>& mu,
+                         std::vector<double>* raw, std::vector<double>* centered) {
+  for (int t = 0; t < n; ++t) {
+    double e = 0, c = 0;
+    for (int i = 0; i < d; ++i) {
+      const double v = x[size_t(t) * d + i];
+      e += v * v;
+      c += (v - mu[i]) * (v - mu[i]);
+    }
+    (*raw)[t] = e;
+    (*centered)[t] = c;
+  }
+}
+
 int EnvInt(const char* name, int def) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : def;
@@ -191,27 +206,13 @@ TEST(CenteringModel, KeyAndScoreErrorRawVsCentered) {
       // Attention-weighted: Σ_rows Σ_j p_j ‖k_j − μ‖² vs ‖k_j‖² with the real queries.
       const int rows = int(cap.qseq[l].size());
       std::vector<double> kn(n), cn(n);
-      for (int t = 0; t < n; ++t) {
-        double e = 0, c = 0;
-        for (int d = 0; d < hd; ++d) {
-          const double x = K[size_t(t) * hd + d];
-          e += x * x; c += (x - mu[d]) * (x - mu[d]);
-        }
-        kn[t] = e; cn[t] = c;
-      }
+      RawAndCenteredNorms(K, n, hd, mu, &kn, &cn);
       // Values: same, μ_v from the first batch.
       const float* V = vr[l][h].data();
       std::vector<double> muv(dv, 0.0), vn(n), vcn(n);
       for (int t = 1; t < nb; ++t) for (int d = 0; d < dv; ++d) muv[d] += V[size_t(t) * dv + d];
       for (int d = 0; d < dv; ++d) muv[d] /= (nb - 1);
-      for (int t = 0; t < n; ++t) {
-        double e = 0, c = 0;
-        for (int d = 0; d < dv; ++d) {
-          const double x = V[size_t(t) * dv + d];
-          e += x * x; c += (x - muv[d]) * (x - muv[d]);
-        }
-        vn[t] = e; vcn[t] = c;
-      }
+      RawAndCenteredNorms(V, n, dv, muv, &vn, &vcn);
       v_r0 += vcn[0] / vn[0] / nkv;
       std::vector<double> s(n);
       for (int r = 0; r < rows; ++r) {
