@@ -487,6 +487,48 @@ void CodebookRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t r
   }
 }
 
+// Many rows, per-row fp16 scale / offset and per-channel affine (KVQuant):
+// out[t · n_codes + j] = ((cb[code_tj] · g_t) · mul_j + add_j) + z_t.
+void CodebookAffineRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes,
+                            size_t code_off, int n_codes, int b, const float* HWY_RESTRICT cb,
+                            int64_t g_off, int64_t z_off, const float* HWY_RESTRICT mul,
+                            const float* HWY_RESTRICT add, float* HWY_RESTRICT out) {
+  const DF df;
+  const DI di;
+  const int kN = int(hn::Lanes(df));
+  const bool fast = FastCodes(b) && (1 << b) <= kN && n_codes % kN == 0 && n_codes / kN <= 8;
+  HWY_ALIGN float tab[hn::MaxLanes(df)];
+  for (int i = 0; i < kN; ++i) tab[i] = i < (1 << b) ? cb[i] : 0.f;
+  const auto vt = hn::Load(df, tab);
+  const int nv = fast ? n_codes / kN : 0;
+  CodeChunk plan[8];
+  for (int v = 0; v < nv; ++v) plan[v] = PlanChunk(v * kN, n_codes, b);
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    const float g = g_off >= 0 ? HalfAt(row + g_off) : 1.f;
+    const float z = z_off >= 0 ? HalfAt(row + z_off) : 0.f;
+    float* o = out + t * n_codes;
+    if (!fast) {
+      CodebookRowImpl(row + code_off, n_codes, b, cb, g, o);
+      for (int j = 0; j < n_codes; ++j) {
+        float x = o[j];
+        if (mul) x = x * mul[j];
+        if (add) x = x + add[j];
+        o[j] = x + z;
+      }
+      continue;
+    }
+    const auto vg = hn::Set(df, g), vz = hn::Set(df, z);
+    for (int v = 0; v < nv; ++v) {
+      const auto c = CodesPlanned(row + code_off, plan[v], n_codes, b);
+      auto x = hn::Mul(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, c))), vg);
+      if (mul) x = hn::Mul(x, hn::LoadU(df, mul + v * kN));
+      if (add) x = hn::Add(x, hn::LoadU(df, add + v * kN));
+      hn::StoreU(hn::Add(x, vz), df, o + v * kN);
+    }
+  }
+}
+
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes]: out[t · n_groups·group + j] = code · s_g + z_g.
 void AffineGroupRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes,
                          int n_groups, int group, int b, float* HWY_RESTRICT out) {
@@ -929,6 +971,37 @@ void PolarAxpyRowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const u
   }
 }
 
+// ---- RoPE (pairs (2i, 2i+1)) over many rows, cos/sin from a table.
+// In every vector the table row [c0, s0, c1, s1, ...] lines up with x's pairs: C = DupEven(t),
+// S = DupOdd(t); y = x ∘ C + swap(x) ∘ (−S, +S, ...) with the pair swap Reverse2. Products and
+// one add per lane, no FMA: y0 = x0·c + (−x1·s), y1 = x1·c + x0·s, bit-identical to the scalar
+// x0·c − x1·s and x0·s + x1·c.
+void RotatePairsRowsImpl(float* HWY_RESTRICT x, int64_t n, int64_t ld, int n_rot,
+                         const float* HWY_RESTRICT table, const int64_t* HWY_RESTRICT pos) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  const int nv = kN >= 2 ? n_rot / kN * kN : 0;
+  for (int64_t t = 0; t < n; ++t) {
+    float* xt = x + t * ld;
+    const float* tr = table + pos[t] * n_rot;
+    int c = 0;
+#if HWY_TARGET != HWY_SCALAR
+    for (; c < nv; c += kN) {
+      const auto tv = hn::LoadU(df, tr + c);
+      const auto xv = hn::LoadU(df, xt + c);
+      const auto cv = hn::DupEven(tv), sv = hn::DupOdd(tv);
+      const auto ss = hn::OddEven(sv, hn::Neg(sv));
+      hn::StoreU(hn::Add(hn::Mul(xv, cv), hn::Mul(hn::Reverse2(df, xv), ss)), df, xt + c);
+    }
+#endif
+    for (; c + 1 < n_rot; c += 2) {
+      const float co = tr[c], si = tr[c + 1], x0 = xt[c], x1 = xt[c + 1];
+      xt[c] = x0 * co - x1 * si;
+      xt[c + 1] = x0 * si + x1 * co;
+    }
+  }
+}
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -949,6 +1022,17 @@ HWY_EXPORT(SignDotRowsImpl);
 HWY_EXPORT(PolarRowsImpl);
 HWY_EXPORT(PolarDotRowsImpl);
 HWY_EXPORT(PolarAxpyRowsImpl);
+HWY_EXPORT(RotatePairsRowsImpl);
+HWY_EXPORT(CodebookAffineRowsImpl);
+void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                        int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
+                        const float* mul, const float* add, float* out) {
+  HWY_DYNAMIC_DISPATCH(CodebookAffineRowsImpl)(rows, n_rows, row_bytes, code_off, n_codes, b, cb, g_off,
+                                               z_off, mul, add, out);
+}
+void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos) {
+  HWY_DYNAMIC_DISPATCH(RotatePairsRowsImpl)(x, n, ld, n_rot, table, pos);
+}
 void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
                   const float* trig, float* out, int64_t ld) {
   HWY_DYNAMIC_DISPATCH(PolarDotRowsImpl)(q, n_q, rows, n, row_bytes, nb, trig, out, ld);
@@ -1008,6 +1092,34 @@ void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
 }
 
 namespace ref {
+static uint32_t CodeAt(const uint8_t* bits, int j, int b);
+void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                        int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
+                        const float* mul, const float* add, float* out) {
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const uint8_t* row = rows + size_t(t) * row_bytes;
+    uint16_t h;
+    float g = 1.f, z = 0.f;
+    if (g_off >= 0) { std::memcpy(&h, row + g_off, 2); g = gguf::Fp16ToFp32(h); }
+    if (z_off >= 0) { std::memcpy(&h, row + z_off, 2); z = gguf::Fp16ToFp32(h); }
+    for (int j = 0; j < n_codes; ++j) {
+      float x = cb[CodeAt(row + code_off, j, b)] * g;
+      if (mul) x = x * mul[j];
+      if (add) x = x + add[j];
+      out[t * n_codes + j] = x + z;
+    }
+  }
+}
+void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* tr = table + pos[t] * n_rot;
+    for (int c = 0; c + 1 < n_rot; c += 2) {
+      const float x0 = x[t * ld + c], x1 = x[t * ld + c + 1];
+      x[t * ld + c] = x0 * tr[c] - x1 * tr[c + 1];
+      x[t * ld + c + 1] = x0 * tr[c + 1] + x1 * tr[c];
+    }
+  }
+}
 static uint32_t CodeAt(const uint8_t* bits, int j, int b) {
   uint32_t v = 0;
   for (int i = 0; i < b; ++i) {

@@ -63,10 +63,24 @@ void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_
                   const float* trig, float* out, int64_t ld);
 void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
                    size_t row_bytes, int nb, const float* trig, float* out);
+// Many rows (row t at rows + t · row_bytes, b-bit code stream at code_off) with an optional fp16
+// scale g_t at g_off and offset z_t at z_off (−1: g = 1, z = 0) and optional per-channel mul /
+// add [n_codes] (null: 1 / 0): out[t · n_codes + j] = ((cb[code_tj] · g_t) · mul_j + add_j) + z_t.
+// KVQuant rows (keys: mul = per-channel range, add = offset; values: per-token g, z). b <= 8 (same
+// padding rule as CodebookRow).
+void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                        int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
+                        const float* mul, const float* add, float* out);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
 // out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
                      int b, float* out);
+
+// RoPE with pairs (2i, 2i+1) (GGUF "llama" order) on many rows: row t is x + t · ld, its first
+// n_rot values (n_rot even) are rotated in place by the angles of table row pos[t], table
+// [*, n_rot / 2, 2] f32 (cos θ_i, sin θ_i) interleaved (kv::Rope's table). Bit-identical to the
+// scalar x0·c − x1·s, x0·s + x1·c (no FMA). RoFormer (Su et al. 2021) eq. 34.
+void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos);
 
 // Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns
 // m consecutive rows into [m, d] f32). One tile is at most ~16 KiB, so it stays in L1.
@@ -98,6 +112,10 @@ void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows,
 }
 
 namespace ref {
+void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
+                        int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
+                        const float* mul, const float* add, float* out);
+void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos);
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld);
 void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out);
 void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);

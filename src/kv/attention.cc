@@ -13,6 +13,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "cpu/kv_kernels.h"
 #include "cpu/ops.h"
 #include "kv/cache.h"
 #include "kv/cache_internal.h"
@@ -72,6 +73,38 @@ void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* r
   out->push_back(std::move(pd));
 }
 
+// Scores of pre-RoPE keys at decode: out[r * ld + j] = <q[r], R(pos[j]) k̂_j> for the first n
+// tokens of the stream (packed blocks, then the fp16 tail). The stream is decoded in chunks of
+// ~128 tokens (a 32 KiB tile that stays in L1/L2), reconstructed (transform, + μ), rotated
+// (Rope::Apply: SIMD over the cos/sin table) and scored (DotF32Rows) before the next chunk, so
+// no [n, head_dim] tile of the whole stream is written and read back at every step.
+// q [rows, dim_in] post-RoPE query rows. Same values as DecodeKeys + GEMM up to summation order.
+void ScorePreRopeKeys(const Stream& st, const Rope& rope, const int64_t* pos, const float* q,
+                      int rows, int64_t n, float* out, int64_t ld) {
+  constexpr int64_t kChunkTokens = 128;
+  const int bt = st.block_tokens();
+  const size_t bb = st.block_bytes();
+  const int64_t chunk = std::max<int64_t>(bt, kChunkTokens / bt * bt);
+  thread_local std::vector<float> y, x;
+  if (y.size() < size_t(chunk) * st.dim) y.resize(size_t(chunk) * st.dim);
+  if (x.size() < size_t(chunk) * st.dim_in) x.resize(size_t(chunk) * st.dim_in);
+  float* xs = st.transform ? x.data() : y.data();  // no transform: decode straight into place
+  int64_t m = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += m) {
+    if (j0 < st.n_packed) {  // j0 is a multiple of bt here (chunk is)
+      const int64_t nb = std::min(chunk, st.n_packed - j0) / bt;
+      st.codec->DecodeBlocks(st.packed.data() + size_t(j0 / bt) * bb, nb, y.data());
+      m = std::min(nb * bt, n - j0);
+    } else {
+      m = std::min(chunk, n - j0);
+      Fp16ToFp32Row(st.tail.data() + size_t(j0 - st.n_packed) * st.dim, m * st.dim, y.data());
+    }
+    st.ToInput(y.data(), m, xs, pos + j0);
+    rope.Apply(xs, int(m), st.dim_in, pos + j0);
+    cpu::DotF32Rows(q, rows, xs, m, st.dim_in, out + j0, ld);
+  }
+}
+
 }  // namespace
 
 void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, float* out) {
@@ -98,17 +131,18 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
     const int64_t n = hc.n();
     p.rope_pos = hc.pos;
     if (in_cache) std::iota(p.rope_pos.begin(), p.rope_pos.end(), 0);
-    bool any_pre = false, any_window = false;
+    bool any_window = false;
     for (const auto& seg : hc.segs) {
-      any_pre = any_pre || seg.k.pre_rope;
       any_window = any_window || (seg.k.has_window() && seg.k.n_tail > 0) ||
                    (seg.v.has_window() && seg.v.n_tail > 0);
     }
-    // Pre-RoPE keys (KVQuant, low-rank, in-cache positions) must be decoded and rotated, but
-    // only the keys: at decode the values still take the fused path (a low-rank value stream is
-    // accumulated in its latent and reconstructed once per query row).
+    // Pre-RoPE keys (KVQuant, low-rank, in-cache positions) must be decoded and rotated. With
+    // many query rows that is done once into a tile (then GEMM); at decode each such key stream
+    // is decoded, rotated and scored in L1-sized chunks (ScorePreRopeKeys), and the values
+    // take the fused path (a low-rank value stream is accumulated in its latent and
+    // reconstructed once per query row).
     const bool both_tiled = want_tiled || (n_q > 1 && any_window);
-    p.tiled = both_tiled || any_pre;
+    p.tiled = both_tiled;
     p.v_tiled = both_tiled;
     if (p.tiled && n_q > 1 && any_window) {
       HeadCache& hm = heads[h];
@@ -190,6 +224,12 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           const Stream& st = seg.k;
           const int64_t n_seg = st.n();
           if (off >= n_eff || n_seg == 0) { off += n_seg; continue; }
+          if (st.pre_rope) {
+            ScorePreRopeKeys(st, rope, p.rope_pos.data() + off, qh.data(), rows,
+                             std::min(n_seg, n_eff - off), &s[off], n_eff);
+            off += n_seg;
+            continue;
+          }
           std::vector<float> qf;
           const float* qsrc = qh.data();
           if (st.transform) {

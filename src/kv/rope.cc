@@ -52,7 +52,19 @@ void Rope::RotateRow(float* x, int64_t pos) const {
 }
 
 void Rope::Apply(float* x, int n, int dim, const int64_t* pos) const {
-  for (int r = 0; r < n; ++r) RotateRow(x + int64_t(r) * dim, pos[r]);
+  int r = 0;
+  while (r < n) {
+    if (p_.neox || pos[r] < 0 || pos[r] >= table_positions_) {
+      RotateRow(x + int64_t(r) * dim, pos[r]);
+      ++r;
+      continue;
+    }
+    int e = r + 1;  // run of rows inside the table: one SIMD call (same results as RotateRow)
+    while (e < n && pos[e] >= 0 && pos[e] < table_positions_) ++e;
+    cpu::RotatePairsRows(x + int64_t(r) * dim + p_.rot_offset, e - r, dim, p_.n_rot, table_.data(),
+                         pos + r);
+    r = e;
+  }
 }
 
 void Rope::ApplySame(float* x, int n, int dim, int64_t pos) const {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kv/cache.h"
+#include "kv/codecs/kvquant.h"
 #include "kv/rope.h"
 
 namespace kvc::kv {
@@ -185,6 +186,57 @@ TEST(KvCache, FusedEqualsTiledForQ8) {
   // And q8_0 stays close to the exact answer.
   auto ref = Reference(s, st.q, st.k, st.v, n, n, 0);
   EXPECT_LT(MaxAbsDiff(tiled, ref), 0.05);
+}
+
+// Keys stored before RoPE (in-cache positions, KVQuant) are decoded, rotated and scored in
+// chunks of ~128 tokens at decode (n_q <= 4), and through one decoded tile + GEMM for a batch:
+// both must give the same attention. 300 tokens = two full chunks and a partial one; block
+// codecs (KIVI: 32-token blocks + fp16 tail), a sink segment, centring, KVQuant's sparse
+// outliers, and a multi-token decode (n_q = 3).
+TEST(KvCache, PreRopeKeysChunkedDecodeEqualsTiled) {
+  const KvShape s = SmallShape();
+  const int n = 300, hd = s.head_dim, rowsz = s.n_head * hd;
+  Stream st = MakeStream(s, n, 41);
+  KvQuantSamples ks;
+  ks.n_layer = s.n_layer;
+  ks.n_head_kv = s.n_head_kv;
+  ks.head_dim = hd;
+  for (int l = 0; l < s.n_layer; ++l) {
+    ks.k.push_back(Randn(size_t(256) * s.n_head_kv * hd, 50 + l));
+    ks.v.push_back(Randn(size_t(256) * s.n_head_kv * hd, 60 + l));
+  }
+  auto calib = CalibrateKvQuant(ks);
+  ASSERT_TRUE(calib.ok()) << calib.status().ToString();
+  struct Case { const char* k; int sinks; PositionMode pos; };
+  for (const Case& cs : {Case{"f32", 0, PositionMode::kInCache}, Case{"f16", 4, PositionMode::kInCache},
+                         Case{"q8_0:center=1", 0, PositionMode::kInCache},
+                         Case{"kivi:bits=4,group=32,residual=32", 0, PositionMode::kInCache},
+                         Case{"kvquant4", 0, PositionMode::kOriginal},
+                         Case{"kvquant2", 4, PositionMode::kOriginal}}) {
+    KvCacheConfig cfg;
+    cfg.k_codec = cs.k;
+    cfg.v_codec = "f32";
+    cfg.sink_tokens = cs.sinks;
+    cfg.position_mode = cs.pos;
+    cfg.position_mode_set = true;
+    cfg.calib = &*calib;
+    auto c = KvCache::Create(s, cfg);
+    ASSERT_TRUE(c.ok()) << cs.k << ": " << c.status().ToString();
+    std::vector<int64_t> seq(n);
+    for (int i = 0; i < n; ++i) seq[i] = i;
+    for (int l = 0; l < s.n_layer; ++l) {
+      ASSERT_TRUE((*c)->Write(l, seq.data(), n, st.k.data(), st.v.data()).ok());
+    }
+    (*c)->Flush();
+    std::vector<float> tiled(size_t(n) * rowsz);
+    (*c)->Attend(0, st.q.data(), seq.data(), n, tiled.data());  // tiled
+    for (int nq : {1, 3}) {  // chunked (KIVI's fp16 tail sends n_q = 3 to the tiled path)
+      std::vector<float> fused(size_t(nq) * rowsz);
+      (*c)->Attend(0, &st.q[size_t(n - nq) * rowsz], &seq[n - nq], nq, fused.data());
+      const std::vector<float> last(tiled.end() - nq * rowsz, tiled.end());
+      EXPECT_LT(MaxAbsDiff(last, fused), 2e-5) << cs.k << " sinks " << cs.sinks << " n_q " << nq;
+    }
+  }
 }
 
 // Centering (codec key center=1): the cache stores x − μ and adds q·μ / (Σp)·μ back, so with a

@@ -204,6 +204,50 @@ TEST(KvKernels, CodeStreamKernelsMatchReference) {
   }
 }
 
+// KVQuant rows: codebook, per-row fp16 scale / offset, per-channel affine; bit-identical.
+TEST(KvKernels, CodebookAffineRowsEqualReference) {
+  for (int b = 2; b <= 4; ++b) {
+    std::vector<float> cb = Randn(size_t(1) << b, 40 + b);
+    for (int n : {16, 48, 64, 70}) {  // 70: not a multiple of the vector width (fallback)
+      const size_t nbytes = (size_t(n) * b + 7) / 8;
+      const size_t row_bytes = 4 + nbytes + 3;  // fp16 z at 0, fp16 g at 2, codes at 4, 3 more
+      const int64_t n_rows = 9;
+      auto rows = RandBytes(row_bytes * n_rows + 8, 31 * b + n);
+      for (int64_t t = 0; t < n_rows; ++t) {
+        const uint16_t zg[2] = {uint16_t(0xB800 + 11 * t), uint16_t(0x3400 + 29 * t)};
+        std::memcpy(&rows[t * row_bytes], zg, 4);
+      }
+      const auto mul = Randn(n, 3), add = Randn(n, 4);
+      for (int mode = 0; mode < 2; ++mode) {  // 0: keys (per channel), 1: values (per row)
+        std::vector<float> got(size_t(n_rows) * n), want(got.size());
+        const int64_t g_off = mode ? 2 : -1, z_off = mode ? 0 : -1;
+        const float* m = mode ? nullptr : mul.data();
+        const float* a = mode ? nullptr : add.data();
+        CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a, got.data());
+        ref::CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a,
+                                want.data());
+        for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i]) << "b=" << b << " n=" << n << " i=" << i;
+      }
+    }
+  }
+}
+
+// RoPE over many rows from the cos/sin table (kv::Rope's layout), odd widths and gaps in the
+// positions; bit-identical to the scalar rotation.
+TEST(KvKernels, RotatePairsRowsEqualReference) {
+  for (int n_rot : {2, 6, 16, 32, 64, 80, 128}) {
+    const int positions = 50, ld = n_rot + 5;
+    auto table = Randn(size_t(positions) * n_rot, 8 + n_rot);
+    const int64_t n = 13;
+    std::vector<int64_t> pos(n);
+    for (int64_t t = 0; t < n; ++t) pos[t] = (7 * t + 3) % positions;
+    auto x = Randn(size_t(n) * ld, 9 + n_rot), y = x;
+    RotatePairsRows(x.data(), n, ld, n_rot, table.data(), pos.data());
+    ref::RotatePairsRows(y.data(), n, ld, n_rot, table.data(), pos.data());
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(x[i], y[i]) << "n_rot=" << n_rot << " i=" << i;
+  }
+}
+
 TEST(KvKernels, SignDotRowsMatchReference) {
   for (int m : {8, 16, 64, 72, 128, 256}) {
     for (int n_q : {1, 3, 5}) {

@@ -101,36 +101,45 @@ class KvQuantCodec final : public Codec {
     }
   }
 
+  // Scalar reference decode (the kernel below is checked against it bit for bit).
   void Decode(const uint8_t* block, float* x) const override {
-    float vo = 0, vr = 0;
+    float vo = 0, vr = 1;
     if (!key_) {
       vo = gguf::Fp16ToFp32(LoadU16(block));
       vr = gguf::Fp16ToFp32(LoadU16(block + 2));
     }
-    // Highway codebook lookup (cpu::CodebookRow, b <= 4 reads no byte past the codes), then the
-    // per-channel (keys) or per-token (values) affine map: the same products as u·rng + off.
-    cpu::CodebookRow(block + head_, d_, b_, cb_.data(), key_ ? 1.f : vr, x);
+    uint8_t idx[256];
+    UnpackCodes(block + head_, d_, b_, idx);
+    for (int c = 0; c < d_; ++c) {
+      // The same products as u·rng + off (keys, per channel) / u·rng + off (values, per token).
+      x[c] = key_ ? cb_[idx[c]] * rng_[c] + off_[c] : cb_[idx[c]] * vr + vo;
+    }
+    PatchOutliers(block, x);
+  }
+
+  // Many tokens: Highway codebook rows with the per-channel (keys) or per-token (values) affine
+  // map (cpu::CodebookAffineRows, same operations as Decode), then the sparse fp16 outliers.
+  void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const override {
+    const size_t bb = BlockBytes();
     if (key_) {
-      for (int c = 0; c < d_; ++c) x[c] = x[c] * rng_[c] + off_[c];
+      cpu::CodebookAffineRows(blocks, n_blocks, bb, head_, d_, b_, cb_.data(), -1, -1, rng_.data(),
+                              off_.data(), x);
     } else {
-      for (int c = 0; c < d_; ++c) x[c] += vo;
+      cpu::CodebookAffineRows(blocks, n_blocks, bb, head_, d_, b_, cb_.data(), 2, 0, nullptr,
+                              nullptr, x);
     }
-    const uint8_t* o = block + head_ + code_bytes_;
-    for (int i = 0; i < n_out_; ++i) {
-      if (o[3 * i] != kEmpty && o[3 * i] < d_) x[o[3 * i]] = gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1));
-    }
+    for (int64_t t = 0; t < n_blocks; ++t) PatchOutliers(blocks + t * bb, x + t * d_);
   }
 
   // Values at decode (fused path): decode L1-sized tiles of rows, then one f32 multi-row axpy.
   void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
                         int64_t n_blocks, float* out) const override {
-    const size_t bb = BlockBytes();
-    cpu::AccumulateViaTile(p, ld, n_q, blocks, bb, n_blocks, d_, out,
-                           [&](const uint8_t* rows, int64_t m, float* tile) {
-                             for (int64_t i = 0; i < m; ++i) Decode(rows + i * bb, tile + i * d_);
-                           });
+    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, out,
+                           [&](const uint8_t* rows, int64_t m, float* tile) { DecodeBlocks(rows, m, tile); });
   }
 
+  // Keys pre-RoPE are scored by the cache on decoded, rotated chunks; for values (and tests) the
+  // per-block scorer below works on the codes directly.
   // Keys: [q∘rng (d), q·off, q (d)]; values (per-token scales): [q (d), Σq, q (d)].
   int PreparedQueryDim() const override { return 2 * d_ + 1; }
   void PrepareQuery(const float* q, int n_q, float* qp) const override {
@@ -173,6 +182,12 @@ class KvQuantCodec final : public Codec {
   }
 
  private:
+  void PatchOutliers(const uint8_t* block, float* x) const {
+    const uint8_t* o = block + head_ + code_bytes_;
+    for (int i = 0; i < n_out_; ++i) {
+      if (o[3 * i] != kEmpty && o[3 * i] < d_) x[o[3 * i]] = gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1));
+    }
+  }
   int d_, b_, n_out_;
   bool key_;
   std::vector<float> off_, rng_;  // [d] keys only
