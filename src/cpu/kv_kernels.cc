@@ -492,7 +492,8 @@ void CodebookRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t r
 void CodebookAffineRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, size_t row_bytes,
                             size_t code_off, int n_codes, int b, const float* HWY_RESTRICT cb,
                             int64_t g_off, int64_t z_off, const float* HWY_RESTRICT mul,
-                            const float* HWY_RESTRICT add, float* HWY_RESTRICT out) {
+                            const float* HWY_RESTRICT add, int64_t sparse_off, int n_sparse,
+                            float* HWY_RESTRICT out) {
   const DF df;
   const DI di;
   const int kN = int(hn::Lanes(df));
@@ -516,6 +517,10 @@ void CodebookAffineRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, si
         if (add) x = x + add[j];
         o[j] = x + z;
       }
+      for (int i = 0; i < n_sparse; ++i) {
+        const uint8_t* sl = row + sparse_off + 3 * i;
+        if (sl[0] < n_codes) o[sl[0]] = HalfAt(sl + 1);
+      }
       continue;
     }
     const auto vg = hn::Set(df, g), vz = hn::Set(df, z);
@@ -525,6 +530,10 @@ void CodebookAffineRowsImpl(const uint8_t* HWY_RESTRICT rows, int64_t n_rows, si
       if (mul) x = hn::Mul(x, hn::LoadU(df, mul + v * kN));
       if (add) x = hn::Add(x, hn::LoadU(df, add + v * kN));
       hn::StoreU(hn::Add(x, vz), df, o + v * kN);
+    }
+    for (int i = 0; i < n_sparse; ++i) {  // (u8 channel, fp16 value) slots; channel >= n: empty
+      const uint8_t* sl = row + sparse_off + 3 * i;
+      if (sl[0] < n_codes) o[sl[0]] = HalfAt(sl + 1);
     }
   }
 }
@@ -1026,9 +1035,10 @@ HWY_EXPORT(RotatePairsRowsImpl);
 HWY_EXPORT(CodebookAffineRowsImpl);
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
-                        const float* mul, const float* add, float* out) {
+                        const float* mul, const float* add, int64_t sparse_off, int n_sparse,
+                        float* out) {
   HWY_DYNAMIC_DISPATCH(CodebookAffineRowsImpl)(rows, n_rows, row_bytes, code_off, n_codes, b, cb, g_off,
-                                               z_off, mul, add, out);
+                                               z_off, mul, add, sparse_off, n_sparse, out);
 }
 void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos) {
   HWY_DYNAMIC_DISPATCH(RotatePairsRowsImpl)(x, n, ld, n_rot, table, pos);
@@ -1095,7 +1105,8 @@ namespace ref {
 static uint32_t CodeAt(const uint8_t* bits, int j, int b);
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
-                        const float* mul, const float* add, float* out) {
+                        const float* mul, const float* add, int64_t sparse_off, int n_sparse,
+                        float* out) {
   for (int64_t t = 0; t < n_rows; ++t) {
     const uint8_t* row = rows + size_t(t) * row_bytes;
     uint16_t h;
@@ -1107,6 +1118,10 @@ void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, s
       if (mul) x = x * mul[j];
       if (add) x = x + add[j];
       out[t * n_codes + j] = x + z;
+    }
+    for (int i = 0; i < n_sparse; ++i) {
+      const uint8_t* sl = row + sparse_off + 3 * i;
+      if (sl[0] < n_codes) { std::memcpy(&h, sl + 1, 2); out[t * n_codes + sl[0]] = gguf::Fp16ToFp32(h); }
     }
   }
 }

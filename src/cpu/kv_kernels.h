@@ -65,12 +65,15 @@ void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int
                    size_t row_bytes, int nb, const float* trig, float* out);
 // Many rows (row t at rows + t · row_bytes, b-bit code stream at code_off) with an optional fp16
 // scale g_t at g_off and offset z_t at z_off (−1: g = 1, z = 0) and optional per-channel mul /
-// add [n_codes] (null: 1 / 0): out[t · n_codes + j] = ((cb[code_tj] · g_t) · mul_j + add_j) + z_t.
-// KVQuant rows (keys: mul = per-channel range, add = offset; values: per-token g, z). b <= 8 (same
-// padding rule as CodebookRow).
+// add [n_codes] (null: 1 / 0): out[t · n_codes + j] = ((cb[code_tj] · g_t) · mul_j + add_j) + z_t;
+// then n_sparse slots of 3 bytes at sparse_off, {u8 channel c, fp16 value}, set out[t · n_codes + c]
+// = value (c >= n_codes: empty slot). KVQuant rows (keys: mul = per-channel range, add = offset;
+// values: per-token g, z; dense-and-sparse outliers, KVQuant §3.4). b <= 8 (same padding rule as
+// CodebookRow).
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
-                        const float* mul, const float* add, float* out);
+                        const float* mul, const float* add, int64_t sparse_off, int n_sparse,
+                        float* out);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
 // out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
@@ -114,7 +117,8 @@ void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows,
 namespace ref {
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
-                        const float* mul, const float* add, float* out);
+                        const float* mul, const float* add, int64_t sparse_off, int n_sparse,
+                        float* out);
 void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos);
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld);
 void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out);

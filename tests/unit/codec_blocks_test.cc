@@ -1,6 +1,6 @@
 // Every registered codec: the many-block calls attention uses (ScoreBlocks / AccumulateBlocks:
 // Highway kernels for f16, q8_0, q4_0/q4_1/q5_0, fp8, KIVI, TurboQuant-mse) equal the per-block
-// Score / AccumulateWeighted scalar references, for block counts 1, 5, 67 and 130 (the SIMD tile
+// Score / AccumulateWeighted scalar references (and DecodeBlocks equals Decode), for block counts 1, 5, 67 and 130 (the SIMD tile
 // holds 64 tokens at head_dim 64, so 67 and 130 have partial tiles) and 1, 3, 5 query rows.
 // Tolerance: scores 1e-4 · (1 + |ref|), accumulated outputs 1e-3 · (1 + |ref|).
 #include <gtest/gtest.h>
@@ -39,6 +39,15 @@ TEST(CodecBlocks, ManyBlockCallsEqualPerBlockReferences) {
       c.PrepareQuery(q.data(), n_q, qp.data());
       std::vector<float> many(size_t(n_q) * ld, 0.f), one(size_t(n_q) * bt);
       c.ScoreBlocks(qp.data(), n_q, blocks.data(), nb, many.data(), ld);
+      // DecodeBlocks (the many-block decoder tiles and pre-RoPE keys use) equals per-block Decode.
+      std::vector<float> dec_many(size_t(n) * d), dec_one(size_t(bt) * d);
+      c.DecodeBlocks(blocks.data(), nb, dec_many.data());
+      for (int b = 0; b < nb; ++b) {
+        c.Decode(&blocks[size_t(b) * c.BlockBytes()], dec_one.data());
+        for (size_t i = 0; i < dec_one.size(); ++i) {
+          ASSERT_EQ(dec_many[size_t(b) * bt * d + i], dec_one[i]) << info.name << " block " << b;
+        }
+      }
       std::vector<float> p(size_t(n_q) * ld, 0.f);
       for (int b = 0; b < nb; ++b) {
         c.Score(qp.data(), n_q, &blocks[size_t(b) * c.BlockBytes()], one.data());

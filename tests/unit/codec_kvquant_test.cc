@@ -109,6 +109,10 @@ TEST(KvQuant, CalibrateEncodeDecode) {
         p[t] = std::cos(0.1f * t);
         p[n + t] = 0.01f * t;
       }
+      // The many-row decoder (Highway, sparse outliers in the kernel) equals Decode bit for bit.
+      std::vector<float> many(size_t(n) * 64);
+      c->DecodeBlocks(blocks.data(), n, many.data());
+      for (size_t i = 0; i < many.size(); ++i) ASSERT_EQ(many[i], dec[i]) << "bits " << b << " i=" << i;
       std::vector<float> acc(2 * 64, 0.5f), ref(acc);
       c->AccumulateBlocks(p.data(), n, 2, blocks.data(), n, acc.data());
       for (int r = 0; r < 2; ++r) {

@@ -210,12 +210,17 @@ TEST(KvKernels, CodebookAffineRowsEqualReference) {
     std::vector<float> cb = Randn(size_t(1) << b, 40 + b);
     for (int n : {16, 48, 64, 70}) {  // 70: not a multiple of the vector width (fallback)
       const size_t nbytes = (size_t(n) * b + 7) / 8;
-      const size_t row_bytes = 4 + nbytes + 3;  // fp16 z at 0, fp16 g at 2, codes at 4, 3 more
+      const size_t row_bytes = 4 + nbytes + 6;  // fp16 z at 0, fp16 g at 2, codes at 4, 2 slots
       const int64_t n_rows = 9;
       auto rows = RandBytes(row_bytes * n_rows + 8, 31 * b + n);
       for (int64_t t = 0; t < n_rows; ++t) {
         const uint16_t zg[2] = {uint16_t(0xB800 + 11 * t), uint16_t(0x3400 + 29 * t)};
         std::memcpy(&rows[t * row_bytes], zg, 4);
+        uint8_t* sl = &rows[t * row_bytes + 4 + nbytes];  // slot 0: channel t·7 mod n, slot 1 empty
+        sl[0] = uint8_t(t * 7 % n);
+        const uint16_t v = uint16_t(0xC500 + 3 * t);  // a finite fp16 (random bytes could be NaN)
+        std::memcpy(sl + 1, &v, 2);
+        sl[3] = t % 2 ? uint8_t(255) : uint8_t(n - 1);
       }
       const auto mul = Randn(n, 3), add = Randn(n, 4);
       for (int mode = 0; mode < 2; ++mode) {  // 0: keys (per channel), 1: values (per row)
@@ -223,8 +228,10 @@ TEST(KvKernels, CodebookAffineRowsEqualReference) {
         const int64_t g_off = mode ? 2 : -1, z_off = mode ? 0 : -1;
         const float* m = mode ? nullptr : mul.data();
         const float* a = mode ? nullptr : add.data();
-        CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a, got.data());
-        ref::CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a,
+        const int64_t sp = int64_t(4 + nbytes);
+        CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a, sp, 2,
+                           got.data());
+        ref::CodebookAffineRows(rows.data(), n_rows, row_bytes, 4, n, b, cb.data(), g_off, z_off, m, a, sp, 2,
                                 want.data());
         for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i]) << "b=" << b << " n=" << n << " i=" << i;
       }

@@ -118,17 +118,16 @@ class KvQuantCodec final : public Codec {
   }
 
   // Many tokens: Highway codebook rows with the per-channel (keys) or per-token (values) affine
-  // map (cpu::CodebookAffineRows, same operations as Decode), then the sparse fp16 outliers.
+  // map and the sparse fp16 outliers (cpu::CodebookAffineRows, same operations as Decode).
   void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const override {
-    const size_t bb = BlockBytes();
+    const int64_t sparse = int64_t(head_ + code_bytes_);
     if (key_) {
-      cpu::CodebookAffineRows(blocks, n_blocks, bb, head_, d_, b_, cb_.data(), -1, -1, rng_.data(),
-                              off_.data(), x);
+      cpu::CodebookAffineRows(blocks, n_blocks, BlockBytes(), head_, d_, b_, cb_.data(), -1, -1,
+                              rng_.data(), off_.data(), sparse, n_out_, x);
     } else {
-      cpu::CodebookAffineRows(blocks, n_blocks, bb, head_, d_, b_, cb_.data(), 2, 0, nullptr,
-                              nullptr, x);
+      cpu::CodebookAffineRows(blocks, n_blocks, BlockBytes(), head_, d_, b_, cb_.data(), 2, 0,
+                              nullptr, nullptr, sparse, n_out_, x);
     }
-    for (int64_t t = 0; t < n_blocks; ++t) PatchOutliers(blocks + t * bb, x + t * d_);
   }
 
   // Values at decode (fused path): decode L1-sized tiles of rows, then one f32 multi-row axpy.
