@@ -980,6 +980,142 @@ void PolarAxpyRowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const u
   }
 }
 
+// ---- Pre-RoPE codebook keys, 16 tokens per block in lanes (KVQuant keys; contract in the header).
+// Per rotated pair (2i, 2i+1) and vector of tokens: decode both channels (broadcast code word,
+// per-lane shift, codebook permute, per-channel affine), rotate with the lane cos/sin, and
+// accumulate q_r[2i]·y0 + q_r[2i+1]·y1 into each row's vector of token scores — no row tile, no
+// horizontal sums. NR query rows per pass and kNV vectors per block are compile-time so the
+// accumulators stay in registers.
+constexpr int kRopeNV = kRopeBlockTokens / int(hn::MaxLanes(DF())) > 0
+                            ? kRopeBlockTokens / int(hn::MaxLanes(DF())) : 1;
+struct RopeLanes {
+  hn::Vec<DU> sh[kRopeNV];
+  hn::Mask<DU> hi[kRopeNV];
+};
+template <int NR>
+HWY_INLINE void RopeDotBlockRows(const float* HWY_RESTRICT qb, int d, const uint8_t* HWY_RESTRICT codes,
+                                 int b, bool last_safe, hn::Vec<DF> vt, const RopeLanes& ln,
+                                 const float* HWY_RESTRICT mul, const float* HWY_RESTRICT add,
+                                 const float* HWY_RESTRICT tr, int64_t stride, float* HWY_RESTRICT out,
+                                 int64_t ld) {
+  const DF df;
+  const DI di;
+  const DU du;
+  const int kN = int(hn::Lanes(df));
+  const int half = d / 2, wb = 2 * b;
+  const auto cmask = hn::Set(du, (1u << b) - 1u);
+  hn::Vec<DF> acc[NR][kRopeNV];
+  for (int r = 0; r < NR; ++r) {
+    for (int v = 0; v < kRopeNV; ++v) acc[r][v] = hn::Zero(df);
+  }
+  // Channel c's 16 codes: two 32-bit words of 8 codes (bytes [0, b) and [b, 2b) of its stream);
+  // bits above a word's 8·b are never extracted, so one 8-byte read serves both (it may cover
+  // the next channel's bytes; the block's last stream uses an exact copy unless bytes follow).
+  auto words = [&](int c, uint32_t* w0, uint32_t* w1) {
+    uint64_t w = 0;
+    if (c + 1 < d || last_safe) std::memcpy(&w, codes + size_t(c) * wb, 8);
+    else std::memcpy(&w, codes + size_t(c) * wb, size_t(wb));
+    *w0 = uint32_t(w);
+    *w1 = uint32_t(w >> (8 * b));
+  };
+  for (int i = 0; i < half; ++i) {
+    const int c0 = 2 * i, c1 = 2 * i + 1;
+    uint32_t a0, a1, b0, b1;
+    words(c0, &a0, &a1);
+    words(c1, &b0, &b1);
+    const auto m0 = hn::Set(df, mul[c0]), p0 = hn::Set(df, add[c0]);
+    const auto m1 = hn::Set(df, mul[c1]), p1 = hn::Set(df, add[c1]);
+    for (int v = 0; v < kRopeNV; ++v) {
+      const auto k0 = hn::And(hn::Shr(hn::IfThenElse(ln.hi[v], hn::Set(du, a1), hn::Set(du, a0)), ln.sh[v]), cmask);
+      const auto k1 = hn::And(hn::Shr(hn::IfThenElse(ln.hi[v], hn::Set(du, b1), hn::Set(du, b0)), ln.sh[v]), cmask);
+      const auto x0 = hn::MulAdd(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, k0))), m0, p0);
+      const auto x1 = hn::MulAdd(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, k1))), m1, p1);
+      const auto cv = hn::LoadU(df, tr + size_t(i) * stride + v * kN);
+      const auto sv = hn::LoadU(df, tr + size_t(half + i) * stride + v * kN);
+      const auto y0 = hn::MulSub(x0, cv, hn::Mul(x1, sv));  // x0 c − x1 s
+      const auto y1 = hn::MulAdd(x0, sv, hn::Mul(x1, cv));  // x0 s + x1 c
+      for (int r = 0; r < NR; ++r) {
+        acc[r][v] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + c0]), y0, acc[r][v]);
+        acc[r][v] = hn::MulAdd(hn::Set(df, qb[size_t(r) * d + c1]), y1, acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int v = 0; v < kRopeNV; ++v) hn::StoreU(acc[r][v], df, out + size_t(r) * ld + v * kN);
+  }
+}
+
+void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8_t* HWY_RESTRICT blocks,
+                               int64_t n_blocks, size_t block_bytes, int d, int b,
+                               const float* HWY_RESTRICT cb, const float* HWY_RESTRICT mul,
+                               const float* HWY_RESTRICT add, int64_t sparse_off, int n_sparse,
+                               const float* HWY_RESTRICT trig, int64_t stride, float* HWY_RESTRICT out,
+                               int64_t ld) {
+  const DF df;
+  const DI di;
+  const DU du;
+  constexpr int kT = kRopeBlockTokens;
+  const int kN = int(hn::Lanes(df));
+#if HWY_TARGET == HWY_SCALAR
+  const bool ok = false;
+#else
+  const bool ok = kN >= 4 && kN * kRopeNV == kT && b >= 1 && b <= 4 && (1 << b) <= kN && d % 2 == 0;
+#endif
+  if (!ok) {
+    ref::CodebookRopeDotBlocks(q, n_q, blocks, n_blocks, block_bytes, d, b, cb, mul, add, sparse_off, n_sparse,
+                               trig, stride, out, ld);
+    return;
+  }
+  HWY_ALIGN float tab[hn::MaxLanes(df)];
+  for (int i = 0; i < kN; ++i) tab[i] = i < (1 << b) ? cb[i] : 0.f;
+  const auto vt = hn::Load(df, tab);
+  RopeLanes ln;
+  for (int v = 0; v < kRopeNV; ++v) {
+    const auto j = hn::BitCast(du, hn::Iota(di, v * kN));
+    ln.sh[v] = hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b)));
+    ln.hi[v] = hn::Gt(j, hn::Set(du, 7u));
+  }
+  // 8 bytes from the last channel's stream stay inside the block when enough bytes follow it.
+  const bool last_safe = size_t(d) * 2 * b + 8 - 2 * b <= block_bytes;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const uint8_t* codes = blocks + size_t(blk) * block_bytes;
+    const float* tr = trig + blk * kT;
+    float* ob = out + blk * kT;
+    int r0 = 0;
+    for (; r0 + 4 <= n_q; r0 += 4) {
+      RopeDotBlockRows<4>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld);
+    }
+    switch (n_q - r0) {
+      case 3: RopeDotBlockRows<3>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
+      case 2: RopeDotBlockRows<2>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
+      case 1: RopeDotBlockRows<1>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
+      default: break;
+    }
+    // Sparse outliers: replace each dense value's contribution, rotated — δ = v − dense at
+    // channel ch of pair i: δ·(q_ch c + q_ch+1 s) for even ch, δ·(q_ch c − q_ch−1 s) for odd.
+    const int half = d / 2;
+    for (int t = 0; t < kT; ++t) {
+      const uint8_t* sl = codes + sparse_off + size_t(t) * 3 * n_sparse;
+      for (int i = 0; i < n_sparse; ++i) {
+        const int ch = sl[3 * i];
+        if (ch >= d) continue;
+        uint64_t w = 0;
+        std::memcpy(&w, codes + size_t(ch) * 2 * b, size_t(2 * b));
+        const uint32_t code = uint32_t(w >> (t * b)) & ((1u << b) - 1u);
+        const float dense = hn::GetLane(hn::MulAdd(hn::Set(df, cb[code]), hn::Set(df, mul[ch]), hn::Set(df, add[ch])));
+        const float delta = HalfAt(sl + 3 * i + 1) - dense;
+        const int pr = ch / 2;
+        const float c = tr[size_t(pr) * stride + t], sn = tr[size_t(half + pr) * stride + t];
+        for (int r = 0; r < n_q; ++r) {
+          const float* qr = q + size_t(r) * d;
+          ob[size_t(r) * ld + t] += ch % 2 == 0 ? delta * (qr[ch] * c + qr[ch + 1] * sn)
+                                                : delta * (qr[ch] * c - qr[ch - 1] * sn);
+        }
+      }
+    }
+  }
+}
+
 // ---- RoPE (pairs (2i, 2i+1)) over many rows, cos/sin from a table.
 // In every vector the table row [c0, s0, c1, s1, ...] lines up with x's pairs: C = DupEven(t),
 // S = DupOdd(t); y = x ∘ C + swap(x) ∘ (−S, +S, ...) with the pair swap Reverse2. Products and
@@ -1033,6 +1169,14 @@ HWY_EXPORT(PolarDotRowsImpl);
 HWY_EXPORT(PolarAxpyRowsImpl);
 HWY_EXPORT(RotatePairsRowsImpl);
 HWY_EXPORT(CodebookAffineRowsImpl);
+HWY_EXPORT(CodebookRopeDotBlocksImpl);
+void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                           size_t block_bytes, int d, int b, const float* cb, const float* mul,
+                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
+                           int64_t stride, float* out, int64_t ld) {
+  HWY_DYNAMIC_DISPATCH(CodebookRopeDotBlocksImpl)(q, n_q, blocks, n_blocks, block_bytes, d, b, cb, mul, add,
+                                                  sparse_off, n_sparse, trig, stride, out, ld);
+}
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
                         const float* mul, const float* add, int64_t sparse_off, int n_sparse,
@@ -1103,6 +1247,44 @@ void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
 
 namespace ref {
 static uint32_t CodeAt(const uint8_t* bits, int j, int b);
+void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                           size_t block_bytes, int d, int b, const float* cb, const float* mul,
+                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
+                           int64_t stride, float* out, int64_t ld) {
+  constexpr int kT = kRopeBlockTokens;
+  const int half = d / 2;
+  std::vector<float> y(d);
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const uint8_t* codes = blocks + size_t(blk) * block_bytes;
+    for (int t = 0; t < kT; ++t) {
+      const int64_t col = blk * kT + t;
+      for (int i = 0; i < half; ++i) {
+        const int c0 = 2 * i, c1 = 2 * i + 1;
+        const float x0 = cb[CodeAt(codes + size_t(c0) * 2 * b, t, b)] * mul[c0] + add[c0];
+        const float x1 = cb[CodeAt(codes + size_t(c1) * 2 * b, t, b)] * mul[c1] + add[c1];
+        y[c0] = x0;
+        y[c1] = x1;
+      }
+      const uint8_t* sl = codes + sparse_off + size_t(t) * 3 * n_sparse;
+      for (int i = 0; i < n_sparse; ++i) {  // sparse outliers replace the dense value
+        uint16_t h;
+        std::memcpy(&h, sl + 3 * i + 1, 2);
+        if (sl[3 * i] < d) y[sl[3 * i]] = gguf::Fp16ToFp32(h);
+      }
+      for (int i = 0; i < half; ++i) {
+        const float c = trig[size_t(i) * stride + col], s = trig[size_t(half + i) * stride + col];
+        const float x0 = y[2 * i], x1 = y[2 * i + 1];
+        y[2 * i] = x0 * c - x1 * s;
+        y[2 * i + 1] = x0 * s + x1 * c;
+      }
+      for (int r = 0; r < n_q; ++r) {
+        double acc = 0;
+        for (int c = 0; c < d; ++c) acc += double(q[size_t(r) * d + c]) * y[c];
+        out[size_t(r) * ld + col] = float(acc);
+      }
+    }
+  }
+}
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
                         const float* mul, const float* add, int64_t sparse_off, int n_sparse,

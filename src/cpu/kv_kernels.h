@@ -79,6 +79,23 @@ void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, s
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
                      int b, float* out);
 
+// Pre-RoPE codebook keys with tokens in lanes (KVQuant keys): blocks [n_blocks, block_bytes] of
+// kRopeBlockTokens = 16 tokens; channel c's 16 b-bit codes (b <= 4) are the LSB-first stream of
+// 2·b bytes at byte c · 2b of the block (token t at bit t·b). Key value x_tc = cb[code_tc]·mul_c +
+// add_c (codebook [2^b], per-channel mul / add [d]), then token t's n_sparse slots of 3 bytes at
+// block + sparse_off + t · 3 · n_sparse, {u8 channel c, fp16 value}, replace x_tc (distinct channels
+// per token; c >= d: empty;
+// KVQuant's dense-and-sparse outliers); pairs (2i, 2i+1) rotated by the lane cos/sin
+// of kv::Rope::LaneTrig (cos(i, col) = trig[i·stride + col], sin = trig[(d/2 + i)·stride + col],
+// column col = block · 16 + t); out[r · ld + col] = <q[r], R x_t> for post-RoPE query rows q
+// [n_q, d]. No tile, no horizontal sums; FMA (not bit-identical to the reference, which sums in
+// double): |simd − ref| <= 1e-5 · Σ|q_c y_c| + 1e-6.
+constexpr int kRopeBlockTokens = 16;
+void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                           size_t block_bytes, int d, int b, const float* cb, const float* mul,
+                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
+                           int64_t stride, float* out, int64_t ld);
+
 // RoPE with pairs (2i, 2i+1) (GGUF "llama" order) on many rows: row t is x + t · ld, its first
 // n_rot values (n_rot even) are rotated in place by the angles of table row pos[t], table
 // [*, n_rot / 2, 2] f32 (cos θ_i, sin θ_i) interleaved (kv::Rope's table). Bit-identical to the
@@ -115,6 +132,10 @@ void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows,
 }
 
 namespace ref {
+void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                           size_t block_bytes, int d, int b, const float* cb, const float* mul,
+                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
+                           int64_t stride, float* out, int64_t ld);
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
                         const float* mul, const float* add, int64_t sparse_off, int n_sparse,

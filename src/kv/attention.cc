@@ -74,7 +74,8 @@ void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* r
 }
 
 // Scores of pre-RoPE keys at decode: out[r * ld + j] = <q[r], R(pos[j]) k̂_j> for the first n
-// tokens of the stream (packed blocks, then the fp16 tail). The stream is decoded in chunks of
+// tokens of the stream (packed blocks, then the fp16 tail). Whole blocks go to the codec's
+// ScoreRopeBlocks when it has one; otherwise (and for the rest) the stream is decoded in chunks of
 // ~128 tokens (a 32 KiB tile that stays in L1/L2), reconstructed (transform, + μ), rotated
 // (Rope::Apply: SIMD over the cos/sin table) and scored (DotF32Rows) before the next chunk, so
 // no [n, head_dim] tile of the whole stream is written and read back at every step.
@@ -89,8 +90,18 @@ void ScorePreRopeKeys(const Stream& st, const Rope& rope, const int64_t* pos, co
   if (y.size() < size_t(chunk) * st.dim) y.resize(size_t(chunk) * st.dim);
   if (x.size() < size_t(chunk) * st.dim_in) x.resize(size_t(chunk) * st.dim_in);
   float* xs = st.transform ? x.data() : y.data();  // no transform: decode straight into place
-  int64_t m = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += m) {
+  int64_t m = 0, j_start = 0;
+  // Codecs that score packed pre-RoPE keys with RoPE on the fly (KVQuant: tokens in lanes) take
+  // the whole blocks; the chunks below then cover the rest (a partial block, the fp16 tail).
+  const int64_t full = std::min(st.n_packed, n) / bt;
+  if (!st.transform && full > 0 &&
+      st.codec->ScoreRopeBlocks(q, rows, st.packed.data(), full, rope, pos, out, ld)) {
+    j_start = full * bt;
+    if (st.center && !st.mu.empty()) {  // stored k − μ (pre-RoPE): add q·R(pos) μ back
+      rope.AddDotRotated(q, rows, st.dim_in, st.mu.data(), pos, j_start, out, ld);
+    }
+  }
+  for (int64_t j0 = j_start; j0 < n; j0 += m) {
     if (j0 < st.n_packed) {  // j0 is a multiple of bt here (chunk is)
       const int64_t nb = std::min(chunk, st.n_packed - j0) / bt;
       st.codec->DecodeBlocks(st.packed.data() + size_t(j0 / bt) * bb, nb, y.data());

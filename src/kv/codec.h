@@ -26,6 +26,8 @@
 
 namespace kvc::kv {
 
+class Rope;
+
 enum class KvKind { kKey, kValue };
 inline const char* KvKindName(KvKind k) { return k == KvKind::kKey ? "K" : "V"; }
 
@@ -105,6 +107,16 @@ class Codec {
   // out [n_q, dim] += Σ_b p[r * ld + b * block_tokens + t] · decode(block b).
   virtual void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
                                 int64_t n_blocks, float* out) const;
+
+  // Pre-RoPE keys (wants_pre_rope_keys) scored on packed blocks with RoPE applied on the fly:
+  // out[r * ld + j] = <q[r], R(pos[j]) decode(blocks)_j> for j < n_blocks · block_tokens, q
+  // [n_q, dim] post-RoPE query rows (not prepared), pos [n_blocks · block_tokens] RoPE positions.
+  // Returns false when the codec does not offer it for this rope (the cache then decodes,
+  // rotates and dots in chunks). Tests check it against that path.
+  virtual bool ScoreRopeBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                               const Rope& rope, const int64_t* pos, float* out, int64_t ld) const {
+    return false;
+  }
 };
 
 using CodecFactory = std::function<StatusOr<std::unique_ptr<Codec>>(const CodecSpec&, const CodecContext&)>;

@@ -36,6 +36,20 @@ class Rope {
   // outside the table rotate mu directly. Used for centred post-RoPE keys (Stream::mu_rope).
   void AddDotRotated(const float* q, int n_q, int dim, const float* mu, const int64_t* pos,
                      int64_t n, float* s, int64_t ld) const;
+  // cos / sin of every rotated pair at n token positions, laid out for SIMD over tokens (tokens
+  // in lanes): cos(i, t) = base[i * stride + t], sin(i, t) = base[(n_rot/2 + i) * stride + t]
+  // for pair i < n_rot/2, t < n. Consecutive positions inside one tile of the transposed table
+  // (n <= LaneRun(pos[0])) point into it (no work); anything else is written to *scratch
+  // ([n_rot, n]) and returned.
+  const float* LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* scratch,
+                        int64_t* stride) const;
+  // How many consecutive positions from p0 one LaneTrig call can serve without a copy (>= 17
+  // inside the table, 0 outside). The transposed table is tiled (kLaneTile positions per tile,
+  // each row kLaneTile + 16 long, overlapping the next tile) so that the 2·32 rows a block of
+  // tokens reads are 576 bytes apart, not a table length: rows a power of two apart fell into
+  // the same L1 sets and cost a TLB walk each.
+  int64_t LaneRun(int64_t p0) const;
+  static constexpr int kLaneTile = 128;
 
  private:
   void RotateRow(float* x, int64_t pos) const;
@@ -43,6 +57,9 @@ class Rope {
   std::vector<double> inv_freq_;  // [n_rot/2]
   int table_positions_ = 0;
   std::vector<float> table_;      // [table_positions, n_rot/2, 2] (cos, sin)
+  // [tiles][n_rot][kLaneTile + 16]: per tile, cos rows then sin rows of positions
+  // [tile·kLaneTile, tile·kLaneTile + kLaneTile + 16)
+  std::vector<float> lane_;
 };
 
 }  // namespace kvc::kv

@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
 #include <random>
 
 #include "kv/codec.h"
 #include "kv/codecs/bitpack.h"
 #include "kv/codecs/kvquant.h"
+#include "kv/rope.h"
 
 namespace kvc::kv {
 namespace {
@@ -73,48 +75,56 @@ TEST(KvQuant, CalibrateEncodeDecode) {
       ASSERT_TRUE(c);
       const bool key = kind == KvKind::kKey;
       EXPECT_EQ(c->wants_pre_rope_keys(), key);
-      EXPECT_EQ(c->BlockBytes(), size_t((key ? 0 : 4) + 8 * b + 3)) << b;
+      // Keys: 16 tokens per block, codes channel-major; values: one token per block.
+      const int bt = c->block_tokens();
+      EXPECT_EQ(bt, key ? 16 : 1);
+      EXPECT_EQ(c->BlockBytes(), key ? size_t(16 * (8 * b + 3)) : size_t(4 + 8 * b + 3)) << b;
+      EXPECT_DOUBLE_EQ(c->BitsPerValue(), b + (key ? 3.0 : 7.0) / 8.0);
+      const int n = 96, nb = n / bt;
+      std::vector<float> x(size_t(n) * 64);
+      for (int t = 0; t < n; ++t) {
+        std::copy_n(&(key ? test.k : test.v)[1][size_t(t * 2 + 1) * 64], 64, &x[size_t(t) * 64]);
+      }
+      std::vector<uint8_t> blocks(size_t(nb) * c->BlockBytes());
+      std::vector<float> dec(size_t(n) * 64);
+      for (int k = 0; k < nb; ++k) {
+        c->Encode(&x[size_t(k) * bt * 64], &blocks[size_t(k) * c->BlockBytes()]);
+        c->Decode(&blocks[size_t(k) * c->BlockBytes()], &dec[size_t(k) * bt * 64]);
+      }
       double err = 0, tot = 0;
-      for (int t = 0; t < 100; ++t) {
-        const float* x = &(key ? test.k : test.v)[1][size_t(t * 2 + 1) * 64];
-        std::vector<uint8_t> blk(c->BlockBytes());
-        std::vector<float> xh(64);
-        c->Encode(x, blk.data());
-        c->Decode(blk.data(), xh.data());
-        for (int j = 0; j < 64; ++j) {
-          err += (x[j] - xh[j]) * (x[j] - xh[j]);
-          tot += x[j] * x[j];
-        }
-        // Fused vs decode-then-dot.
-        std::vector<float> q(2 * 64);
-        for (int j = 0; j < 128; ++j) q[j] = std::sin(0.37f * j + t);
-        std::vector<float> qp(2 * c->PreparedQueryDim()), s(2);
-        c->PrepareQuery(q.data(), 2, qp.data());
-        c->Score(qp.data(), 2, blk.data(), s.data());
-        for (int r = 0; r < 2; ++r) {
-          double ref = 0;
-          for (int j = 0; j < 64; ++j) ref += double(q[r * 64 + j]) * xh[j];
-          EXPECT_NEAR(s[r], ref, 1e-3 * (1 + std::fabs(ref)));
-        }
+      for (size_t i = 0; i < x.size(); ++i) {
+        err += (x[i] - dec[i]) * (x[i] - dec[i]);
+        tot += x[i] * x[i];
       }
       // Non-uniform b-bit codes on ~Gaussian data: relative error well below 4^-b·4.
       EXPECT_LT(err / tot, 4.0 * std::pow(4.0, -b)) << "bits " << b << (key ? " K" : " V");
+      // Fused score vs decode-then-dot, per block.
+      std::vector<float> q(2 * 64);
+      for (int j = 0; j < 128; ++j) q[j] = std::sin(0.37f * j + b);
+      std::vector<float> qp(2 * c->PreparedQueryDim()), sc(size_t(2) * bt);
+      c->PrepareQuery(q.data(), 2, qp.data());
+      for (int k = 0; k < nb; ++k) {
+        c->Score(qp.data(), 2, &blocks[size_t(k) * c->BlockBytes()], sc.data());
+        for (int r = 0; r < 2; ++r) {
+          for (int t = 0; t < bt; ++t) {
+            double ref = 0;
+            for (int j = 0; j < 64; ++j) ref += double(q[r * 64 + j]) * dec[size_t(k * bt + t) * 64 + j];
+            EXPECT_NEAR(sc[size_t(r) * bt + t], ref, 1e-3 * (1 + std::fabs(ref)));
+          }
+        }
+      }
+      // The many-block decoder equals Decode bit for bit.
+      std::vector<float> many(size_t(n) * 64);
+      c->DecodeBlocks(blocks.data(), nb, many.data());
+      for (size_t i = 0; i < many.size(); ++i) ASSERT_EQ(many[i], dec[i]) << "bits " << b << " i=" << i;
       // Many-block accumulate (the decode path for values) equals decode-then-axpy.
-      const int n = 100;
-      std::vector<uint8_t> blocks(size_t(n) * c->BlockBytes());
-      std::vector<float> dec(size_t(n) * 64), p(2 * n);
+      std::vector<float> p(2 * n);
       for (int t = 0; t < n; ++t) {
-        c->Encode(&(key ? test.k : test.v)[1][size_t(t * 2 + 1) * 64], &blocks[t * c->BlockBytes()]);
-        c->Decode(&blocks[t * c->BlockBytes()], &dec[size_t(t) * 64]);
         p[t] = std::cos(0.1f * t);
         p[n + t] = 0.01f * t;
       }
-      // The many-row decoder (Highway, sparse outliers in the kernel) equals Decode bit for bit.
-      std::vector<float> many(size_t(n) * 64);
-      c->DecodeBlocks(blocks.data(), n, many.data());
-      for (size_t i = 0; i < many.size(); ++i) ASSERT_EQ(many[i], dec[i]) << "bits " << b << " i=" << i;
       std::vector<float> acc(2 * 64, 0.5f), ref(acc);
-      c->AccumulateBlocks(p.data(), n, 2, blocks.data(), n, acc.data());
+      c->AccumulateBlocks(p.data(), n, 2, blocks.data(), nb, acc.data());
       for (int r = 0; r < 2; ++r) {
         for (int t = 0; t < n; ++t) {
           for (int j = 0; j < 64; ++j) ref[r * 64 + j] += p[r * n + t] * dec[size_t(t) * 64 + j];
@@ -129,13 +139,67 @@ TEST(KvQuant, OutlierSlotIsExact) {
   auto cal = CalibrateKvQuant(Synthetic(2000, 3));
   ASSERT_TRUE(cal.ok());
   auto c = Make(*cal, "kvquant3", KvKind::kKey);
-  std::vector<float> x(64, 0.1f);
-  x[17] = 500.f;  // far outside channel 17's calibrated range
+  std::vector<float> x(size_t(16) * 64, 0.1f);
+  x[3 * 64 + 17] = 500.f;  // token 3: far outside channel 17's calibrated range
   std::vector<uint8_t> blk(c->BlockBytes());
-  std::vector<float> xh(64);
+  std::vector<float> xh(x.size());
   c->Encode(x.data(), blk.data());
   c->Decode(blk.data(), xh.data());
-  EXPECT_FLOAT_EQ(xh[17], 500.f);
+  EXPECT_FLOAT_EQ(xh[3 * 64 + 17], 500.f);
+}
+
+// Keys at decode: scores with RoPE applied on the packed blocks (tokens in lanes, sparse
+// outliers corrected after rotation) equal decode, rotate, dot — at consecutive positions inside
+// the RoPE table (lane table, no copy) and at gappy positions partly past it (scratch path).
+TEST(KvQuant, ScoreRopeBlocksEqualsDecodeRotateDot) {
+  auto cal = CalibrateKvQuant(Synthetic(2000, 5));
+  ASSERT_TRUE(cal.ok());
+  auto test = Synthetic(100, 6);
+  RopeParams rp;
+  rp.theta = 10000.0;
+  rp.n_rot = 64;
+  const Rope rope(rp, 8192);
+  for (int b = 2; b <= 4; ++b) {
+    auto c = Make(*cal, "kvquant" + std::to_string(b), KvKind::kKey);
+    ASSERT_TRUE(c);
+    const int nb = 5, n = nb * 16, n_q = 5;
+    std::vector<float> x(size_t(n) * 64);
+    for (int t = 0; t < n; ++t) std::copy_n(&test.k[0][size_t(t) * 64], 64, &x[size_t(t) * 64]);
+    x[7 * 64 + 5] = 300.f;  // outliers in both members of a pair (channel 5 odd, 40 even)
+    x[20 * 64 + 40] = -250.f;
+    std::vector<uint8_t> blocks(size_t(nb) * c->BlockBytes());
+    for (int k = 0; k < nb; ++k) c->Encode(&x[size_t(k) * 16 * 64], &blocks[size_t(k) * c->BlockBytes()]);
+    std::vector<float> q(size_t(n_q) * 64);
+    for (size_t j = 0; j < q.size(); ++j) q[j] = std::cos(0.23f * j + b);
+    std::vector<int64_t> consecutive(n), gappy(n);
+    for (int t = 0; t < n; ++t) {
+      consecutive[t] = 1000 + t;
+      gappy[t] = t < 40 ? 3 * t : 8170 + t;  // gaps, then past the 8192-position table
+    }
+    for (const auto* pos : {&consecutive, &gappy}) {
+      std::vector<float> dec(size_t(n) * 64);
+      c->DecodeBlocks(blocks.data(), nb, dec.data());
+      rope.Apply(dec.data(), n, 64, pos->data());
+      const int64_t ld = n + 3;
+      std::vector<float> got(size_t(n_q) * ld, -7.f);
+      ASSERT_TRUE(c->ScoreRopeBlocks(q.data(), n_q, blocks.data(), nb, rope, pos->data(), got.data(), ld));
+      for (int r = 0; r < n_q; ++r) {
+        for (int t = 0; t < n; ++t) {
+          double ref = 0, mag = 0;
+          for (int j = 0; j < 64; ++j) {
+            ref += double(q[r * 64 + j]) * dec[size_t(t) * 64 + j];
+            mag += std::fabs(double(q[r * 64 + j]) * dec[size_t(t) * 64 + j]);
+          }
+          ASSERT_NEAR(got[size_t(r) * ld + t], ref, 1e-5 * mag + 1e-5) << "b=" << b << " r=" << r << " t=" << t;
+        }
+      }
+    }
+    RopeParams neox = rp;
+    neox.neox = true;
+    std::vector<float> out(size_t(n_q) * n);
+    EXPECT_FALSE(c->ScoreRopeBlocks(q.data(), n_q, blocks.data(), nb, Rope(neox, 16), consecutive.data(),
+                                    out.data(), n));  // unsupported pair order: the cache falls back
+  }
 }
 
 TEST(KvQuant, JsonRoundTripAndMissing) {

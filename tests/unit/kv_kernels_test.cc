@@ -239,6 +239,45 @@ TEST(KvKernels, CodebookAffineRowsEqualReference) {
   }
 }
 
+// KVQuant keys with tokens in lanes: codebook, per-channel affine, RoPE on the fly, dot; random
+// codes, sparse outlier slots (some empty), trig from a random table with a stride, several
+// blocks and 1..6 query rows.
+TEST(KvKernels, CodebookRopeDotBlocksMatchReference) {
+  for (int b = 1; b <= 4; ++b) {
+    for (int d : {64, 32, 6}) {
+      const std::vector<float> cb = Randn(size_t(1) << b, 70 + b), mul = Randn(d, 71), add = Randn(d, 72);
+      const int64_t nb = 3, n = nb * kRopeBlockTokens, stride = n + 9;
+      const int n_sparse = 2;  // slots after the codes: token t's at codes + t · 6
+      const size_t sparse_off = size_t(d) * 2 * b, block_bytes = sparse_off + 16 * 3 * n_sparse;
+      auto blocks = RandBytes(block_bytes * nb, 73 + b + d);
+      for (int64_t k = 0; k < nb; ++k) {
+        for (int t = 0; t < 16; ++t) {
+          uint8_t* sl = &blocks[k * block_bytes + sparse_off + t * 3 * n_sparse];
+          sl[0] = uint8_t((5 * t + k) % (d + 3));  // some >= d: empty
+          sl[3] = uint8_t((3 * t + 1) % d);
+          if (sl[3] == sl[0]) sl[3] = uint8_t((sl[3] + 1) % d);  // a token's slots name distinct channels
+          const uint16_t v0 = uint16_t(0x4200 + 7 * t), v1 = uint16_t(0xC100 + 5 * t);  // finite fp16
+          std::memcpy(sl + 1, &v0, 2);
+          std::memcpy(sl + 4, &v1, 2);
+        }
+      }
+      const auto trig = Randn(size_t(d) * stride, 74 + d);
+      for (int n_q : {1, 3, 6}) {
+        const auto q = Randn(size_t(n_q) * d, 75 + n_q);
+        const int64_t ld = n + 2;
+        std::vector<float> got(size_t(n_q) * ld, 0.f), want(got);
+        CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
+                              add.data(), sparse_off, n_sparse, trig.data(), stride, got.data(), ld);
+        ref::CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
+                                   add.data(), sparse_off, n_sparse, trig.data(), stride, want.data(), ld);
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_NEAR(got[i], want[i], 1e-4 * (8 + std::fabs(want[i]))) << "b=" << b << " d=" << d << " i=" << i;
+        }
+      }
+    }
+  }
+}
+
 // RoPE over many rows from the cos/sin table (kv::Rope's layout), odd widths and gaps in the
 // positions; bit-identical to the scalar rotation.
 TEST(KvKernels, RotatePairsRowsEqualReference) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -16,6 +17,7 @@
 #include "kv/cache_internal.h"
 #include "kv/codecs/bitpack.h"
 #include "kv/codecs/lloyd_max.h"
+#include "kv/rope.h"
 
 namespace kvc::kv {
 namespace {
@@ -52,41 +54,191 @@ class KvQuantCodec final : public Codec {
     for (size_t i = 0; i + 1 < cb_.size(); ++i) thr_.push_back(0.5f * (cb_[i] + cb_[i + 1]));
     head_ = key_ ? 0 : 4;
     code_bytes_ = (size_t(d_) * b_ + 7) / 8;
+    tokens_ = key_ ? cpu::kRopeBlockTokens : 1;
   }
   std::string Name() const override {
     return fmt::format("kvquant:bits={},outliers={}", b_, n_out_);
   }
   int dim() const override { return d_; }
-  size_t BlockBytes() const override { return head_ + code_bytes_ + 3 * size_t(n_out_); }
+  int block_tokens() const override { return tokens_; }
+  // Keys: 16 tokens × (d·b/8 code bytes + 3 per outlier slot); values: 4 + d·b/8 + 3 per slot.
+  size_t BlockBytes() const override {
+    return key_ ? size_t(tokens_) * (code_bytes_ + 3 * size_t(n_out_))
+                : head_ + code_bytes_ + 3 * size_t(n_out_);
+  }
   bool wants_pre_rope_keys() const override { return key_; }
 
   void Encode(const float* x, uint8_t* block) override {
-    std::vector<float> off(d_), rng(d_);
-    std::vector<int> outl;
-    if (key_) {
-      off = off_;
-      rng = rng_;
-      // Slots go to the values farthest outside [lo, hi] (normalised units).
+    if (!key_) {
+      EncodeValue(x, block);
+      return;
+    }
+    // Per token exactly as before (static per-channel thresholds, nearest signpost, the slots
+    // to the values farthest outside [lo, hi]); then the codes are stored channel-major.
+    std::vector<uint8_t> idx(size_t(tokens_) * d_);
+    uint8_t* slots = block + KeyCodeBytes();
+    for (int t = 0; t < tokens_; ++t) {
+      const float* xt = x + size_t(t) * d_;
       std::vector<std::pair<float, int>> ex;
       for (int c = 0; c < d_; ++c) {
-        const float u = std::fabs((x[c] - off[c]) / rng[c]);
+        const float u = std::fabs((xt[c] - off_[c]) / rng_[c]);
         if (u > 1.f) ex.push_back({u, c});
       }
       std::sort(ex.begin(), ex.end(), [](auto& a, auto& b) { return a.first > b.first; });
-      for (int i = 0; i < n_out_ && i < int(ex.size()); ++i) outl.push_back(ex[i].second);
-    } else {
-      float lo, hi;
-      TokenRange(x, d_, n_out_, &lo, &hi, &outl);
-      const uint16_t oh = Fp32ToFp16Sat(0.5f * (hi + lo));
-      const uint16_t rh = Fp32ToFp16Sat(std::max(0.5f * (hi - lo), 1e-6f));
-      StoreU16(block, oh);
-      StoreU16(block + 2, rh);
-      std::fill(off.begin(), off.end(), gguf::Fp16ToFp32(oh));
-      std::fill(rng.begin(), rng.end(), std::max(gguf::Fp16ToFp32(rh), 1e-6f));
+      for (int c = 0; c < d_; ++c) {
+        const float u = std::clamp((xt[c] - off_[c]) / rng_[c], -1.f, 1.f);
+        idx[size_t(t) * d_ + c] = uint8_t(NearestIndex(thr_.data(), int(thr_.size()), u));
+      }
+      uint8_t* o = slots + size_t(t) * 3 * n_out_;
+      for (int i = 0; i < n_out_; ++i) {
+        if (i < int(ex.size())) {
+          o[3 * i] = uint8_t(ex[i].second);
+          StoreU16(o + 3 * i + 1, Fp32ToFp16Sat(xt[ex[i].second]));
+        } else {
+          o[3 * i] = kEmpty;
+          StoreU16(o + 3 * i + 1, 0);
+        }
+      }
     }
+    for (int c = 0; c < d_; ++c) {
+      uint64_t w = 0;
+      for (int t = 0; t < tokens_; ++t) w |= uint64_t(idx[size_t(t) * d_ + c]) << (t * b_);
+      std::memcpy(block + size_t(c) * 2 * b_, &w, size_t(2 * b_));
+    }
+  }
+
+  // Scalar reference decode (the kernels are checked against it).
+  void Decode(const uint8_t* block, float* x) const override {
+    if (key_) {
+      for (int c = 0; c < d_; ++c) {
+        for (int t = 0; t < tokens_; ++t) x[size_t(t) * d_ + c] = cb_[KeyCode(block, c, t)] * rng_[c] + off_[c];
+      }
+      for (int t = 0; t < tokens_; ++t) {
+        PatchOutliers(block + KeyCodeBytes() + size_t(t) * 3 * n_out_, x + size_t(t) * d_);
+      }
+      return;
+    }
+    const float vo = gguf::Fp16ToFp32(LoadU16(block)), vr = gguf::Fp16ToFp32(LoadU16(block + 2));
+    uint8_t idx[256];
+    UnpackCodes(block + head_, d_, b_, idx);
+    for (int c = 0; c < d_; ++c) x[c] = cb_[idx[c]] * vr + vo;
+    PatchOutliers(block + head_ + code_bytes_, x);
+  }
+
+  // Values, many tokens: Highway codebook rows with the per-token affine map and the sparse fp16
+  // outliers (cpu::CodebookAffineRows, same operations as Decode). Keys: Decode per block (the
+  // prefill's tiled path; at decode keys are scored by ScoreRopeBlocks without decoding).
+  void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const override {
+    if (key_) {
+      Codec::DecodeBlocks(blocks, n_blocks, x);
+      return;
+    }
+    cpu::CodebookAffineRows(blocks, n_blocks, BlockBytes(), head_, d_, b_, cb_.data(), 2, 0, nullptr,
+                            nullptr, int64_t(head_ + code_bytes_), n_out_, x);
+  }
+
+  // Values at decode (fused path): decode L1-sized tiles of rows, then one f32 multi-row axpy.
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                        int64_t n_blocks, float* out) const override {
+    if (key_) {
+      Codec::AccumulateBlocks(p, ld, n_q, blocks, n_blocks, out);
+      return;
+    }
+    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, out,
+                           [&](const uint8_t* rows, int64_t m, float* tile) { DecodeBlocks(rows, m, tile); });
+  }
+
+  // Keys at decode (the cache's pre-RoPE path): tokens in lanes, RoPE on the fly, sparse outliers
+  // as rotated corrections (cpu::CodebookRopeDotBlocks). Needs GGUF-order pairs (2i, 2i+1) over
+  // the whole head.
+  bool ScoreRopeBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
+                       const Rope& rope, const int64_t* pos, float* out, int64_t ld) const override {
+    const RopeParams& rp = rope.params();
+    if (!key_ || rp.neox || rp.n_rot != d_ || rp.rot_offset != 0 || b_ > 4) return false;
+    if (n_blocks <= 0) return true;
+    thread_local std::vector<float> scratch;
+    const size_t bb = BlockBytes();
+    // Runs of blocks whose positions one tile of the lane table serves (<= 8 blocks); gappy or
+    // out-of-table positions get a small scratch copy per run.
+    for (int64_t k = 0; k < n_blocks;) {
+      const int64_t p0 = pos[k * tokens_];
+      const int64_t nb = std::max<int64_t>(1, std::min(n_blocks - k, rope.LaneRun(p0) / tokens_));
+      int64_t stride = 0;
+      const float* trig = rope.LaneTrig(pos + k * tokens_, nb * tokens_, &scratch, &stride);
+      cpu::CodebookRopeDotBlocks(q, n_q, blocks + size_t(k) * bb, nb, bb, d_, b_, cb_.data(), rng_.data(),
+                                 off_.data(), int64_t(KeyCodeBytes()), n_out_, trig, stride,
+                                 out + k * tokens_, ld);
+      k += nb;
+    }
+    return true;
+  }
+
+  // Values (per-token scales), fused scoring on the codes: [q (d), Σq, q (d)]. Keys use the
+  // defaults (decode, then dot), which only tests call: the cache scores pre-RoPE keys above.
+  int PreparedQueryDim() const override { return key_ ? d_ : 2 * d_ + 1; }
+  void PrepareQuery(const float* q, int n_q, float* qp) const override {
+    if (key_) {
+      Codec::PrepareQuery(q, n_q, qp);
+      return;
+    }
+    for (int r = 0; r < n_q; ++r) {
+      const float* qr = q + size_t(r) * d_;
+      float* o = qp + size_t(r) * PreparedQueryDim();
+      double s = 0;
+      for (int c = 0; c < d_; ++c) {
+        o[c] = qr[c];
+        s += qr[c];
+        o[d_ + 1 + c] = qr[c];
+      }
+      o[d_] = float(s);
+    }
+  }
+
+  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
+    if (key_) {
+      Codec::Score(qp, n_q, block, scores);
+      return;
+    }
+    uint8_t idx[256];
+    UnpackCodes(block + head_, d_, b_, idx);
+    const float vo = gguf::Fp16ToFp32(LoadU16(block)), vr = gguf::Fp16ToFp32(LoadU16(block + 2));
+    const uint8_t* o = block + head_ + code_bytes_;
+    for (int r = 0; r < n_q; ++r) {
+      const float* q = qp + size_t(r) * PreparedQueryDim();
+      float acc = 0.f;
+      for (int c = 0; c < d_; ++c) acc += q[c] * cb_[idx[c]];
+      float s = vr * acc + vo * q[d_];
+      // Sparse correction: replace the dense reconstruction of each outlier channel.
+      for (int i = 0; i < n_out_; ++i) {
+        const int c = o[3 * i];
+        if (c == kEmpty || c >= d_) continue;
+        const float dense = cb_[idx[c]] * vr + vo;
+        s += q[d_ + 1 + c] * (gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1)) - dense);
+      }
+      scores[r] = s;
+    }
+  }
+
+ private:
+  size_t KeyCodeBytes() const { return size_t(d_) * 2 * b_; }
+  // Key block: code of token t in channel c (the channel's LSB-first 2b-byte stream).
+  uint32_t KeyCode(const uint8_t* block, int c, int t) const {
+    uint64_t w = 0;
+    std::memcpy(&w, block + size_t(c) * 2 * b_, size_t(2 * b_));
+    return uint32_t(w >> (t * b_)) & ((1u << b_) - 1u);
+  }
+  void EncodeValue(const float* x, uint8_t* block) const {
+    float lo, hi;
+    std::vector<int> outl;
+    TokenRange(x, d_, n_out_, &lo, &hi, &outl);
+    const uint16_t oh = Fp32ToFp16Sat(0.5f * (hi + lo));
+    const uint16_t rh = Fp32ToFp16Sat(std::max(0.5f * (hi - lo), 1e-6f));
+    StoreU16(block, oh);
+    StoreU16(block + 2, rh);
+    const float off = gguf::Fp16ToFp32(oh), rng = std::max(gguf::Fp16ToFp32(rh), 1e-6f);
     BitWriter bw(block + head_);
     for (int c = 0; c < d_; ++c) {
-      const float u = std::clamp((x[c] - off[c]) / rng[c], -1.f, 1.f);
+      const float u = std::clamp((x[c] - off) / rng, -1.f, 1.f);
       bw.Put(uint32_t(NearestIndex(thr_.data(), int(thr_.size()), u)), b_);
     }
     uint8_t* o = block + head_ + code_bytes_;
@@ -100,89 +252,8 @@ class KvQuantCodec final : public Codec {
       }
     }
   }
-
-  // Scalar reference decode (the kernel below is checked against it bit for bit).
-  void Decode(const uint8_t* block, float* x) const override {
-    float vo = 0, vr = 1;
-    if (!key_) {
-      vo = gguf::Fp16ToFp32(LoadU16(block));
-      vr = gguf::Fp16ToFp32(LoadU16(block + 2));
-    }
-    uint8_t idx[256];
-    UnpackCodes(block + head_, d_, b_, idx);
-    for (int c = 0; c < d_; ++c) {
-      // The same products as u·rng + off (keys, per channel) / u·rng + off (values, per token).
-      x[c] = key_ ? cb_[idx[c]] * rng_[c] + off_[c] : cb_[idx[c]] * vr + vo;
-    }
-    PatchOutliers(block, x);
-  }
-
-  // Many tokens: Highway codebook rows with the per-channel (keys) or per-token (values) affine
-  // map and the sparse fp16 outliers (cpu::CodebookAffineRows, same operations as Decode).
-  void DecodeBlocks(const uint8_t* blocks, int64_t n_blocks, float* x) const override {
-    const int64_t sparse = int64_t(head_ + code_bytes_);
-    if (key_) {
-      cpu::CodebookAffineRows(blocks, n_blocks, BlockBytes(), head_, d_, b_, cb_.data(), -1, -1,
-                              rng_.data(), off_.data(), sparse, n_out_, x);
-    } else {
-      cpu::CodebookAffineRows(blocks, n_blocks, BlockBytes(), head_, d_, b_, cb_.data(), 2, 0,
-                              nullptr, nullptr, sparse, n_out_, x);
-    }
-  }
-
-  // Values at decode (fused path): decode L1-sized tiles of rows, then one f32 multi-row axpy.
-  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
-                        int64_t n_blocks, float* out) const override {
-    cpu::AccumulateViaTile(p, ld, n_q, blocks, BlockBytes(), n_blocks, d_, out,
-                           [&](const uint8_t* rows, int64_t m, float* tile) { DecodeBlocks(rows, m, tile); });
-  }
-
-  // Keys pre-RoPE are scored by the cache on decoded, rotated chunks; for values (and tests) the
-  // per-block scorer below works on the codes directly.
-  // Keys: [q∘rng (d), q·off, q (d)]; values (per-token scales): [q (d), Σq, q (d)].
-  int PreparedQueryDim() const override { return 2 * d_ + 1; }
-  void PrepareQuery(const float* q, int n_q, float* qp) const override {
-    for (int r = 0; r < n_q; ++r) {
-      const float* qr = q + size_t(r) * d_;
-      float* o = qp + size_t(r) * PreparedQueryDim();
-      double s = 0;
-      for (int c = 0; c < d_; ++c) {
-        o[c] = key_ ? qr[c] * rng_[c] : qr[c];
-        s += key_ ? double(qr[c]) * off_[c] : qr[c];
-        o[d_ + 1 + c] = qr[c];
-      }
-      o[d_] = float(s);
-    }
-  }
-
-  void Score(const float* qp, int n_q, const uint8_t* block, float* scores) const override {
-    uint8_t idx[256];
-    UnpackCodes(block + head_, d_, b_, idx);
-    float vo = 0, vr = 1;
-    if (!key_) {
-      vo = gguf::Fp16ToFp32(LoadU16(block));
-      vr = gguf::Fp16ToFp32(LoadU16(block + 2));
-    }
-    const uint8_t* o = block + head_ + code_bytes_;
-    for (int r = 0; r < n_q; ++r) {
-      const float* q = qp + size_t(r) * PreparedQueryDim();
-      float acc = 0.f;
-      for (int c = 0; c < d_; ++c) acc += q[c] * cb_[idx[c]];
-      float s = key_ ? acc + q[d_] : vr * acc + vo * q[d_];
-      // Sparse correction: replace the dense reconstruction of each outlier channel.
-      for (int i = 0; i < n_out_; ++i) {
-        const int c = o[3 * i];
-        if (c == kEmpty || c >= d_) continue;
-        const float dense = key_ ? cb_[idx[c]] * rng_[c] + off_[c] : cb_[idx[c]] * vr + vo;
-        s += q[d_ + 1 + c] * (gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1)) - dense);
-      }
-      scores[r] = s;
-    }
-  }
-
- private:
-  void PatchOutliers(const uint8_t* block, float* x) const {
-    const uint8_t* o = block + head_ + code_bytes_;
+  // slots [n_out × {u8 channel, fp16 value}] of one token -> x [d]
+  void PatchOutliers(const uint8_t* o, float* x) const {
     for (int i = 0; i < n_out_; ++i) {
       if (o[3 * i] != kEmpty && o[3 * i] < d_) x[o[3 * i]] = gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1));
     }
@@ -193,6 +264,7 @@ class KvQuantCodec final : public Codec {
   std::vector<float> cb_, thr_;   // [2^b], [2^b − 1]
   int head_;
   size_t code_bytes_;
+  int tokens_;                    // block_tokens: 16 (keys, channel-major codes) or 1 (values)
 };
 
 // Calibration files are loaded once per path and shared (the codec keeps copies of its slice).

@@ -16,14 +16,20 @@
 //            the values farthest outside [lo, hi] (others are clamped), channel 255 = empty slot.
 //   first token in fp16: use the cache's sink segment (`sinks=1 sink_codec=f16`), not handled
 //            here; calibration skips token 0 of every calibration chunk (attention sink).
-// Format, one token (block_tokens = 1):
-//   K: codes (d·b bits, LSB-first) | outliers × {uint8 channel, fp16 value}
-//   V: fp16 off | fp16 rng | codes (d·b bits) | outliers × {uint8 channel, fp16 value}
-// Bits per value (d = 64, 1 outlier): K b + 3/8 (3-bit: 27 B = 3.375); V b + 7/8 (3-bit: 31 B =
-// 3.875). Worked size, 128 tokens × d 64, kvquant3: K 3,456 B, V 3,968 B (f16: 16,384 B each).
-// Fused Score: q̃_c = q_c·rng_c and q·off prepared once; score = Σ_c q̃_c cb[idx_c] + q·off
-// + Σ_slots q_c (v_c − x̂_c). (Keys are pre-RoPE, so the cache uses the tiled path; the fused
-// path is exercised by the tests and by values.)
+// Format. Keys: one block = 16 tokens (block_tokens 16, so up to 15 newest keys wait in the
+// cache's fp16 tail until a block fills; flush after attention, as for KIVI):
+//   K: codes channel-major — channel c's 16 b-bit codes as an LSB-first 2b-byte stream at byte
+//      c·2b (token t at bit t·b) | 16 × outliers × {uint8 channel, fp16 value} (token-major)
+//   V (one token per block): fp16 off | fp16 rng | codes (d·b bits, LSB-first) | outliers × {uint8
+//      channel, fp16 value}
+// Bits per value (d = 64, 1 outlier): K b + 3/8 (3-bit: 16 × 27 B = 432 B per block = 3.375); V
+// b + 7/8 (3-bit: 31 B = 3.875). Worked size, 128 tokens × d 64, kvquant3: K 8 blocks × 432 B =
+// 3,456 B, V 3,968 B (f16: 16,384 B each).
+// Attention on packed keys (ScoreRopeBlocks, the cache's decode path for pre-RoPE keys): tokens
+// in lanes — per RoPE pair, 16 tokens' codes of both channels decoded by a codebook permute and
+// the per-channel affine, rotated with the cos/sin of their 16 positions, and accumulated into
+// each query row's 16 scores (cpu::CodebookRopeDotBlocks); each sparse outlier adds its rotated
+// correction. Values: Score / AccumulateBlocks on the per-token codes (q·Σ, per-token scales).
 // Calibration (CalibrateKvQuant): plain 1-D k-means (no Fisher sensitivity weighting — that
 // needs gradients we do not compute), outliers excluded; see docs/quantization-advanced.md.
 // Calibration source, in order: CodecContext.calib (tensors "kvquant.*"), spec calib=PATH, env
