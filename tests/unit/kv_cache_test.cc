@@ -237,6 +237,28 @@ TEST(KvCache, PreRopeKeysChunkedDecodeEqualsTiled) {
       EXPECT_LT(MaxAbsDiff(last, fused), 2e-5) << cs.k << " sinks " << cs.sinks << " n_q " << nq;
     }
   }
+  // After eviction (gaps in the kept positions: the codec's scratch cos/sin path; KVQuant's
+  // 16-token key blocks are re-encoded around the holes) the two paths still agree.
+  KvCacheConfig cfg;
+  cfg.k_codec = "kvquant4";
+  cfg.v_codec = "kvquant4";
+  cfg.calib = &*calib;
+  auto c = KvCache::Create(s, cfg);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = i;
+  for (int l = 0; l < s.n_layer; ++l) ASSERT_TRUE((*c)->Write(l, seq.data(), n, st.k.data(), st.v.data()).ok());
+  (*c)->Flush();
+  std::vector<int32_t> keep;
+  for (int i = 0; i < n; ++i) {
+    if (i % 3 == 0 || i >= n - 37) keep.push_back(i);
+  }
+  for (int h = 0; h < s.n_head_kv; ++h) ASSERT_TRUE((*c)->Keep(0, h, keep).ok());
+  std::vector<float> tiled(size_t(5) * rowsz), fused(rowsz);
+  (*c)->Attend(0, &st.q[size_t(n - 5) * rowsz], &seq[n - 5], 5, tiled.data());
+  (*c)->Attend(0, &st.q[size_t(n - 1) * rowsz], &seq[n - 1], 1, fused.data());
+  const std::vector<float> last(tiled.end() - rowsz, tiled.end());
+  EXPECT_LT(MaxAbsDiff(last, fused), 2e-5) << "kvquant4 after Keep";
 }
 
 // Centering (codec key center=1): the cache stores x − μ and adds q·μ / (Σp)·μ back, so with a
