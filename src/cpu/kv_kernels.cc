@@ -992,12 +992,32 @@ struct RopeLanes {
   hn::Vec<DU> sh[kRopeNV];
   hn::Mask<DU> hi[kRopeNV];
 };
-template <int NR>
+// cos / sin of pair i for the block's tokens v·kN.. (RopeTrig in the header): lanes of a table, or
+// angle addition from the block's first position (row = its interleaved table row) and the
+// offsets t·θ_i (offs [2][d/2][16]): cos(p+t) = c·ct − s·st, sin(p+t) = s·ct + c·st.
+template <bool kRec>
+HWY_INLINE void PairTrig(const float* HWY_RESTRICT tr, int64_t stride, const float* HWY_RESTRICT row,
+                         const float* HWY_RESTRICT offs, int half, int i, int v, hn::Vec<DF>* cv,
+                         hn::Vec<DF>* sv) {
+  const DF df;
+  const int kN = int(hn::Lanes(df));
+  if (kRec) {
+    const auto c = hn::Set(df, row[2 * i]), s = hn::Set(df, row[2 * i + 1]);
+    const auto ct = hn::LoadU(df, offs + size_t(i) * kRopeBlockTokens + v * kN);
+    const auto st = hn::LoadU(df, offs + size_t(half + i) * kRopeBlockTokens + v * kN);
+    *cv = hn::MulSub(c, ct, hn::Mul(s, st));
+    *sv = hn::MulAdd(s, ct, hn::Mul(c, st));
+  } else {
+    *cv = hn::LoadU(df, tr + size_t(i) * stride + v * kN);
+    *sv = hn::LoadU(df, tr + size_t(half + i) * stride + v * kN);
+  }
+}
+template <int NR, bool kRec>
 HWY_INLINE void RopeDotBlockRows(const float* HWY_RESTRICT qb, int d, const uint8_t* HWY_RESTRICT codes,
                                  int b, bool last_safe, hn::Vec<DF> vt, const RopeLanes& ln,
                                  const float* HWY_RESTRICT mul, const float* HWY_RESTRICT add,
-                                 const float* HWY_RESTRICT tr, int64_t stride, float* HWY_RESTRICT out,
-                                 int64_t ld) {
+                                 const float* HWY_RESTRICT tr, int64_t stride, const float* HWY_RESTRICT row,
+                                 const float* HWY_RESTRICT offs, float* HWY_RESTRICT out, int64_t ld) {
   const DF df;
   const DI di;
   const DU du;
@@ -1030,8 +1050,8 @@ HWY_INLINE void RopeDotBlockRows(const float* HWY_RESTRICT qb, int d, const uint
       const auto k1 = hn::And(hn::Shr(hn::IfThenElse(ln.hi[v], hn::Set(du, b1), hn::Set(du, b0)), ln.sh[v]), cmask);
       const auto x0 = hn::MulAdd(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, k0))), m0, p0);
       const auto x1 = hn::MulAdd(hn::TableLookupLanes(vt, hn::IndicesFromVec(df, hn::BitCast(di, k1))), m1, p1);
-      const auto cv = hn::LoadU(df, tr + size_t(i) * stride + v * kN);
-      const auto sv = hn::LoadU(df, tr + size_t(half + i) * stride + v * kN);
+      hn::Vec<DF> cv, sv;
+      PairTrig<kRec>(tr, stride, row, offs, half, i, v, &cv, &sv);
       const auto y0 = hn::MulSub(x0, cv, hn::Mul(x1, sv));  // x0 c − x1 s
       const auto y1 = hn::MulAdd(x0, sv, hn::Mul(x1, cv));  // x0 s + x1 c
       for (int r = 0; r < NR; ++r) {
@@ -1049,8 +1069,7 @@ void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8
                                int64_t n_blocks, size_t block_bytes, int d, int b,
                                const float* HWY_RESTRICT cb, const float* HWY_RESTRICT mul,
                                const float* HWY_RESTRICT add, int64_t sparse_off, int n_sparse,
-                               const float* HWY_RESTRICT trig, int64_t stride, float* HWY_RESTRICT out,
-                               int64_t ld) {
+                               const RopeTrig& trig, float* HWY_RESTRICT out, int64_t ld) {
   const DF df;
   const DI di;
   const DU du;
@@ -1063,9 +1082,11 @@ void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8
 #endif
   if (!ok) {
     ref::CodebookRopeDotBlocks(q, n_q, blocks, n_blocks, block_bytes, d, b, cb, mul, add, sparse_off, n_sparse,
-                               trig, stride, out, ld);
+                               trig, out, ld);
     return;
   }
+  const bool rec = trig.rows != nullptr;
+  const int64_t stride = trig.stride;
   HWY_ALIGN float tab[hn::MaxLanes(df)];
   for (int i = 0; i < kN; ++i) tab[i] = i < (1 << b) ? cb[i] : 0.f;
   const auto vt = hn::Load(df, tab);
@@ -1079,18 +1100,23 @@ void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8
   const bool last_safe = size_t(d) * 2 * b + 8 - 2 * b <= block_bytes;
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const uint8_t* codes = blocks + size_t(blk) * block_bytes;
-    const float* tr = trig + blk * kT;
+    const float* tr = rec ? nullptr : trig.lanes + blk * kT;
+    const float* row = rec ? trig.rows + size_t(blk) * kT * d : nullptr;
     float* ob = out + blk * kT;
     int r0 = 0;
-    for (; r0 + 4 <= n_q; r0 += 4) {
-      RopeDotBlockRows<4>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld);
-    }
+#define KVC_ROPE_ROWS(NR)                                                                          \
+  (rec ? RopeDotBlockRows<NR, true>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr,  \
+                                    stride, row, trig.offs, ob + r0 * ld, ld)                       \
+       : RopeDotBlockRows<NR, false>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, \
+                                     stride, row, trig.offs, ob + r0 * ld, ld))
+    for (; r0 + 4 <= n_q; r0 += 4) KVC_ROPE_ROWS(4);
     switch (n_q - r0) {
-      case 3: RopeDotBlockRows<3>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
-      case 2: RopeDotBlockRows<2>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
-      case 1: RopeDotBlockRows<1>(q + size_t(r0) * d, d, codes, b, last_safe, vt, ln, mul, add, tr, stride, ob + r0 * ld, ld); break;
+      case 3: KVC_ROPE_ROWS(3); break;
+      case 2: KVC_ROPE_ROWS(2); break;
+      case 1: KVC_ROPE_ROWS(1); break;
       default: break;
     }
+#undef KVC_ROPE_ROWS
     // Sparse outliers: replace each dense value's contribution, rotated — δ = v − dense at
     // channel ch of pair i: δ·(q_ch c + q_ch+1 s) for even ch, δ·(q_ch c − q_ch−1 s) for odd.
     const int half = d / 2;
@@ -1105,7 +1131,15 @@ void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8
         const float dense = hn::GetLane(hn::MulAdd(hn::Set(df, cb[code]), hn::Set(df, mul[ch]), hn::Set(df, add[ch])));
         const float delta = HalfAt(sl + 3 * i + 1) - dense;
         const int pr = ch / 2;
-        const float c = tr[size_t(pr) * stride + t], sn = tr[size_t(half + pr) * stride + t];
+        float c, sn;
+        if (rec) {
+          const float ct = trig.offs[size_t(pr) * kT + t], st = trig.offs[size_t(half + pr) * kT + t];
+          c = row[2 * pr] * ct - row[2 * pr + 1] * st;
+          sn = row[2 * pr + 1] * ct + row[2 * pr] * st;
+        } else {
+          c = tr[size_t(pr) * stride + t];
+          sn = tr[size_t(half + pr) * stride + t];
+        }
         for (int r = 0; r < n_q; ++r) {
           const float* qr = q + size_t(r) * d;
           ob[size_t(r) * ld + t] += ch % 2 == 0 ? delta * (qr[ch] * c + qr[ch + 1] * sn)
@@ -1172,10 +1206,10 @@ HWY_EXPORT(CodebookAffineRowsImpl);
 HWY_EXPORT(CodebookRopeDotBlocksImpl);
 void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
                            size_t block_bytes, int d, int b, const float* cb, const float* mul,
-                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
-                           int64_t stride, float* out, int64_t ld) {
+                           const float* add, int64_t sparse_off, int n_sparse, const RopeTrig& trig,
+                           float* out, int64_t ld) {
   HWY_DYNAMIC_DISPATCH(CodebookRopeDotBlocksImpl)(q, n_q, blocks, n_blocks, block_bytes, d, b, cb, mul, add,
-                                                  sparse_off, n_sparse, trig, stride, out, ld);
+                                                  sparse_off, n_sparse, trig, out, ld);
 }
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
@@ -1249,8 +1283,8 @@ namespace ref {
 static uint32_t CodeAt(const uint8_t* bits, int j, int b);
 void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
                            size_t block_bytes, int d, int b, const float* cb, const float* mul,
-                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
-                           int64_t stride, float* out, int64_t ld) {
+                           const float* add, int64_t sparse_off, int n_sparse, const RopeTrig& trig,
+                           float* out, int64_t ld) {
   constexpr int kT = kRopeBlockTokens;
   const int half = d / 2;
   std::vector<float> y(d);
@@ -1272,7 +1306,16 @@ void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64
         if (sl[3 * i] < d) y[sl[3 * i]] = gguf::Fp16ToFp32(h);
       }
       for (int i = 0; i < half; ++i) {
-        const float c = trig[size_t(i) * stride + col], s = trig[size_t(half + i) * stride + col];
+        float c, s;
+        if (trig.rows) {
+          const float* row = trig.rows + size_t(blk) * kT * d;
+          const double ct = trig.offs[size_t(i) * kT + t], st = trig.offs[size_t(half + i) * kT + t];
+          c = float(row[2 * i] * ct - row[2 * i + 1] * st);
+          s = float(row[2 * i + 1] * ct + row[2 * i] * st);
+        } else {
+          c = trig.lanes[size_t(i) * trig.stride + col];
+          s = trig.lanes[size_t(half + i) * trig.stride + col];
+        }
         const float x0 = y[2 * i], x1 = y[2 * i + 1];
         y[2 * i] = x0 * c - x1 * s;
         y[2 * i + 1] = x0 * s + x1 * c;

@@ -84,17 +84,28 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
 // 2·b bytes at byte c · 2b of the block (token t at bit t·b). Key value x_tc = cb[code_tc]·mul_c +
 // add_c (codebook [2^b], per-channel mul / add [d]), then token t's n_sparse slots of 3 bytes at
 // block + sparse_off + t · 3 · n_sparse, {u8 channel c, fp16 value}, replace x_tc (distinct channels
-// per token; c >= d: empty;
-// KVQuant's dense-and-sparse outliers); pairs (2i, 2i+1) rotated by the lane cos/sin
-// of kv::Rope::LaneTrig (cos(i, col) = trig[i·stride + col], sin = trig[(d/2 + i)·stride + col],
-// column col = block · 16 + t); out[r · ld + col] = <q[r], R x_t> for post-RoPE query rows q
-// [n_q, d]. No tile, no horizontal sums; FMA (not bit-identical to the reference, which sums in
-// double): |simd − ref| <= 1e-5 · Σ|q_c y_c| + 1e-6.
+// per token; c >= d: empty; KVQuant's dense-and-sparse outliers); pairs (2i, 2i+1) rotated by the
+// angles of the token's position (RopeTrig); out[r · ld + blk · 16 + t] = <q[r], R x_t> for
+// post-RoPE query rows q [n_q, d]. No tile, no horizontal sums; FMA (not bit-identical to the
+// reference, which sums in double): |simd − ref| <= 1e-5 · Σ|q_c y_c| + 1e-6.
 constexpr int kRopeBlockTokens = 16;
+// cos / sin for CodebookRopeDotBlocks, either
+//   lanes: cos(i, col) = lanes[i · stride + col], sin = lanes[(d/2 + i) · stride + col], col =
+//          blk · 16 + t (any positions; kv::Rope::LaneTrig fills it), or
+//   rows + offs: block blk starts at the position whose interleaved (cos, sin) table row is
+//          rows + blk · 16 · d (consecutive positions: kv::Rope::TableRow), token t adds angle
+//          t·θ_i with offs [2][d/2][16] = cos, sin of t·θ_i (kv::Rope::LaneOffsets); cos / sin
+//          by angle addition in registers (~1e-7 relative), nothing read but one row per block.
+struct RopeTrig {
+  const float* lanes = nullptr;
+  int64_t stride = 0;
+  const float* rows = nullptr;
+  const float* offs = nullptr;
+};
 void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
                            size_t block_bytes, int d, int b, const float* cb, const float* mul,
-                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
-                           int64_t stride, float* out, int64_t ld);
+                           const float* add, int64_t sparse_off, int n_sparse, const RopeTrig& trig,
+                           float* out, int64_t ld);
 
 // RoPE with pairs (2i, 2i+1) (GGUF "llama" order) on many rows: row t is x + t · ld, its first
 // n_rot values (n_rot even) are rotated in place by the angles of table row pos[t], table
@@ -134,8 +145,8 @@ void AccumulateViaTile(const float* p, int64_t ld, int n_q, const uint8_t* rows,
 namespace ref {
 void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
                            size_t block_bytes, int d, int b, const float* cb, const float* mul,
-                           const float* add, int64_t sparse_off, int n_sparse, const float* trig,
-                           int64_t stride, float* out, int64_t ld);
+                           const float* add, int64_t sparse_off, int n_sparse, const RopeTrig& trig,
+                           float* out, int64_t ld);
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
                         const float* mul, const float* add, int64_t sparse_off, int n_sparse,

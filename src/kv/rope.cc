@@ -22,44 +22,18 @@ Rope::Rope(const RopeParams& p, int table_positions) : p_(p) {
       t[2 * i + 1] = float(std::sin(a));
     }
   }
-  const int row = kLaneTile + 16;
-  const int64_t tiles = (table_positions_ + kLaneTile - 1) / kLaneTile;
-  lane_.resize(size_t(tiles) * p_.n_rot * row);
-  for (int64_t tl = 0; tl < tiles; ++tl) {
-    float* base = lane_.data() + size_t(tl) * p_.n_rot * row;
-    for (int j = 0; j < row; ++j) {
-      const int64_t pos = tl * kLaneTile + j;
-      const double pp = double(pos) * p_.freq_scale;
-      for (int i = 0; i < half; ++i) {
-        float c, s;
-        if (pos < table_positions_) {
-          c = table_[(size_t(pos) * half + i) * 2];
-          s = table_[(size_t(pos) * half + i) * 2 + 1];
-        } else {  // the overlap past the table's end (never handed out; kept exact anyway)
-          c = float(std::cos(pp * inv_freq_[i]));
-          s = float(std::sin(pp * inv_freq_[i]));
-        }
-        base[size_t(i) * row + j] = c;
-        base[size_t(half + i) * row + j] = s;
-      }
+  lane_offs_.resize(size_t(p_.n_rot) * kLaneBlock);
+  for (int i = 0; i < half; ++i) {
+    for (int t = 0; t < kLaneBlock; ++t) {
+      const double a = double(t) * p_.freq_scale * inv_freq_[i];
+      lane_offs_[size_t(i) * kLaneBlock + t] = float(std::cos(a));
+      lane_offs_[size_t(half + i) * kLaneBlock + t] = float(std::sin(a));
     }
   }
 }
 
-int64_t Rope::LaneRun(int64_t p0) const {
-  if (p0 < 0 || p0 >= table_positions_) return 0;
-  return std::min<int64_t>(kLaneTile + 16 - p0 % kLaneTile, table_positions_ - p0);
-}
-
-const float* Rope::LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* scratch,
-                            int64_t* stride) const {
+const float* Rope::LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* scratch) const {
   const int half = p_.n_rot / 2;
-  bool run = n > 0 && n <= LaneRun(pos[0]);
-  for (int64_t t = 1; run && t < n; ++t) run = pos[t] == pos[0] + t;
-  if (run) {
-    *stride = kLaneTile + 16;
-    return lane_.data() + size_t(pos[0] / kLaneTile) * p_.n_rot * (kLaneTile + 16) + pos[0] % kLaneTile;
-  }
   scratch->resize(size_t(p_.n_rot) * n);
   float* o = scratch->data();
   for (int64_t t = 0; t < n; ++t) {
@@ -79,7 +53,6 @@ const float* Rope::LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* s
       o[size_t(half + i) * n + t] = s;
     }
   }
-  *stride = n;
   return o;
 }
 

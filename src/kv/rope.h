@@ -3,6 +3,7 @@
 // (spec-eviction-lowrank-eval.md §0.1), so fp32 angles are never used.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -36,20 +37,20 @@ class Rope {
   // outside the table rotate mu directly. Used for centred post-RoPE keys (Stream::mu_rope).
   void AddDotRotated(const float* q, int n_q, int dim, const float* mu, const int64_t* pos,
                      int64_t n, float* s, int64_t ld) const;
-  // cos / sin of every rotated pair at n token positions, laid out for SIMD over tokens (tokens
-  // in lanes): cos(i, t) = base[i * stride + t], sin(i, t) = base[(n_rot/2 + i) * stride + t]
-  // for pair i < n_rot/2, t < n. Consecutive positions inside one tile of the transposed table
-  // (n <= LaneRun(pos[0])) point into it (no work); anything else is written to *scratch
-  // ([n_rot, n]) and returned.
-  const float* LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* scratch,
-                        int64_t* stride) const;
-  // How many consecutive positions from p0 one LaneTrig call can serve without a copy (>= 17
-  // inside the table, 0 outside). The transposed table is tiled (kLaneTile positions per tile,
-  // each row kLaneTile + 16 long, overlapping the next tile) so that the 2·32 rows a block of
-  // tokens reads are 576 bytes apart, not a table length: rows a power of two apart fell into
-  // the same L1 sets and cost a TLB walk each.
-  int64_t LaneRun(int64_t p0) const;
-  static constexpr int kLaneTile = 128;
+  // For SIMD over tokens (tokens in lanes, cpu::RopeTrig):
+  //  - TableRow(pos): the interleaved (cos, sin) row [n_rot/2][2] of a position, or null
+  //    outside the table;
+  //  - LaneOffsets(): [2][n_rot/2][kLaneBlock] f32, cos then sin of t·θ_i for t < kLaneBlock
+  //    (double angles), so a block of consecutive positions p..p+15 gets its cos / sin by angle
+  //    addition from row p;
+  //  - LaneTrig: cos / sin of any n positions written to *scratch [n_rot, n] (cos(i, t) =
+  //    base[i * n + t], sin(i, t) = base[(n_rot/2 + i) * n + t]); returns scratch's data.
+  static constexpr int kLaneBlock = 16;
+  const float* TableRow(int64_t pos) const {
+    return pos >= 0 && pos < table_positions_ ? table_.data() + std::size_t(pos) * p_.n_rot : nullptr;
+  }
+  const float* LaneOffsets() const { return lane_offs_.data(); }
+  const float* LaneTrig(const int64_t* pos, int64_t n, std::vector<float>* scratch) const;
 
  private:
   void RotateRow(float* x, int64_t pos) const;
@@ -57,9 +58,7 @@ class Rope {
   std::vector<double> inv_freq_;  // [n_rot/2]
   int table_positions_ = 0;
   std::vector<float> table_;      // [table_positions, n_rot/2, 2] (cos, sin)
-  // [tiles][n_rot][kLaneTile + 16]: per tile, cos rows then sin rows of positions
-  // [tile·kLaneTile, tile·kLaneTile + kLaneTile + 16)
-  std::vector<float> lane_;
+  std::vector<float> lane_offs_;  // [2, n_rot/2, kLaneBlock] cos, sin of t·θ_i
 };
 
 }  // namespace kvc::kv

@@ -150,7 +150,8 @@ TEST(KvQuant, OutlierSlotIsExact) {
 
 // Keys at decode: scores with RoPE applied on the packed blocks (tokens in lanes, sparse
 // outliers corrected after rotation) equal decode, rotate, dot — at consecutive positions inside
-// the RoPE table (lane table, no copy) and at gappy positions partly past it (scratch path).
+// the RoPE table (cos / sin by angle addition from one table row per block) and at gappy
+// positions partly past it (cos / sin written to a scratch).
 TEST(KvQuant, ScoreRopeBlocksEqualsDecodeRotateDot) {
   auto cal = CalibrateKvQuant(Synthetic(2000, 5));
   ASSERT_TRUE(cal.ok());

@@ -265,13 +265,23 @@ TEST(KvKernels, CodebookRopeDotBlocksMatchReference) {
       for (int n_q : {1, 3, 6}) {
         const auto q = Randn(size_t(n_q) * d, 75 + n_q);
         const int64_t ld = n + 2;
-        std::vector<float> got(size_t(n_q) * ld, 0.f), want(got);
-        CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
-                              add.data(), sparse_off, n_sparse, trig.data(), stride, got.data(), ld);
-        ref::CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
-                                   add.data(), sparse_off, n_sparse, trig.data(), stride, want.data(), ld);
-        for (size_t i = 0; i < got.size(); ++i) {
-          ASSERT_NEAR(got[i], want[i], 1e-4 * (8 + std::fabs(want[i]))) << "b=" << b << " d=" << d << " i=" << i;
+        // Both trig inputs: lanes with a stride, and rows + offsets (angle addition).
+        RopeTrig lanes, rec;
+        lanes.lanes = trig.data();
+        lanes.stride = stride;
+        const auto rows = Randn(size_t(nb) * 16 * d, 76 + d), offs = Randn(size_t(d) * 16, 77 + d);
+        rec.rows = rows.data();
+        rec.offs = offs.data();
+        for (const RopeTrig* tg : {&lanes, &rec}) {
+          std::vector<float> got(size_t(n_q) * ld, 0.f), want(got);
+          CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
+                                add.data(), sparse_off, n_sparse, *tg, got.data(), ld);
+          ref::CodebookRopeDotBlocks(q.data(), n_q, blocks.data(), nb, block_bytes, d, b, cb.data(), mul.data(),
+                                     add.data(), sparse_off, n_sparse, *tg, want.data(), ld);
+          for (size_t i = 0; i < got.size(); ++i) {
+            ASSERT_NEAR(got[i], want[i], 1e-4 * (8 + std::fabs(want[i])))
+                << "b=" << b << " d=" << d << " i=" << i << (tg == &rec ? " rows+offs" : " lanes");
+          }
         }
       }
     }

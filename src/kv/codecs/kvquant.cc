@@ -156,19 +156,35 @@ class KvQuantCodec final : public Codec {
     const RopeParams& rp = rope.params();
     if (!key_ || rp.neox || rp.n_rot != d_ || rp.rot_offset != 0 || b_ > 4) return false;
     if (n_blocks <= 0) return true;
+    static_assert(Rope::kLaneBlock == cpu::kRopeBlockTokens, "one block of lanes per key block");
     thread_local std::vector<float> scratch;
     const size_t bb = BlockBytes();
-    // Runs of blocks whose positions one tile of the lane table serves (<= 8 blocks); gappy or
-    // out-of-table positions get a small scratch copy per run.
+    const int T = tokens_;
+    // Runs of blocks at consecutive positions inside the RoPE table take cos / sin by angle
+    // addition from one table row per block; other blocks (gaps after eviction, positions past
+    // the table) get their cos / sin written to a small scratch.
+    auto consecutive = [&](int64_t k, int64_t p0) {
+      for (int t = 0; t < T; ++t) {
+        if (pos[k * T + t] != p0 + t) return false;
+      }
+      return rope.TableRow(p0 + T - 1) != nullptr;
+    };
     for (int64_t k = 0; k < n_blocks;) {
-      const int64_t p0 = pos[k * tokens_];
-      const int64_t nb = std::max<int64_t>(1, std::min(n_blocks - k, rope.LaneRun(p0) / tokens_));
-      int64_t stride = 0;
-      const float* trig = rope.LaneTrig(pos + k * tokens_, nb * tokens_, &scratch, &stride);
-      cpu::CodebookRopeDotBlocks(q, n_q, blocks + size_t(k) * bb, nb, bb, d_, b_, cb_.data(), rng_.data(),
-                                 off_.data(), int64_t(KeyCodeBytes()), n_out_, trig, stride,
-                                 out + k * tokens_, ld);
-      k += nb;
+      cpu::RopeTrig trig;
+      const int64_t p0 = pos[k * T];
+      int64_t e = k;
+      while (e < n_blocks && rope.TableRow(p0 + (e - k) * T) && consecutive(e, p0 + (e - k) * T)) ++e;
+      if (e > k) {
+        trig.rows = rope.TableRow(p0);
+        trig.offs = rope.LaneOffsets();
+      } else {
+        e = k + 1;
+        trig.lanes = rope.LaneTrig(pos + k * T, T, &scratch);
+        trig.stride = T;
+      }
+      cpu::CodebookRopeDotBlocks(q, n_q, blocks + size_t(k) * bb, e - k, bb, d_, b_, cb_.data(), rng_.data(),
+                                 off_.data(), int64_t(KeyCodeBytes()), n_out_, trig, out + k * T, ld);
+      k = e;
     }
     return true;
   }
