@@ -66,6 +66,8 @@ check "excludes"          "$BIN" generate -m "$MODEL" -p hi --tokens 1,2 -n 1
 check "requires --kv-sinks" "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-sink-codec q8_0
 check "given twice"       "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "k=q8_0 k=q4_0"
 check "no value"          "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "evict="
+check "model has 30 layers" "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_0 k@30=q4_0"
+check "bad layer list"    "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_0 k@3-x=q4_0"
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?

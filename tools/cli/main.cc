@@ -456,6 +456,7 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   for (const auto& s : cfgs) {
     auto r = ParseRunConfig(s);
     if (!r.ok()) return Fail(r.status());
+    if (Status fs = FitLayerOverrides(&*r, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
     if (Status cs = CheckRunConfigCalibration(*r, **m); !cs.ok()) return Fail(cs);
     configs.push_back(*r);
   }
@@ -644,7 +645,8 @@ int main(int argc, char** argv) {
   AddKvFlags(ev, c);
   ev->add_option("-f,--file", file, "text file (default: WikiText-2 raw test)");
   ev->add_option("--chunks", chunks, "max chunks (default 4; 0: every chunk of the file)");
-  ev->add_option("--config", cfgs, "KV configuration, repeatable: 'q4_0' or 'k=q8_0 v=q4_0 evict=...'");
+  ev->add_option("--config", cfgs, "KV configuration, repeatable: 'q4_0' or 'k=q8_0 v=q4_0 evict=...'; "
+                 "per-layer codecs: k@L=, v@L=, kv@L= with L = 5, 3-10 or 0,29 ('q8_0 k@4=turbo3')");
   auto* ev_json = ev->add_flag("--json", json, "JSON output");
   ev->add_flag("--csv", csv, "CSV output")->excludes(ev_json);
   ev->add_option("--report", report, "write DIR/report.md and DIR/quality_vs_bytes.svg");

@@ -75,6 +75,9 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
     need = need || NeedsKvQuantCalibration(c.cache.k_codec) ||
            NeedsKvQuantCalibration(c.cache.v_codec) ||
            (c.cache.sink_tokens > 0 && NeedsKvQuantCalibration(c.cache.sink_codec));
+    for (const auto* lay : {&c.cache.k_codec_layer, &c.cache.v_codec_layer}) {
+      for (const auto& s : *lay) need = need || NeedsKvQuantCalibration(s);  // k@L= / v@L=
+    }
   }
   if (!need || std::getenv("KVC_KVQUANT_CALIB")) return std::string();
   const std::string path = KvQuantCalibrationPath(model_path);

@@ -19,13 +19,15 @@ namespace {
 
 using nlohmann::json;
 
-StatusOr<KvRunConfig> ConfigOf(const std::string& s) {
+StatusOr<KvRunConfig> ConfigOf(const std::string& s, int n_layer) {
   if (s.empty() || s == "full") {
     KvRunConfig c;
     c.name = "full";
     return c;
   }
-  return ParseRunConfig(s);
+  KVC_ASSIGN_OR_RETURN(KvRunConfig c, ParseRunConfig(s));
+  KVC_RETURN_IF_ERROR(FitLayerOverrides(&c, n_layer));
+  return c;
 }
 
 StatusOr<std::unique_ptr<Session>> NewSession(const Model& m, const KvRunConfig& c, int64_t n_ctx) {
@@ -521,7 +523,7 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   // Every configuration must build before anything runs: a bad one is an error (non-zero exit),
   // not an error row.
   for (const auto& cs : cfgs) {
-    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs));
+    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.config().n_layer));
     auto probe = kv::KvCache::Create(m.kv_shape(), c.cache);
     if (!probe.ok()) return Status(probe.status().code(), cs + ": " + probe.status().message());
     auto pol = kv::MakePolicy(c.evict, m.kv_shape());
@@ -531,7 +533,7 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
     }
   }
   for (const auto& cs : cfgs) {
-    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs));
+    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.config().n_layer));
     StatusOr<json> r = InvalidArgument("unknown --task '" + a.task +
                                        "' (sinks, passkey, needle, streaming, prefix, speed, reuse)");
     const double t0 = NowSeconds();

@@ -23,10 +23,56 @@ std::string KvRunConfig::Label() const {
                                                   : "K:" + cache.k_codec + " V:" + cache.v_codec;
   if (!cache.k_transform.empty()) l += " Kt:" + cache.k_transform;
   if (!cache.v_transform.empty()) l += " Vt:" + cache.v_transform;
+  // Per-layer overrides (k@L=SPEC / v@L=SPEC), runs of equal codecs collapsed: " K@3-10:q8_0".
+  for (const auto* lay : {&cache.k_codec_layer, &cache.v_codec_layer}) {
+    const char* kv = lay == &cache.k_codec_layer ? "K" : "V";
+    for (size_t a = 0; a < lay->size();) {
+      size_t b = a;
+      while (b + 1 < lay->size() && (*lay)[b + 1] == (*lay)[a]) ++b;
+      if (!(*lay)[a].empty()) {
+        l += a == b ? fmt::format(" {}@{}:{}", kv, a, (*lay)[a])
+                    : fmt::format(" {}@{}-{}:{}", kv, a, b, (*lay)[a]);
+      }
+      a = b + 1;
+    }
+  }
   if (cache.sink_tokens > 0) l += fmt::format(" sinks:{}", cache.sink_tokens);
   if (!evict.empty()) l += " evict:" + evict;
   return l;
 }
+
+namespace {
+
+// "5", "3-10" or "0,2,29-29" -> layer indices (each < 4096). INVALID_ARGUMENT otherwise.
+StatusOr<std::vector<int>> ParseLayerList(const std::string& s, const std::string& text) {
+  std::vector<int> out;
+  std::istringstream in(s);
+  std::string part;
+  auto bad = [&] {
+    return InvalidArgument(fmt::format("bad layer list '{}' in config '{}' (e.g. k@5=q8_0, "
+                                       "k@3-10=q8_0, k@0,29=q8_0)", s, text));
+  };
+  auto num = [](const std::string& t, long* v) {
+    char* end = nullptr;
+    *v = std::strtol(t.c_str(), &end, 10);
+    return !t.empty() && !*end && t[0] != '-' && t[0] != '+' && *v >= 0 && *v < 4096;
+  };
+  if (s.empty() || s.back() == ',') return bad();
+  while (std::getline(in, part, ',')) {
+    const size_t dash = part.find('-');
+    long a = 0, b = 0;
+    if (dash == std::string::npos) {
+      if (!num(part, &a)) return bad();
+      b = a;
+    } else if (!num(part.substr(0, dash), &a) || !num(part.substr(dash + 1), &b) || b < a) {
+      return bad();
+    }
+    for (long l = a; l <= b; ++l) out.push_back(int(l));
+  }
+  return out;
+}
+
+}  // namespace
 
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   KvRunConfig c;
@@ -50,6 +96,28 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
     if (val.empty()) {
       return InvalidArgument(fmt::format("key '{}' has no value in config '{}'", key, text));
     }
+    if (const size_t at = key.find('@'); at != std::string::npos) {
+      // Per-layer override: k@L=SPEC, v@L=SPEC or kv@L=SPEC (L: 5, 3-10, 0,29). Sized to the
+      // highest layer named; FitLayerOverrides pads it to the model's n_layer.
+      const std::string which = key.substr(0, at);
+      if (which != "k" && which != "v" && which != "kv") {
+        return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (per-layer codecs: "
+                                           "k@L=, v@L=, kv@L=)", key, text));
+      }
+      KVC_ASSIGN_OR_RETURN(auto layers, ParseLayerList(key.substr(at + 1), text));
+      for (auto* lay : {&c.cache.k_codec_layer, &c.cache.v_codec_layer}) {
+        if ((lay == &c.cache.k_codec_layer) ? which == "v" : which == "k") continue;
+        for (int l : layers) {
+          if (int(lay->size()) <= l) lay->resize(l + 1);
+          if (!(*lay)[l].empty()) {
+            return InvalidArgument(fmt::format("layer {} {} codec given twice in config '{}'", l,
+                                               lay == &c.cache.k_codec_layer ? "K" : "V", text));
+          }
+          (*lay)[l] = val;
+        }
+      }
+      continue;
+    }
     if (key == "k") c.cache.k_codec = val;
     else if (key == "v") c.cache.v_codec = val;
     else if (key == "kt") c.cache.k_transform = val;
@@ -67,11 +135,23 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       c.cache.position_mode_set = true;
     } else {
       return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (k, v, kt, vt, evict, "
-                                         "sinks, sink_codec, pos, name)", key, text));
+                                         "sinks, sink_codec, pos, name, k@L, v@L, kv@L)", key, text));
     }
   }
   if (!any) return InvalidArgument("empty KV configuration");
   return c;
+}
+
+Status FitLayerOverrides(KvRunConfig* c, int n_layer) {
+  for (auto* lay : {&c->cache.k_codec_layer, &c->cache.v_codec_layer}) {
+    if (lay->empty()) continue;
+    if (int(lay->size()) > n_layer) {
+      return InvalidArgument(fmt::format("{}: layer {} named, but the model has {} layers (0-{})",
+                                         c->Label(), lay->size() - 1, n_layer, n_layer - 1));
+    }
+    lay->resize(n_layer);
+  }
+  return Status::Ok();
 }
 
 std::vector<KvRunConfig> DefaultRunConfigs() {

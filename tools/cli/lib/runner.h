@@ -22,7 +22,12 @@ struct KvRunConfig {
 // Parses "q4_0" (K=V=q4_0) or space-separated key=value pairs:
 //   k=SPEC v=SPEC kt=TRANSFORM vt=TRANSFORM evict=POLICY sinks=N sink_codec=SPEC pos=MODE name=NAME
 // e.g. "k=q8_0 v=q4_0 evict=snapkv:budget=256". INVALID_ARGUMENT on unknown keys.
+// Per-layer codecs: k@L=SPEC, v@L=SPEC, kv@L=SPEC with L = 5, 3-10 or 0,29 (KvCacheConfig's
+// k_codec_layer / v_codec_layer; other layers keep k= / v=), e.g. "k=f16 v=f16 k@4=turbo3".
+// The lists are sized to the highest layer named: call FitLayerOverrides before building a cache.
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text);
+// Pads the per-layer codec lists to n_layer; INVALID_ARGUMENT if a layer >= n_layer is named.
+Status FitLayerOverrides(KvRunConfig* c, int n_layer);
 
 // The default list: every registered codec (in_default_eval) for K and V.
 std::vector<KvRunConfig> DefaultRunConfigs();
