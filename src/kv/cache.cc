@@ -90,6 +90,9 @@ void Stream::Append(const float* y, int64_t n, bool defer) {
   const int64_t add = n - start;
   if (int64_t(tail.capacity()) < (n_tail + add) * dim) {
     int64_t want_tokens = RoundUp(n_tail + add, std::max(grow_tokens, 1));
+    // A window never holds more than r + q tokens between flushes (KVQuant keys: 16), so do not
+    // reserve a whole growth step of fp16 for it.
+    if (r + q > 1) want_tokens = std::max(n_tail + add, std::min(want_tokens, r + q));
     if (limit_tokens >= 0) want_tokens = std::max(n_tail + add, std::min(want_tokens, limit_tokens));
     tail.reserve(size_t(want_tokens * dim));
   }
@@ -114,10 +117,9 @@ void Stream::Flush() {
     tail.erase(tail.begin(), tail.begin() + cnt * dim);
     n_tail -= cnt;
     // A large batch (prefill) passed through the tail: do not keep its capacity. From here the
-    // window holds at most r + q - 1 tokens, so release anything beyond that (rounded to the
-    // growth step); Memory() reports capacities, and KIVI's fp16 window must not cost a batch.
-    const int64_t step = std::max(grow_tokens, 1);
-    const size_t keep = size_t(RoundUp(std::max<int64_t>(n_tail, r + q - 1), step) * dim);
+    // window holds at most r + q tokens, so release anything beyond that; Memory() reports
+    // capacities, and KIVI's fp16 window must not cost a batch.
+    const size_t keep = size_t(std::max<int64_t>(n_tail, r + q) * dim);
     if (tail.capacity() > keep) {
       std::vector<uint16_t> shrunk;
       shrunk.reserve(std::max(keep, tail.size()));
@@ -249,6 +251,23 @@ static StatusOr<Stream> MakeStreamImpl(const std::string& codec_text,
   s.dim_in = dim_in;
   s.grow_tokens = cfg.grow_tokens;
   ctx.dim = dim_in;
+  // KVQuant keys are quantized per channel of the raw pre-RoPE keys with offsets and ranges
+  // calibrated on them: a transform in front (Hadamard, low-rank, ThinK) or centring would feed
+  // it vectors its calibration never saw (measured: kvquant4 + Hadamard ppl 23.96 -> 59.6).
+  if (ctx.kind == KvKind::kKey) {
+    auto parsed = ParseSpec(ExpandAlias(codec_spec));
+    if (parsed.ok() && parsed->name == "kvquant") {
+      if (!transform_spec.empty()) {
+        return InvalidArgument(fmt::format(
+            "kvquant keys are calibrated per channel on the raw pre-RoPE keys and cannot follow a "
+            "K transform ('{}'); use kvquant for values only, or another K codec", transform_spec));
+      }
+      if (s.center) {
+        return InvalidArgument("center=1 cannot be used with kvquant keys: their per-channel offsets "
+                               "are calibrated on the raw keys");
+      }
+    }
+  }
   if (!transform_spec.empty()) {
     auto t = MakeTransform(transform_spec, ctx);
     if (!t.ok()) {

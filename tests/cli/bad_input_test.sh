@@ -69,6 +69,8 @@ check "no value"          "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "evi
 check "model has 30 layers" "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_0 k@30=q4_0"
 check "bad layer list"    "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_0 k@3-x=q4_0"
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
+check "cannot follow a K transform" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4 --kv-transform-k hadamard
+check "calibrated on the raw keys" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4:center=1
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));

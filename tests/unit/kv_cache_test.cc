@@ -261,6 +261,53 @@ TEST(KvCache, PreRopeKeysChunkedDecodeEqualsTiled) {
   EXPECT_LT(MaxAbsDiff(last, fused), 2e-5) << "kvquant4 after Keep";
 }
 
+// KVQuant keys: a K transform or centring in front of them is refused at configuration (their
+// calibration is per channel of the raw pre-RoPE keys), and the fp16 tail their 16-token blocks
+// need reserves one block's worth of tokens, not a whole 64-token growth step.
+TEST(KvCache, KvQuantKeysRefuseTransformsAndReserveOneBlockOfTail) {
+  const KvShape s = SmallShape();
+  KvQuantSamples ks;
+  ks.n_layer = s.n_layer;
+  ks.n_head_kv = s.n_head_kv;
+  ks.head_dim = s.head_dim;
+  for (int l = 0; l < s.n_layer; ++l) {
+    ks.k.push_back(Randn(size_t(256) * s.n_head_kv * s.head_dim, 70 + l));
+    ks.v.push_back(Randn(size_t(256) * s.n_head_kv * s.head_dim, 80 + l));
+  }
+  auto calib = CalibrateKvQuant(ks);
+  ASSERT_TRUE(calib.ok());
+  KvCacheConfig cfg;
+  cfg.calib = &*calib;
+  cfg.k_codec = "kvquant4";
+  cfg.k_transform = "hadamard";
+  auto bad = KvCache::Create(s, cfg);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("cannot follow a K transform"), std::string::npos);
+  cfg.k_transform = "";
+  cfg.k_codec = "kvquant4:center=1";
+  EXPECT_FALSE(KvCache::Create(s, cfg).ok());
+  cfg.k_codec = "q4_0";  // rot=1 by default: a Hadamard transform, fine for other codecs
+  cfg.v_codec = "kvquant4:center=1";  // values: per-token online ranges, centring allowed
+  EXPECT_TRUE(KvCache::Create(s, cfg).ok());
+
+  cfg.k_codec = "kvquant4";
+  cfg.v_codec = "f16";
+  auto c = KvCache::Create(s, cfg);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  Stream st = MakeStream(s, 20, 5);
+  for (int t = 0; t < 20; ++t) {  // 16 tokens make a block; 4 wait in the tail
+    const int64_t seq = t;
+    for (int l = 0; l < s.n_layer; ++l) {
+      ASSERT_TRUE((*c)->Write(l, &seq, 1, &st.k[size_t(t) * s.n_head_kv * s.head_dim],
+                              &st.v[size_t(t) * s.n_head_kv * s.head_dim]).ok());
+    }
+    (*c)->Flush();
+  }
+  const auto mem = (*c)->Memory();
+  EXPECT_LE(mem.layers[0].k_tail, size_t(s.n_head_kv) * 16 * s.head_dim * 2);
+  EXPECT_GT(mem.layers[0].k_tail, 0u);
+}
+
 // Centering (codec key center=1): the cache stores x − μ and adds q·μ / (Σp)·μ back, so with a
 // lossless codec the output equals the reference, through every read path: tiled prefill, fused
 // decode, a sink segment with its own μ, a transform in front (Hadamard), pre-RoPE keys.

@@ -48,7 +48,7 @@ void AddModelFlags(CLI::App* app, Common& c) {
 }
 
 void AddKvFlags(CLI::App* app, Common& c) {
-  app->add_option("-c,--ctx-size", c.ctx, "context size (tokens)")->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  app->add_option("-c,--ctx-size", c.ctx, "context size (tokens)")->check(CLI::Range(int64_t(4), int64_t(1) << 24));
   app->add_option("-b,--batch-size", c.batch, "micro-batch size for prompt processing")->check(CLI::Range(1, 1 << 16));
   app->add_option("--cache-type-k", c.ctk, "K codec spec, also -ctk (see `kvcrunch info`)");
   app->add_option("--cache-type-v", c.ctv, "V codec spec, also -ctv");
