@@ -44,7 +44,8 @@ StatusOr<PositionMode> ParsePositionMode(const std::string& s) {
 
 // Positions covered by the cos/sin table of caches that store pre-RoPE keys (the model's
 // trained context for SmolLM2; 2 MiB for head_dim 64). Later positions use the direct path.
-constexpr int kRopeTablePositions = 8192;
+constexpr int kRopeTablePositions = 8192;   // default / minimum RoPE table (positions)
+constexpr int64_t kRopeTableMax = 262144;
 
 static int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -386,7 +387,10 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       for (const auto& seg : hc.segs) any_mu_rope = any_mu_rope || (seg.k.center && !seg.k.pre_rope);
     }
   }
-  if (any_pre_rope || any_mu_rope) c->impl_->rope = std::make_unique<Rope>(shape.rope, kRopeTablePositions);
+  if (any_pre_rope || any_mu_rope) {
+    const int64_t table = std::clamp<int64_t>(cfg.rope_table_positions, kRopeTablePositions, kRopeTableMax);
+    c->impl_->rope = std::make_unique<Rope>(shape.rope, int(table));
+  }
   for (auto& heads : c->impl_->layers) {
     for (auto& hc : heads) {
       for (auto& seg : hc.segs) {

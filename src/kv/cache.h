@@ -65,6 +65,10 @@ struct KvCacheConfig {
   const CalibrationData* calib = nullptr;  // shared by all codec/transform instances; may be null
   uint64_t seed = 0x6b76637275ull;
   int grow_tokens = 64;                    // storage grows in steps of this many tokens
+  // Positions the RoPE cos/sin table covers when keys are stored before RoPE (or centred after
+  // it): max(8192, this), at most 262,144 (256 bytes per position at head_dim 64). Positions past
+  // the table are rotated with cos / sin computed per key and step (slow). Session sets n_ctx.
+  int64_t rope_table_positions = 0;
 };
 
 // Statistics the attention kernel gathers for eviction policies (opt-in; zero cost when off).

@@ -229,6 +229,8 @@ StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, kv::KvCac
       cache_cfg.position_mode == kv::PositionMode::kOriginal) {
     cache_cfg.position_mode = s->policy_->position_mode();
   }
+  // Pre-RoPE keys are rotated from a cos/sin table; size it to the context.
+  cache_cfg.rope_table_positions = std::max<int64_t>(cache_cfg.rope_table_positions, opt.n_ctx);
   KVC_ASSIGN_OR_RETURN(s->cache_, kv::KvCache::Create(model.kv_shape(), cache_cfg));
   if (s->policy_) s->cache_->SetStatsRequest(s->policy_->StatsNeeded());
   return s;
