@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "kv/cache.h"
 #include "kv/calibration_file.h"
 #include "kv/codecs/kvquant.h"
@@ -171,26 +172,12 @@ struct Layer {
   }
 };
 
-double CpuNow() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
 double F16Seconds(int64_t n) {
   static std::map<int64_t, double> cache;
   auto it = cache.find(n);
   if (it != cache.end()) return it->second;
   Layer l(Configs()[0], n);
-  l.Attend();
-  double best = 1e30;
-  for (int i = 0; i < 3; ++i) {
-    const double t0 = CpuNow();
-    for (int r = 0; r < 20; ++r) l.Attend();
-    best = std::min(best, (CpuNow() - t0) / 20);
-  }
-  cache[n] = best;
-  return best;
+  return cache[n] = bench::SecondsPerCall([&] { l.Attend(); }, 20);
 }
 
 void BM_Attend(benchmark::State& state, Config c) {
@@ -201,16 +188,7 @@ void BM_Attend(benchmark::State& state, Config c) {
     state.SkipWithError(l.error.c_str());
     return;
   }
-  l.Attend();
-  int64_t iters = 0;
-  const double t0 = CpuNow();
-  for (auto _ : state) {
-    l.Attend();
-    ++iters;
-  }
-  const double sec = (CpuNow() - t0) / double(std::max<int64_t>(iters, 1));
-  state.counters["us_per_tok"] = sec * 1e6;
-  state.counters["x_f16"] = sec / f16;
+  bench::TimeAgainstF16(state, [&] { l.Attend(); }, f16);
   state.counters["kv_bytes"] = double(l.cache->Memory().KvBytes());
 }
 

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "cpu/ops.h"
 #include "kv/codec.h"
 
@@ -119,31 +120,13 @@ struct Layer {
   }
 };
 
-// Thread CPU time: the machine is shared, and wall time counts other people's work too.
-double CpuNow() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
-double SecondsPerAttend(Layer& l, int reps) {
-  l.Attend();
-  double best = 1e30;
-  for (int i = 0; i < 3; ++i) {
-    const double t0 = CpuNow();
-    for (int r = 0; r < reps; ++r) l.Attend();
-    best = std::min(best, (CpuNow() - t0) / reps);
-  }
-  return best;
-}
-
 // f16 reference time for N tokens, measured once per process (same minute as the codec rows).
 double F16Seconds(int64_t n) {
   static std::map<int64_t, double> cache;
   auto it = cache.find(n);
   if (it != cache.end()) return it->second;
   Layer l(Pairs()[0], n);
-  const double t = SecondsPerAttend(l, 20);
+  const double t = bench::SecondsPerCall([&] { l.Attend(); }, 20);
   cache[n] = t;
   return t;
 }
@@ -156,16 +139,7 @@ void BM_Attention(benchmark::State& state, Pair pr) {
     state.SkipWithError("codec not buildable");
     return;
   }
-  l.Attend();
-  int64_t iters = 0;
-  const double t0 = CpuNow();
-  for (auto _ : state) {
-    l.Attend();
-    ++iters;
-  }
-  const double sec = (CpuNow() - t0) / std::max<int64_t>(iters, 1);
-  state.counters["us_per_tok"] = sec * 1e6;
-  state.counters["x_f16"] = sec / f16;
+  bench::TimeAgainstF16(state, [&] { l.Attend(); }, f16);
   state.counters["kv_bytes"] = double(l.k[0].blocks.size() + l.v[0].blocks.size()) * kHeadsKv;
 }
 
