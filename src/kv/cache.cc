@@ -42,9 +42,10 @@ StatusOr<PositionMode> ParsePositionMode(const std::string& s) {
 
 // ---------------------------------------------------------------- Stream
 
-// Positions covered by the cos/sin table of caches that store pre-RoPE keys (the model's
-// trained context for SmolLM2; 2 MiB for head_dim 64). Later positions use the direct path.
-constexpr int kRopeTablePositions = 8192;   // default / minimum RoPE table (positions)
+// Positions covered by the cos/sin table of caches that store pre-RoPE keys (or centre post-RoPE
+// keys): KvCacheConfig::rope_table_positions (the session's n_ctx) clamped to [8192, 262144],
+// 256 bytes per position at head_dim 64. Later positions use the direct (double-angle) path.
+constexpr int kRopeTablePositions = 8192;
 constexpr int64_t kRopeTableMax = 262144;
 
 static int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -374,17 +375,14 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
   }
   // Keys stored pre-RoPE are rotated again at every attention call (in-cache positions, KVQuant,
   // low-rank keys): give the cache's Rope a cos/sin table (bit-identical to the direct path).
-  bool any_pre_rope = false;
-  for (const auto& heads : c->impl_->layers) {
-    for (const auto& hc : heads) {
-      for (const auto& seg : hc.segs) any_pre_rope = any_pre_rope || seg.k.pre_rope;
-    }
-  }
   // Centred post-RoPE keys add q·R(pos_j) μ per key (Stream::mu_rope): same table, for speed.
-  bool any_mu_rope = false;
+  bool any_pre_rope = false, any_mu_rope = false;
   for (const auto& heads : c->impl_->layers) {
     for (const auto& hc : heads) {
-      for (const auto& seg : hc.segs) any_mu_rope = any_mu_rope || (seg.k.center && !seg.k.pre_rope);
+      for (const auto& seg : hc.segs) {
+        any_pre_rope = any_pre_rope || seg.k.pre_rope;
+        any_mu_rope = any_mu_rope || (seg.k.center && !seg.k.pre_rope);
+      }
     }
   }
   if (any_pre_rope || any_mu_rope) {
