@@ -1280,7 +1280,14 @@ void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc) {
 }
 
 namespace ref {
-static uint32_t CodeAt(const uint8_t* bits, int j, int b);
+static uint32_t CodeAt(const uint8_t* bits, int j, int b) {
+  uint32_t v = 0;
+  for (int i = 0; i < b; ++i) {
+    const int pos = j * b + i;
+    v |= uint32_t((bits[pos >> 3] >> (pos & 7)) & 1) << i;
+  }
+  return v;
+}
 void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64_t n_blocks,
                            size_t block_bytes, int d, int b, const float* cb, const float* mul,
                            const float* add, int64_t sparse_off, int n_sparse, const RopeTrig& trig,
@@ -1359,14 +1366,6 @@ void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* ta
       x[t * ld + c + 1] = x0 * tr[c + 1] + x1 * tr[c];
     }
   }
-}
-static uint32_t CodeAt(const uint8_t* bits, int j, int b) {
-  uint32_t v = 0;
-  for (int i = 0; i < b; ++i) {
-    const int pos = j * b + i;
-    v |= uint32_t((bits[pos >> 3] >> (pos & 7)) & 1) << i;
-  }
-  return v;
 }
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld) {
   for (int64_t t = 0; t < n; ++t) {

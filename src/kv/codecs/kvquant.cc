@@ -110,8 +110,12 @@ class KvQuantCodec final : public Codec {
   // Scalar reference decode (the kernels are checked against it).
   void Decode(const uint8_t* block, float* x) const override {
     if (key_) {
+      const uint32_t mask = (1u << b_) - 1u;
       for (int c = 0; c < d_; ++c) {
-        for (int t = 0; t < tokens_; ++t) x[size_t(t) * d_ + c] = cb_[KeyCode(block, c, t)] * rng_[c] + off_[c];
+        const uint64_t w = ChannelCodes(block, c);
+        for (int t = 0; t < tokens_; ++t) {
+          x[size_t(t) * d_ + c] = cb_[uint32_t(w >> (t * b_)) & mask] * rng_[c] + off_[c];
+        }
       }
       for (int t = 0; t < tokens_; ++t) {
         PatchOutliers(block + KeyCodeBytes() + size_t(t) * 3 * n_out_, x + size_t(t) * d_);
@@ -237,11 +241,11 @@ class KvQuantCodec final : public Codec {
 
  private:
   size_t KeyCodeBytes() const { return size_t(d_) * 2 * b_; }
-  // Key block: code of token t in channel c (the channel's LSB-first 2b-byte stream).
-  uint32_t KeyCode(const uint8_t* block, int c, int t) const {
+  // Key block: channel c's 16 codes, token t at bits [t·b, t·b + b) (its LSB-first 2b-byte stream).
+  uint64_t ChannelCodes(const uint8_t* block, int c) const {
     uint64_t w = 0;
     std::memcpy(&w, block + size_t(c) * 2 * b_, size_t(2 * b_));
-    return uint32_t(w >> (t * b_)) & ((1u << b_) - 1u);
+    return w;
   }
   void EncodeValue(const float* x, uint8_t* block) const {
     float lo, hi;
