@@ -27,7 +27,7 @@ BUILD_TYPE="${BUILD_TYPE:-Release}"
 PY="${PYTHON:-python3}"
 
 APT_PACKAGES=(
-  build-essential cmake pkg-config
+  build-essential cmake pkg-config ccache
   libhwy-dev libpcre2-dev libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
   libopenblas-dev libeigen3-dev liblapacke-dev
   libgtest-dev libgmock-dev libbenchmark-dev
