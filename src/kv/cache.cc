@@ -469,6 +469,16 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
       done += take;
     }
     KVC_CHECK_EQ(done, n);
+    // Cell bookkeeping grows in the streams' steps (not by doubling), so the bytes a head holds
+    // are a step function of its cells that the engine's KV plan can bound (engine/kv_plan.h).
+    if (int64_t(hc.seq.capacity()) < hc.n() + n) {
+      const int64_t need = hc.n() + n;
+      int64_t want = RoundUp(need, std::max(cfg_.grow_tokens, 1));
+      if (hc.limit_tokens >= 0) want = std::max(need, std::min(want, hc.limit_tokens));
+      hc.seq.reserve(size_t(want));
+      hc.pos.reserve(size_t(want));
+      if (stats_.accumulate) hc.acc.reserve(size_t(want));
+    }
     for (int i = 0; i < n; ++i) {
       hc.seq.push_back(seq[i]);
       hc.pos.push_back(pos[i]);
@@ -635,6 +645,7 @@ Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos
 void KvCache::SetStorageLimit(int64_t tokens) {
   for (auto& heads : impl_->layers) {
     for (auto& hc : heads) {
+      hc.limit_tokens = tokens;
       for (auto& seg : hc.segs) {
         // A bounded segment (sinks) never needs more than its capacity.
         int64_t lim = tokens;

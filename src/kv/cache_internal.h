@@ -82,6 +82,7 @@ struct HeadCache {
   std::vector<float> acc;     // [n_cells] accumulated attention (when requested)
   std::vector<float> obs;     // [n_cells] observation-window votes of the last Attend
   int64_t shift = 0;          // pos = seq - shift for new tokens / queries
+  int64_t limit_tokens = -1;  // cell reservations never exceed max(limit, needed) (SetStorageLimit)
   int64_t n() const { return int64_t(seq.size()); }
 };
 

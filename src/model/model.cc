@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "model/forward.h"
 #include "util/check.h"
 
 namespace kvc {
@@ -273,71 +274,16 @@ Status Session::Eval(const std::vector<int32_t>& tokens, bool all_logits, std::v
 }
 
 Status Session::Forward(const int32_t* tokens, int n, bool all_logits, float* logits) {
-  const ModelConfig& c = model_.config();
-  const int E = c.n_embd, hd = c.head_dim, nq = c.n_head * hd, nkv = c.n_head_kv * hd;
-  x_.resize(size_t(n) * E);
-  h_.resize(size_t(n) * E);
-  q_.resize(size_t(n) * nq);
-  k_.resize(size_t(n) * nkv);
-  v_.resize(size_t(n) * nkv);
-  attn_.resize(size_t(n) * nq);
-  tmp_.resize(size_t(n) * E);
-  gate_.resize(size_t(n) * c.n_ff);
-  up_.resize(size_t(n) * c.n_ff);
-  const gguf::TensorInfo& emb = model_.token_embd();
-  const size_t row_bytes = emb.n_bytes / size_t(emb.ne[1]);
-  for (int i = 0; i < n; ++i) {
-    gguf::DequantizeRow(emb.type(), emb.data + size_t(tokens[i]) * row_bytes, &x_[size_t(i) * E], E);
-  }
-  std::vector<int64_t> seq(n);
-  for (int i = 0; i < n; ++i) seq[i] = n_past_ + i;
-
-  auto add_bias = [&](std::vector<float>& y, const std::vector<float>& b, int w) {
-    if (b.empty()) return;
-    for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < w; ++j) y[size_t(i) * w + j] += b[j];
-    }
-  };
-  for (int l = 0; l < c.n_layer; ++l) {
-    const Model::Layer& L = model_.layers()[l];
-    cpu::RmsNorm(x_.data(), L.attn_norm.data(), n, E, c.rms_eps, h_.data());
-    if (model_.mla()) {
-      KVC_RETURN_IF_ERROR(MlaAttention(*model_.mla(), l, *cache_, h_.data(), seq.data(), n,
-                                       tmp_.data()));
-    } else {
-      cpu::MatMul(*L.wq, h_.data(), n, q_.data());
-      cpu::MatMul(*L.wk, h_.data(), n, k_.data());
-      cpu::MatMul(*L.wv, h_.data(), n, v_.data());
-      add_bias(q_, L.bq, nq);
-      add_bias(k_, L.bk, nkv);
-      add_bias(v_, L.bv, nkv);
-      Status st = cache_->Write(l, seq.data(), n, k_.data(), v_.data());
-      if (!st.ok()) return Status(st.code(), "activations: " + st.message());
-      cache_->Attend(l, q_.data(), seq.data(), n, attn_.data());
-      cpu::MatMul(*L.wo, attn_.data(), n, tmp_.data());
-    }
-    for (size_t i = 0; i < size_t(n) * E; ++i) x_[i] += tmp_[i];
-    cpu::RmsNorm(x_.data(), L.ffn_norm.data(), n, E, c.rms_eps, h_.data());
-    cpu::MatMul(*L.w_gate, h_.data(), n, gate_.data());
-    cpu::MatMul(*L.w_up, h_.data(), n, up_.data());
-    cpu::SwiGlu(gate_.data(), up_.data(), int64_t(n) * c.n_ff, gate_.data());
-    cpu::MatMul(*L.w_down, gate_.data(), n, tmp_.data());
-    for (size_t i = 0; i < size_t(n) * E; ++i) x_[i] += tmp_[i];
-  }
-  n_past_ += n;
-  if (!logits) return Status::Ok();
-  const int first = all_logits ? 0 : n - 1;
-  const int rows = n - first;
-  cpu::RmsNorm(x_.data() + size_t(first) * E, model_.output_norm().data(), rows, E, c.rms_eps,
-               h_.data());
-  cpu::MatMul(model_.output(), h_.data(), rows, logits);
-  for (size_t i = 0; i < size_t(rows) * c.n_vocab; ++i) {
-    if (!std::isfinite(logits[i])) {
-      return InvalidArgument(fmt::format("non-finite logit at row {} (activations overflowed)",
-                                         i / c.n_vocab));
-    }
-  }
-  return Status::Ok();
+  std::vector<SeqRows> rows(1);
+  rows[0].cache = cache_.get();
+  rows[0].tokens = tokens;
+  rows[0].n_tokens = n;
+  rows[0].seq0 = n_past_;
+  rows[0].all_logits = all_logits;
+  rows[0].logits = logits;
+  ForwardBatch(model_, rows, &scratch_);
+  if (rows[0].status.ok()) n_past_ += n;
+  return rows[0].status;
 }
 
 }  // namespace kvc

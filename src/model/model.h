@@ -14,6 +14,7 @@
 #include "kv/cache.h"
 #include "kv/policy.h"
 #include "kvcrunch/status.h"
+#include "model/forward.h"
 #include "model/mla.h"
 #include "tokenizer/tokenizer.h"
 
@@ -109,8 +110,7 @@ class Session {
   std::unique_ptr<kv::KvCache> cache_;
   std::unique_ptr<kv::EvictionPolicy> policy_;
   int64_t n_past_ = 0;
-  // Scratch, [n_batch, ...]
-  std::vector<float> x_, h_, q_, k_, v_, attn_, tmp_, gate_, up_;
+  ForwardScratch scratch_;  // activations of the last batch
 };
 
 }  // namespace kvc
