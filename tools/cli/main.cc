@@ -19,6 +19,7 @@
 
 #include "cpu/ops.h"
 #include "calibrate.h"
+#include "engine/engine.h"
 #include "eval.h"
 #include "kvquant_calib.h"
 #include "kv/codec.h"
@@ -27,6 +28,7 @@
 #include "model/model.h"
 #include "retrieval.h"
 #include "runner.h"
+#include "server.h"
 
 using namespace kvc;
 
@@ -600,6 +602,126 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   return 0;
 }
 
+
+struct ServeArgs {
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  std::string kv_budget = "512MiB";
+  int max_batch_tokens = 512, prefill_chunk = 256, max_running = 256, max_waiting = 1024;
+  double reserve_ratio = 1.0;
+  std::string kv_allow;
+  std::vector<std::string> api_keys;
+  std::string api_key_file;
+  std::string max_body = "4MiB";
+  int max_connections = 64;
+  std::string model_alias;
+  int default_max_tokens = 256;
+  double shutdown_grace = 30;
+};
+
+// `kvcrunch serve`: the OpenAI-compatible server (docs/serving.md).
+int CmdServe(Common& c, const ServeArgs& a) {
+  // Before any thread exists (OpenMP, engine, HTTP): SIGTERM/SIGINT go to Serve's signal thread.
+  server::BlockTerminationSignals();
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  const Model& model = **m;
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
+  auto kvp = server::KvPolicy::Make(*rc, a.kv_allow);
+  if (!kvp.ok()) return Fail(kvp.status());
+  {  // KVQuant calibration for every KVQuant codec a request may name (made once, on disk).
+    std::vector<KvRunConfig> cfgs = {*rc};
+    for (const auto& codec : kvp->AllowedCodecs()) {
+      KvRunConfig k = *rc;
+      k.cache.k_codec = k.cache.v_codec = codec;
+      cfgs.push_back(k);
+    }
+    if (auto kq = EnsureKvQuantCalibration(model, c.model, cfgs); !kq.ok()) return Fail(kq.status());
+  }
+  engine::EngineOptions eo;
+  auto budget = server::ParseByteSize(a.kv_budget);
+  if (!budget.ok()) return Fail(Status(budget.status().code(), "--kv-budget: " + budget.status().message()));
+  eo.kv_budget_bytes = *budget;
+  eo.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
+  eo.max_batch_tokens = a.max_batch_tokens;
+  eo.prefill_chunk = std::min(a.prefill_chunk, a.max_batch_tokens);
+  eo.max_running = a.max_running;
+  eo.max_waiting = a.max_waiting;
+  eo.reserve_ratio = a.reserve_ratio;
+  auto eng = engine::Engine::Create(model, eo);
+  if (!eng.ok()) return Fail(eng.status());
+
+  // What the budget holds, per codec a request may use (vLLM prints the same for its one dtype).
+  std::fprintf(stderr, "kvcrunch: KV budget %.1f MiB, context %lld tokens per request\n",
+               double(eo.kv_budget_bytes) / 1048576.0, (long long)eo.n_ctx);
+  std::vector<std::pair<std::string, KvRunConfig>> shown = {{"default " + rc->Label(), *rc}};
+  for (const auto& codec : kvp->AllowedCodecs()) {
+    if (codec == rc->cache.k_codec && codec == rc->cache.v_codec) continue;
+    KvRunConfig k = *rc;
+    k.cache.k_codec = k.cache.v_codec = codec;
+    k.name.clear();
+    shown.push_back({k.Label(), k});
+  }
+  for (const auto& [label, cfg] : shown) {
+    engine::KvSettings ks;
+    ks.cache = cfg.cache;
+    ks.evict = cfg.evict;
+    auto plan = (*eng)->Plan(ks);
+    if (!plan.ok()) {
+      std::fprintf(stderr, "kvcrunch:   %-40s unavailable: %s\n", label.c_str(),
+                   plan.status().message().c_str());
+      continue;
+    }
+    auto cells = (*eng)->MaxCells(ks, 1, eo.n_ctx);
+    const int64_t per_req = (*plan)->Bytes(cells.ok() ? *cells : eo.n_ctx);
+    std::fprintf(stderr, "kvcrunch:   %-40s KV cache size: %lld tokens (%.1f B/token), maximum "
+                 "concurrency for %lld tokens per request: %.2fx\n", label.c_str(),
+                 (long long)(double(eo.kv_budget_bytes) / (*plan)->BytesPerToken()),
+                 (*plan)->BytesPerToken(), (long long)eo.n_ctx,
+                 double(eo.kv_budget_bytes) / double(std::max<int64_t>(1, per_req)));
+    if (per_req > eo.kv_budget_bytes) {
+      spdlog::warn("{}: one request of the full context ({} tokens) needs {} KV bytes, more than "
+                   "the budget: such requests are refused (raise --kv-budget or lower -c)",
+                   label, eo.n_ctx, per_req);
+    }
+  }
+  std::fprintf(stderr, "kvcrunch: per-request KV settings allowed: %s\n", kvp->AllowedList().c_str());
+
+  server::ServerOptions so;
+  so.host = a.host;
+  so.port = a.port;
+  so.model_id = a.model_alias.empty() ? std::filesystem::path(c.model).stem().string() : a.model_alias;
+  auto body = server::ParseByteSize(a.max_body);
+  if (!body.ok()) return Fail(Status(body.status().code(), "--max-body-bytes: " + body.status().message()));
+  so.max_body_bytes = *body;
+  so.max_connections = a.max_connections;
+  std::vector<std::string> keys;
+  for (const auto& k : a.api_keys) {
+    std::stringstream ss(k);
+    std::string one;
+    while (std::getline(ss, one, ',')) if (!one.empty()) keys.push_back(one);
+  }
+  if (!a.api_key_file.empty()) {
+    auto text = ReadTextFile(a.api_key_file);
+    if (!text.ok()) return Fail(text.status());
+    std::stringstream ss(*text);
+    std::string line;
+    while (std::getline(ss, line)) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty() && line[0] != '#') keys.push_back(line);
+    }
+    if (keys.empty()) return Fail(InvalidArgument("--api-key-file " + a.api_key_file + " holds no key"));
+  }
+  for (const auto& k : keys) so.api_keys.push_back(server::Sha256(k));
+  so.limits.n_ctx = eo.n_ctx;
+  so.limits.n_vocab = model.config().n_vocab;
+  so.limits.default_max_tokens = a.default_max_tokens;
+  so.shutdown_grace_seconds = a.shutdown_grace;
+  return server::Serve(**eng, model.tokenizer(), *kvp, so);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -702,10 +824,32 @@ int main(int argc, char** argv) {
   bn->add_option("-r,--reps", bench_reps, "repetitions after one warm-up (median reported)");
   bn->add_flag("--json", json, "JSON output");
 
+  ServeArgs sa;
+  auto* sv = app.add_subcommand("serve", "OpenAI-compatible HTTP server over the batched engine (docs/serving.md)");
+  AddModelFlags(sv, c);
+  AddKvFlags(sv, c);  // -c: context per request; -ctk/-ctv/--kv-*: the defaults of every request
+  sv->add_option("--host", sa.host, "address to listen on (default 127.0.0.1: this machine only)");
+  sv->add_option("--port", sa.port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
+  sv->add_option("--kv-budget", sa.kv_budget, "KV bytes all running requests may hold: bytes or 512MiB, 2GiB");
+  sv->add_option("--max-batch-tokens", sa.max_batch_tokens, "tokens per engine step (decodes + prefill chunks)")->check(CLI::Range(1, 1 << 16));
+  sv->add_option("--prefill-chunk", sa.prefill_chunk, "prompts are processed in chunks of this many tokens")->check(CLI::Range(1, 1 << 16));
+  sv->add_option("--max-running", sa.max_running, "requests running at once")->check(CLI::Range(1, 1 << 16));
+  sv->add_option("--max-waiting", sa.max_waiting, "requests queued; more get 429")->check(CLI::Range(1, 1 << 20));
+  sv->add_option("--reserve-ratio", sa.reserve_ratio, "fraction of max_tokens reserved at admission, (0, 1]")->check(CLI::Range(0.001, 1.0));
+  sv->add_option("--kv-allow", sa.kv_allow, "codecs and eviction policies requests may choose in \"kv\": comma list or 'any' (default: only the server's own settings)");
+  sv->add_option("--api-key", sa.api_keys, "require 'Authorization: Bearer KEY' on every route but /health (repeatable or comma list)");
+  sv->add_option("--api-key-file", sa.api_key_file, "file with one API key per line");
+  sv->add_option("--max-body-bytes", sa.max_body, "largest request body (413 beyond): bytes or 4MiB");
+  sv->add_option("--max-connections", sa.max_connections, "inference requests served at once, streams included (503 beyond)")->check(CLI::Range(1, 900));
+  sv->add_option("--model-alias", sa.model_alias, "model id in /v1/models and responses (default: the GGUF file name)");
+  sv->add_option("--default-max-tokens", sa.default_max_tokens, "max_tokens of a request that sets none (capped by the context)")->check(CLI::Range(1, 1 << 24));
+  sv->add_option("--shutdown-grace", sa.shutdown_grace, "seconds running requests may finish after SIGTERM before they are cancelled")->check(CLI::Range(0.0, 3600.0));
+
   CLI11_PARSE(app, int(argv2.size()), argv2.data());
   // Errors are Status values; an exception reaching here (out of memory for a huge request, an
   // I/O failure inside a library) still ends with one clear line and exit 1, not an abort.
   try {
+    if (*sv) return CmdServe(c, sa);
     if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
     if (*info) return CmdInfo(c);
     if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);

@@ -1,0 +1,56 @@
+// `kvcrunch serve`: the HTTP layer (OpenAI-compatible) over the batched engine.
+//
+// Threads: cpp-httplib (Debian's libcpp-httplib 0.11.4) serves each connection on one thread of
+// a fixed pool of max_connections + kSpareThreads threads. A handler thread validates the
+// request, tokenizes it (the tokenizer is immutable and thread-safe), submits an engine::Request
+// whose sink pushes events into a per-request queue (the sink runs on the engine thread and only
+// locks, pushes and notifies), then blocks on that queue and writes the response: one JSON object,
+// or SSE frames as tokens arrive. A client that goes away is noticed within kPollSeconds (the
+// socket is polled while waiting) and its request is cancelled: the engine frees its KV at the
+// next step. The HTTP layer never touches the model beyond its tokenizer.
+//
+// Limits and auth sit in one place (Server::Gate) in front of every route: the API key (all routes
+// but /health), at most max_connections inference requests in flight (503 beyond, answered at
+// once by the spare threads), the body size (413), draining on shutdown (503).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "api.h"
+#include "engine/engine.h"
+#include "kvcrunch/status.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kvc::server {
+
+// Threads beyond max_connections: they answer probes, metrics and refusals while every
+// inference slot holds a stream.
+inline constexpr int kSpareThreads = 8;
+// How often a waiting handler checks that its client is still connected.
+inline constexpr double kPollSeconds = 0.1;
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 8080;                    // 0: any free port (printed)
+  std::string model_id;               // /v1/models id and the "model" of responses
+  int64_t max_body_bytes = 4 << 20;   // 413 beyond
+  int max_connections = 64;           // inference requests in flight (streams included)
+  std::vector<Digest> api_keys;       // empty: no auth
+  Limits limits;                      // n_ctx, n_vocab, default max_tokens
+  double shutdown_grace_seconds = 30; // SIGTERM: running requests may finish for this long
+};
+
+// Serves until SIGTERM or SIGINT, then: stops admitting (503), lets running requests finish for
+// up to shutdown_grace_seconds, cancels the rest, stops the listener and the engine. Returns the
+// process exit code (0 after a signal; 1 when the port cannot be bound). The engine must be
+// created but not started; SIGTERM/SIGINT must be blocked in every thread before any thread is
+// created (BlockTerminationSignals at the top of the command).
+int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt);
+
+// Blocks SIGTERM and SIGINT in the calling thread (and the threads it creates later), so that
+// Serve's signal thread receives them with sigwait.
+void BlockTerminationSignals();
+
+}  // namespace kvc::server
