@@ -621,8 +621,8 @@ struct ServeArgs {
 
 // `kvcrunch serve`: the OpenAI-compatible server (docs/serving.md).
 int CmdServe(Common& c, const ServeArgs& a) {
-  // Before any thread exists (OpenMP, engine, HTTP): SIGTERM/SIGINT go to Serve's signal thread.
-  server::BlockTerminationSignals();
+  // SIGTERM/SIGINT from now on: a graceful stop (exit 0), also while the model loads.
+  server::InstallTerminationHandlers();
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
   const Model& model = **m;

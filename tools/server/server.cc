@@ -2,11 +2,13 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -697,12 +699,27 @@ bool Server::Listen() { return svr_.listen_after_bind(); }
 
 }  // namespace
 
-void BlockTerminationSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+namespace {
+// SIGTERM/SIGINT: the handler (any thread; libraries such as OpenBLAS start threads before main,
+// so blocking the signals for sigwait cannot cover them) writes the signal number to a pipe that
+// Serve's signal thread reads. write() is async-signal-safe.
+int g_signal_pipe[2] = {-1, -1};
+extern "C" void OnTerminationSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &b, 1);
+}
+}  // namespace
+
+void InstallTerminationHandlers() {
+  if (g_signal_pipe[0] < 0 && pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+    std::perror("kvcrunch: pipe");
+  }
+  struct sigaction sa {};
+  sa.sa_handler = OnTerminationSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
   // A client that disconnects makes a write raise SIGPIPE: the write should fail instead.
   signal(SIGPIPE, SIG_IGN);
 }
@@ -718,15 +735,13 @@ int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const S
   std::atomic<bool> stop_signals{false};
   std::thread drainer;
   std::thread sig([&] {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
     int n = 0;
     while (!stop_signals) {
-      timespec ts{0, 200 * 1000 * 1000};
-      const int s = sigtimedwait(&set, nullptr, &ts);
-      if (s < 0) continue;
+      pollfd p{g_signal_pipe[0], POLLIN, 0};
+      if (poll(&p, 1, 200) <= 0) continue;
+      unsigned char b = 0;
+      if (read(g_signal_pipe[0], &b, 1) != 1) continue;
+      const int s = b;
       if (++n == 1) {
         spdlog::info("{}: stopping admission; running requests may finish for {:.0f} s "
                      "(send it again to cancel them now)", strsignal(s), opt.shutdown_grace_seconds);

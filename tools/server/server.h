@@ -45,12 +45,12 @@ struct ServerOptions {
 // Serves until SIGTERM or SIGINT, then: stops admitting (503), lets running requests finish for
 // up to shutdown_grace_seconds, cancels the rest, stops the listener and the engine. Returns the
 // process exit code (0 after a signal; 1 when the port cannot be bound). The engine must be
-// created but not started; SIGTERM/SIGINT must be blocked in every thread before any thread is
-// created (BlockTerminationSignals at the top of the command).
+// created but not started; InstallTerminationHandlers must have run (first thing in the command,
+// so that a signal during model loading drains an empty server instead of killing the process).
 int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt);
 
-// Blocks SIGTERM and SIGINT in the calling thread (and the threads it creates later), so that
-// Serve's signal thread receives them with sigwait.
-void BlockTerminationSignals();
+// SIGTERM/SIGINT handlers that hand the signal to Serve; SIGPIPE ignored (a write to a client
+// that went away fails instead).
+void InstallTerminationHandlers();
 
 }  // namespace kvc::server
