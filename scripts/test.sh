@@ -2,8 +2,9 @@
 # The test command (README, .ci/run): set-up (idempotent), build, then
 #   1. unit tests (no model; seconds)            ctest -L unit
 #   2. model tests (real SmolLM2 GGUF)           ctest -L model, which includes the forward pass
-#      vs the independent numpy reference (tests/reference/check_forward.py) and the CLI
-#      bad-input cases (tests/cli/bad_input_test.sh)
+#      vs the independent numpy reference (tests/reference/check_forward.py), the CLI
+#      bad-input cases (tests/cli/bad_input_test.sh) and `kvcrunch serve` end to end
+#      (tests/server/test_server.py: a real server on a loopback port, the OpenAI client)
 # Exit status is non-zero if anything fails.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -144,7 +144,10 @@ TEST(ServerApi, MaxTokensAndSamplingRanges) {
             "stream_options");
   // 17 stop strings: the engine's limit is 16.
   std::string stops = R"({"prompt": "x", "stop": [)";
-  for (int i = 0; i < 17; ++i) stops += (i ? "," : "") + std::string("\"s") + std::to_string(i) + "\"";
+  for (int i = 0; i < 17; ++i) {
+    if (i) stops += ",";
+    stops += "\"s" + std::to_string(i) + "\"";
+  }
   EXPECT_EQ(Parse(stops + "]}", false).param, "stop");
   EXPECT_EQ(Parse(R"({"prompt": "x", "stop": [""]})", false).param, "stop");
   EXPECT_EQ(Parse(R"({"prompt": "x", "max_tokens": 16.0})", false).status, 0);  // 16.0 == 16
