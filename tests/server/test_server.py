@@ -281,6 +281,13 @@ def test_auth(server):
     assert requests.get(server + "/health", timeout=5).status_code == 200
     assert requests.get(server + "/v1/models", headers=H(), timeout=5).status_code == 200
     assert requests.get(server + "/metrics", headers=H(), timeout=5).status_code == 200
+    # A refused request's body is consumed: the next request on the same kept-alive connection
+    # is read from its own first byte.
+    with requests.Session() as s:
+        body = json.dumps({"prompt": "Hello", "max_tokens": 2})
+        assert_error(s.post(server + "/v1/completions", data=body, headers=H("wrong"), timeout=10), 401)
+        r = s.post(server + "/v1/completions", data=body, headers=H(), timeout=30)
+        assert r.status_code == 200, r.text
 
 
 # --- disconnects, metrics, limits ----------------------------------------------------------------

@@ -171,6 +171,9 @@ class Server {
   void Error(httplib::Response& res, const ApiError& e);
   bool ReadBody(const httplib::Request& req, httplib::Response& res,
                 const httplib::ContentReader& reader, std::string* body);
+  // Reads and drops the body of a refused request (up to max_body_bytes), so that it is not
+  // parsed as the next request on a kept-alive connection.
+  void Drain(const httplib::Request& req, const httplib::ContentReader& reader);
 
   void Completion(const httplib::Request& req, httplib::Response& res,
                   const httplib::ContentReader& reader, bool chat);
@@ -284,6 +287,18 @@ bool Server::ReadBody(const httplib::Request& req, httplib::Response& res,
   return true;
 }
 
+void Server::Drain(const httplib::Request& req, const httplib::ContentReader& reader) {
+  if (req.has_header("Content-Length") &&
+      req.get_header_value<uint64_t>("Content-Length") > uint64_t(opt_.max_body_bytes)) {
+    return;  // too large to read: the connection ends after the response
+  }
+  size_t n = 0;
+  reader([&](const char*, size_t len) {
+    n += len;
+    return n <= size_t(opt_.max_body_bytes);
+  });
+}
+
 void Server::Track(engine::RequestId id, bool add) {
   std::lock_guard<std::mutex> lk(mu_);
   if (add) live_.insert(id);
@@ -309,7 +324,7 @@ void Server::Models(httplib::Response& res) {
 void Server::Tokenize(const httplib::Request& req, httplib::Response& res,
                       const httplib::ContentReader& reader) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return;
+  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
   std::string body;
   if (!ReadBody(req, res, reader, &body)) return;
   json j;
@@ -340,7 +355,7 @@ void Server::Tokenize(const httplib::Request& req, httplib::Response& res,
 void Server::Detokenize(const httplib::Request& req, httplib::Response& res,
                         const httplib::ContentReader& reader) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return;
+  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
   std::string body;
   if (!ReadBody(req, res, reader, &body)) return;
   json j;
@@ -376,7 +391,7 @@ struct Job {
 void Server::Completion(const httplib::Request& req, httplib::Response& res,
                         const httplib::ContentReader& reader, bool chat) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return;
+  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
   std::string body;
   if (!ReadBody(req, res, reader, &body)) return;
   json j;
@@ -647,7 +662,7 @@ bool Server::Bind() {
                                   const Reader& rd) { Detokenize(req, res, rd); });
   svr_.Post(".*", [this, not_found](const httplib::Request& req, httplib::Response& res,
                                     const Reader& rd) {
-    if (!Gate(req, res, true, false, nullptr)) return;
+    if (!Gate(req, res, true, false, nullptr)) return Drain(req, rd);
     std::string body;
     if (ReadBody(req, res, rd, &body)) not_found(req, res);
   });
