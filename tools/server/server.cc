@@ -126,6 +126,61 @@ int64_t UnixNow() {
       .count();
 }
 
+// cpp-httplib's task queue, grown on demand: `core` threads at start, one more whenever a
+// connection arrives and no thread is idle, up to `max`; beyond that connections wait for a
+// thread (httplib 0.11.4's own ThreadPool is fixed-size with an unbounded queue, so a few dozen
+// idle kept-alive connections, each holding a thread for the 5 s keep-alive timeout, delayed
+// every other client, /health included). Threads are not retired; all are joined at shutdown.
+class ElasticPool : public httplib::TaskQueue {
+ public:
+  ElasticPool(size_t core, size_t max) : max_(std::max(core, max)) {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (size_t i = 0; i < core; ++i) threads_.emplace_back([this] { Work(); });
+  }
+  void enqueue(std::function<void()> fn) override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      jobs_.push_back(std::move(fn));
+      if (idle_ < jobs_.size() && threads_.size() < max_) {
+        threads_.emplace_back([this] { Work(); });
+      }
+    }
+    cv_.notify_one();
+  }
+  void shutdown() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      shutdown_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();  // no enqueue after shutdown: the accept loop has ended
+  }
+
+ private:
+  void Work() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        ++idle_;
+        cv_.wait(lk, [&] { return shutdown_ || !jobs_.empty(); });
+        --idle_;
+        if (jobs_.empty()) return;  // shutting down, nothing left
+        fn = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      fn();
+    }
+  }
+  const size_t max_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> threads_;
+  size_t idle_ = 0;
+  bool shutdown_ = false;
+};
+
 const char* StatusText(int status) {
   switch (status) {
     case 400: return "bad request (malformed HTTP)";
@@ -584,11 +639,13 @@ void Server::Force() {
 }
 
 bool Server::Bind() {
-  // Fixed pool: max_connections inference requests plus spare threads for refusals, probes and
-  // metrics. Debian's cpp-httplib is a compiled library, so CPPHTTPLIB_THREAD_POOL_COUNT (read
-  // when the library was built: max(8, cores - 1)) cannot be set by us: the pool is set here.
-  const size_t threads = size_t(opt_.max_connections) + kSpareThreads;
-  svr_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  // Threads: max_connections inference requests plus spare threads for refusals, probes and
+  // metrics, grown on demand up to kMaxHttpThreads for connections that hold a thread without a
+  // request (keep-alive, slow clients). Debian's cpp-httplib is a compiled library, so
+  // CPPHTTPLIB_THREAD_POOL_COUNT (fixed when it was built: max(8, cores - 1)) is not ours to
+  // set: the task queue is replaced here.
+  const size_t core = size_t(opt_.max_connections) + kSpareThreads;
+  svr_.new_task_queue = [core] { return new ElasticPool(core, kMaxHttpThreads); };
   svr_.set_payload_max_length(size_t(opt_.max_body_bytes));
   svr_.set_keep_alive_timeout(5);
   svr_.set_read_timeout(30);

@@ -1,7 +1,8 @@
 // `kvcrunch serve`: the HTTP layer (OpenAI-compatible) over the batched engine.
 //
-// Threads: cpp-httplib (Debian's libcpp-httplib 0.11.4) serves each connection on one thread of
-// a fixed pool of max_connections + kSpareThreads threads. A handler thread validates the
+// Threads: cpp-httplib (Debian's libcpp-httplib 0.11.4) serves each connection on one thread
+// (blocking I/O): max_connections + kSpareThreads threads at start, grown on demand up to
+// kMaxHttpThreads while connections wait without a request (keep-alive, slow clients). A handler thread validates the
 // request, tokenizes it (the tokenizer is immutable and thread-safe), submits an engine::Request
 // whose sink pushes events into a per-request queue (the sink runs on the engine thread and only
 // locks, pushes and notifies), then blocks on that queue and writes the response: one JSON object,
@@ -28,6 +29,9 @@ namespace kvc::server {
 // Threads beyond max_connections: they answer probes, metrics and refusals while every
 // inference slot holds a stream.
 inline constexpr int kSpareThreads = 8;
+// Most HTTP threads (= connections served at once). cpp-httplib 0.11.4 polls sockets with
+// select(), which cannot watch descriptors >= FD_SETSIZE (1024): stay well below.
+inline constexpr int kMaxHttpThreads = 960;
 // How often a waiting handler checks that its client is still connected.
 inline constexpr double kPollSeconds = 0.1;
 
