@@ -646,6 +646,12 @@ bool Server::Bind() {
   // set: the task queue is replaced here.
   const size_t core = size_t(opt_.max_connections) + kSpareThreads;
   svr_.new_task_queue = [core] { return new ElasticPool(core, kMaxHttpThreads); };
+  // cpp-httplib's default socket options add SO_REUSEPORT: a second server on the same port
+  // would start and silently share its connections. SO_REUSEADDR only, so a busy port is an error.
+  svr_.set_socket_options([](int sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   svr_.set_payload_max_length(size_t(opt_.max_body_bytes));
   svr_.set_keep_alive_timeout(5);
   svr_.set_read_timeout(30);
