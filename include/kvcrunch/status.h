@@ -18,6 +18,7 @@ enum class StatusCode {
   kOutOfRange,        // prompt longer than the context, position beyond limits
   kResourceExhausted, // cache full (a status, not a crash)
   kInternal,
+  kUnavailable,       // not serving now (shutting down); retry elsewhere or later
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -45,6 +46,7 @@ inline Status Unimplemented(std::string m) { return {StatusCode::kUnimplemented,
 inline Status OutOfRange(std::string m) { return {StatusCode::kOutOfRange, std::move(m)}; }
 inline Status ResourceExhausted(std::string m) { return {StatusCode::kResourceExhausted, std::move(m)}; }
 inline Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+inline Status Unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
 
 template <typename T>
 class [[nodiscard]] StatusOr {
