@@ -6,7 +6,8 @@
 //   2. admit waiting requests in arrival order while their KV reservation fits the budget
 //      (reservation = KvPlan bytes for the cells the request can ever hold: prompt + max_tokens,
 //      capped by its eviction policy's budget; EngineOptions::reserve_ratio < 1 reserves only that
-//      fraction of max_tokens and relies on preemption, as SGLang's new_token_ratio does);
+//      fraction of max_tokens and relies on preemption, as SGLang's new_token_ratio does; after a
+//      preemption the whole max_tokens is reserved again, relaxing over 600 steps);
 //   3. schedule: every running decode first (one row each), then prefill chunks in admission order
 //      while the step's token budget (max_batch_tokens) lasts. A sequence's prompt is cut at fixed
 //      boundaries (multiples of prefill_chunk from its first token), never at a boundary that
@@ -183,7 +184,7 @@ class Engine {
   Stats GetStats() const;
   const EngineOptions& options() const { return opt_; }
   const Model& model() const { return model_; }
-  // The KV plan for a configuration (cached per Label; measured once, see kv_plan.h).
+  // The KV plan for a configuration (measured once per process and configuration, kv_plan.h).
   // INVALID_ARGUMENT for a bad configuration.
   StatusOr<std::shared_ptr<const KvPlan>> Plan(const KvSettings& kv);
   // Cells a request may hold at most: prompt + max_tokens, capped by the eviction policy.
@@ -195,6 +196,7 @@ class Engine {
   Status Validate(const Request& r) const;
   void TakeInbox();
   void Admit();
+  int64_t Reservation(const Seq& s);  // KV bytes reserved for s at the ratio in force
   void Finish(Seq& s, FinishReason reason, Status err = Status::Ok());
   void Preempt(Seq& s);
   double Now() const;
@@ -217,8 +219,7 @@ class Engine {
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;  // admission order (newest last)
   ForwardScratch scratch_;
-  std::mutex plan_mu_;
-  std::map<std::string, std::shared_ptr<const KvPlan>> plans_;
+  double reserve_ratio_ = 1.0;  // in force: 1 after a preemption, decaying to opt_.reserve_ratio
   std::thread thread_;
 };
 

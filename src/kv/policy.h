@@ -31,6 +31,12 @@ class EvictionPolicy {
   virtual Status AfterPrefill(KvCache& cache, int n_prompt) { return Status::Ok(); }
   // After each single-token decode step.
   virtual Status AfterStep(KvCache& cache) { return Status::Ok(); }
+  // Upper bound of the cells one (layer, KV head) holds at any step boundary of a sequence whose
+  // prompt has n_prompt tokens, fed in micro-batches of at most `chunk` tokens, once n_total tokens
+  // (prompt + generated) have been consumed. The engine reserves KV bytes for this many cells.
+  // Default: no bound below n_total (a policy that only compresses the prompt still holds the
+  // whole prompt until AfterPrefill, and every generated token).
+  virtual int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const { return n_total; }
 };
 
 using PolicyFactory =

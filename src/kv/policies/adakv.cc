@@ -20,6 +20,8 @@ class AdaKvPolicy : public ScoredPolicy {
   void Score(KvCache& cache, int layer, int head, std::vector<float>* s) override {
     scored_->Score(cache, layer, head, s);
   }
+  // Per-layer (PyramidKV) or per-head (Ada-KV) budgets rise above the mean budget: no cap.
+  int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override { return n_total; }
   int64_t LayerTarget(int layer, int64_t n, int64_t budget) const override {
     return scored_->LayerTarget(layer, n, budget);
   }

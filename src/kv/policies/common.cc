@@ -192,6 +192,15 @@ Status ScoredPolicy::AfterPrefill(KvCache& cache, int n_prompt) {
   return Status::Ok();
 }
 
+int64_t ScoredPolicy::MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const {
+  if (p_.when != When::kStep) return n_total;
+  if (p_.budget.tokens >= 0) {
+    const int64_t b = p_.budget.tokens;
+    return std::min(n_total, chunk <= b ? std::max<int64_t>(b, 1) : std::max(b, n_prompt));
+  }
+  return std::min(n_total, std::max<int64_t>(n_prompt, 1));
+}
+
 Status ScoredPolicy::AfterStep(KvCache& cache) {
   if (p_.when == When::kStep) {
     if (fixed_budget_ < 0) {  // a one-token first prompt

@@ -85,6 +85,12 @@ class ScoredPolicy : public EvictionPolicy {
   Status BeforeWrite(KvCache& cache, int n_incoming) override;
   Status AfterPrefill(KvCache& cache, int n_prompt) override;
   Status AfterStep(KvCache& cache) override;
+  // when=step keeps each head at its budget before every write (evict-for-space): with an absolute
+  // budget B and chunks of at most B tokens a head never holds more than B cells (a larger chunk
+  // fills up to the whole prompt until AfterPrefill); a ratio budget is fixed at the first prompt,
+  // so a head never holds more than that prompt. Other modes: no bound (they hold the prompt, and
+  // every generated token).
+  int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override;
   const CommonParams& params() const { return p_; }
 
   // scores [n_cells] of (layer, head); higher = more important. Non-const: may cache.

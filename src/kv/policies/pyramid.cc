@@ -15,6 +15,8 @@ class PyramidPolicy : public SnapKvPolicy {
   std::string Name() const override {
     return fmt::format("pyramid:window={},kernel={},beta={}", p_.window, kernel_, beta_);
   }
+  // Per-layer (PyramidKV) or per-head (Ada-KV) budgets rise above the mean budget: no cap.
+  int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override { return n_total; }
   int64_t LayerTarget(int layer, int64_t n, int64_t budget_tokens) const override {
     return PyramidLayerBudget(layer, n_layer_, n, budget_tokens, p_.window, beta_);
   }

@@ -27,6 +27,10 @@ class StreamingPolicy : public EvictionPolicy {
     return Trim(cache, sink_ + window_);
   }
   Status AfterStep(KvCache& cache) override { return Trim(cache, sink_ + window_); }
+  // Room is made before each write: at most S + W cells, or S + a chunk larger than W.
+  int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override {
+    return std::min(n_total, std::max(sink_ + window_, sink_ + int64_t(chunk)));
+  }
 
  private:
   // Keeps sinks then the most recent tokens, at most `cap` per (layer, head).
