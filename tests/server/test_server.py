@@ -34,10 +34,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(extra=()):
+def start_server(extra=(), max_conn=MAX_CONN):
     port = free_port()
     cmd = [BIN, "serve", "-m", MODEL, "--host", "127.0.0.1", "--port", str(port), "-c", str(CTX),
-           "-t", "2", "--kv-budget", "48MiB", "--max-connections", str(MAX_CONN),
+           "-t", "2", "--kv-budget", "48MiB", "--max-connections", str(max_conn),
            "--api-key", KEY, "--kv-allow", "q4_0,snapkv", "--max-body-bytes", "64KiB",
            "--default-max-tokens", "16", *extra]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
@@ -387,6 +387,26 @@ def test_too_many_connections(server):
         assert list(g)[-1] == "[DONE]"
     wait_for(lambda: post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200,
              10, "a slot to free")
+
+
+def test_queue_full_is_429_and_waiting_requests_are_served():
+    proc, url = start_server(["--max-running", "1", "--max-waiting", "1"], max_conn=8)
+    try:
+        a = long_stream(url, max_tokens=CTX - 40)  # running
+        a_events = sse_events(a)
+        next(a_events)
+        b = long_stream(url, max_tokens=8)  # waiting: admitted to the queue, 200, no tokens yet
+        wait_for(lambda: metrics(url)["kvcrunch:num_requests_waiting"] == 1, 10, "one waiting")
+        m = metrics(url)
+        assert m["kvcrunch:num_requests_running"] == 1
+        err = assert_error(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}), 429, code="queue_full")
+        assert err["type"] == "rate_limit_error"
+        a.close()  # the running one goes away: the waiting one runs and completes
+        rest = list(sse_events(b))
+        assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
+        assert metrics(url)["kvcrunch:requests_refused_total"] >= 1
+    finally:
+        stop_server(proc)
 
 
 def test_sigterm_drains_and_exits_0():
