@@ -123,7 +123,7 @@ def assert_error(r, status, param=None, code=None):
 def sse_events(resp):
     """Yields decoded JSON objects of a text/event-stream response, then the string [DONE]."""
     for line in resp.iter_lines():
-        if not line:
+        if not line or line.startswith(b":"):  # blank separators, comments (pings)
             continue
         assert line.startswith(b"data: "), line
         payload = line[len(b"data: "):]
@@ -390,7 +390,8 @@ def test_too_many_connections(server):
 
 
 def test_queue_full_is_429_and_waiting_requests_are_served():
-    proc, url = start_server(["--max-running", "1", "--max-waiting", "1"], max_conn=8)
+    proc, url = start_server(["--max-running", "1", "--max-waiting", "1", "--sse-ping-interval", "0.2"],
+                             max_conn=8)
     try:
         a = long_stream(url, max_tokens=CTX - 40)  # running
         a_events = sse_events(a)
@@ -401,9 +402,12 @@ def test_queue_full_is_429_and_waiting_requests_are_served():
         assert m["kvcrunch:num_requests_running"] == 1
         err = assert_error(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}), 429, code="queue_full")
         assert err["type"] == "rate_limit_error"
+        time.sleep(0.6)  # b waits: it gets SSE comments (pings) meanwhile
         a.close()  # the running one goes away: the waiting one runs and completes
-        rest = list(sse_events(b))
-        assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
+        lines = [l for l in b.iter_lines() if l]
+        assert lines.count(b": ping") >= 2, lines[:5]
+        data = [json.loads(l[6:]) for l in lines if l.startswith(b"data: {")]
+        assert lines[-1] == b"data: [DONE]" and data[-1]["choices"][0]["finish_reason"] == "length"
         assert metrics(url)["kvcrunch:requests_refused_total"] >= 1
     finally:
         stop_server(proc)

@@ -617,6 +617,7 @@ struct ServeArgs {
   std::string model_alias;
   int default_max_tokens = 256;
   double shutdown_grace = 30;
+  double sse_ping = 15;
 };
 
 // `kvcrunch serve`: the OpenAI-compatible server (docs/serving.md).
@@ -719,6 +720,7 @@ int CmdServe(Common& c, const ServeArgs& a) {
   so.limits.n_vocab = model.config().n_vocab;
   so.limits.default_max_tokens = a.default_max_tokens;
   so.shutdown_grace_seconds = a.shutdown_grace;
+  so.sse_ping_seconds = a.sse_ping;
   return server::Serve(**eng, model.tokenizer(), *kvp, so);
 }
 
@@ -843,6 +845,7 @@ int main(int argc, char** argv) {
   sv->add_option("--max-connections", sa.max_connections, "inference requests served at once, streams included (503 beyond)")->check(CLI::Range(1, 900));
   sv->add_option("--model-alias", sa.model_alias, "model id in /v1/models and responses (default: the GGUF file name)");
   sv->add_option("--default-max-tokens", sa.default_max_tokens, "max_tokens of a request that sets none (capped by the context)")->check(CLI::Range(1, 1 << 24));
+  sv->add_option("--sse-ping-interval", sa.sse_ping, "seconds without tokens after which a stream gets an SSE comment (0: never)")->check(CLI::Range(0.0, 3600.0));
   sv->add_option("--shutdown-grace", sa.shutdown_grace, "seconds running requests may finish after SIGTERM before they are cancelled")->check(CLI::Range(0.0, 3600.0));
 
   CLI11_PARSE(app, int(argv2.size()), argv2.data());

@@ -441,6 +441,7 @@ struct Job {
   bool include_usage = false;
   bool finished = false;   // the final event arrived
   bool sent_role = false;
+  Clock::time_point last_write = Clock::now();
 };
 
 void Server::Completion(const httplib::Request& req, httplib::Response& res,
@@ -605,10 +606,14 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
           out += SseDone();
         }
         if (out.empty()) {
-          // Nothing to send: is the client still there?
-          return sink.is_writable();
+          // Nothing to send (queued, or a long prefill): a comment now and then for proxies and
+          // client read timeouts; otherwise just check that the client is still there.
+          const double idle = std::chrono::duration<double>(Clock::now() - job->last_write).count();
+          if (opt_.sse_ping_seconds <= 0 || idle < opt_.sse_ping_seconds) return sink.is_writable();
+          out = ": ping\n\n";
         }
         if (!sink.write(out.data(), out.size())) return false;
+        job->last_write = Clock::now();
         if (done) sink.done();
         return true;
       },

@@ -44,6 +44,8 @@ struct ServerOptions {
   std::vector<Digest> api_keys;       // empty: no auth
   Limits limits;                      // n_ctx, n_vocab, default max_tokens
   double shutdown_grace_seconds = 30; // SIGTERM: running requests may finish for this long
+  double sse_ping_seconds = 15;       // a stream with nothing to send for this long gets an SSE
+                                      // comment (": ping"), for proxies and client read timeouts
 };
 
 // Serves until SIGTERM or SIGINT, then: stops admitting (503), lets running requests finish for
