@@ -497,7 +497,7 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
   job->id = *id;
   Track(job->id, true);
 
-  auto fail_after_submit = [&](engine::FinishReason reason, const Status& st) {
+  auto fail_after_submit = [](engine::FinishReason reason, const Status& st) {
     ApiError e;
     if (reason == engine::FinishReason::kCancelled) {
       e.status = 503;
