@@ -389,6 +389,23 @@ def test_too_many_connections(server):
              10, "a slot to free")
 
 
+def test_idle_connections_do_not_block_others(server):
+    # Each open connection holds an HTTP thread while it waits for a request (up to the 5 s
+    # keep-alive timeout). 40 idle ones (the pool starts with MAX_CONN + 8 threads) must not delay
+    # other clients: the pool grows.
+    port = int(server.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        t0 = time.time()
+        assert requests.get(server + "/health", timeout=10).status_code == 200
+        assert post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        assert time.time() - t0 < 3, time.time() - t0
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_queue_full_is_429_and_waiting_requests_are_served():
     proc, url = start_server(["--max-running", "1", "--max-waiting", "1", "--sse-ping-interval", "0.2"],
                              max_conn=8)
