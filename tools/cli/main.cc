@@ -624,6 +624,26 @@ struct ServeArgs {
 int CmdServe(Common& c, const ServeArgs& a) {
   // SIGTERM/SIGINT from now on: a graceful stop (exit 0), also while the model loads.
   server::InstallTerminationHandlers();
+  std::vector<std::string> keys;
+  for (const auto& k : a.api_keys) {
+    std::stringstream ss(k);
+    std::string one;
+    while (std::getline(ss, one, ',')) if (!one.empty()) keys.push_back(one);
+  }
+  if (!a.api_keys.empty() && keys.empty()) {  // `--api-key "$UNSET_VAR"` must not mean "no auth"
+    return Fail(InvalidArgument("--api-key is empty"));
+  }
+  if (!a.api_key_file.empty()) {
+    auto text = ReadTextFile(a.api_key_file);
+    if (!text.ok()) return Fail(text.status());
+    std::stringstream ss(*text);
+    std::string line;
+    while (std::getline(ss, line)) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty() && line[0] != '#') keys.push_back(line);
+    }
+    if (keys.empty()) return Fail(InvalidArgument("--api-key-file " + a.api_key_file + " holds no key"));
+  }
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
   const Model& model = **m;
@@ -698,23 +718,6 @@ int CmdServe(Common& c, const ServeArgs& a) {
   if (!body.ok()) return Fail(Status(body.status().code(), "--max-body-bytes: " + body.status().message()));
   so.max_body_bytes = *body;
   so.max_connections = a.max_connections;
-  std::vector<std::string> keys;
-  for (const auto& k : a.api_keys) {
-    std::stringstream ss(k);
-    std::string one;
-    while (std::getline(ss, one, ',')) if (!one.empty()) keys.push_back(one);
-  }
-  if (!a.api_key_file.empty()) {
-    auto text = ReadTextFile(a.api_key_file);
-    if (!text.ok()) return Fail(text.status());
-    std::stringstream ss(*text);
-    std::string line;
-    while (std::getline(ss, line)) {
-      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
-      if (!line.empty() && line[0] != '#') keys.push_back(line);
-    }
-    if (keys.empty()) return Fail(InvalidArgument("--api-key-file " + a.api_key_file + " holds no key"));
-  }
   for (const auto& k : keys) so.api_keys.push_back(server::Sha256(k));
   so.limits.n_ctx = eo.n_ctx;
   so.limits.n_vocab = model.config().n_vocab;
