@@ -71,6 +71,14 @@ check "bad layer list"    "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
 check "cannot follow a K transform" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4 --kv-transform-k hadamard
 check "calibrated on the raw keys" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4:center=1
+# `serve` refuses bad settings before it listens (a server that starts would hit the timeout).
+check "api-key is empty"  "$BIN" serve -m "$MODEL" --port 0 --api-key ""
+check "holds no key"      "$BIN" serve -m "$MODEL" --port 0 --api-key-file "$tmp/empty.txt"
+check "kv-allow"          "$BIN" serve -m "$MODEL" --port 0 --kv-allow q4_0,nosuch
+check "kv-budget"         "$BIN" serve -m "$MODEL" --port 0 --kv-budget 12parsecs
+check "unknown cache type" "$BIN" serve -m "$MODEL" --port 0 -ctk q3_wat
+check "unknown eviction"  "$BIN" serve -m "$MODEL" --port 0 --kv-evict nosuch
+check "cannot listen"     "$BIN" serve -m "$MODEL" --host 203.0.113.7 --port 0
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));

@@ -690,6 +690,10 @@ int CmdServe(Common& c, const ServeArgs& a) {
     ks.cache = cfg.cache;
     ks.evict = cfg.evict;
     auto plan = (*eng)->Plan(ks);
+    if (!plan.ok() && &cfg == &shown.front().second) {  // the defaults must work
+      return Fail(Status(plan.status().code(), "default KV settings (" + rc->Label() + "): " +
+                                                   plan.status().message()));
+    }
     if (!plan.ok()) {
       std::fprintf(stderr, "kvcrunch:   %-40s unavailable: %s\n", label.c_str(),
                    plan.status().message().c_str());
