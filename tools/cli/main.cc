@@ -26,6 +26,7 @@
 #include "kv/policy.h"
 #include "kv/transform.h"
 #include "model/model.h"
+#include "batched_bench.h"
 #include "retrieval.h"
 #include "runner.h"
 #include "server.h"
@@ -731,6 +732,23 @@ int CmdServe(Common& c, const ServeArgs& a) {
   return server::Serve(**eng, model.tokenizer(), *kvp, so);
 }
 
+int CmdBatchedBench(Common& c, const BatchedBenchOptions& o, bool json) {
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  auto rc = RunConfigFromFlags(c);
+  if (!rc.ok()) return Fail(rc.status());
+  if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
+  if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
+  BatchedBenchOptions opt = o;
+  if (c.batch > 0) opt.n_batch = c.batch;
+  if (Status st = RunBatchedBench(**m, *rc, opt, json); !st.ok()) return Fail(st);
+  if (!json) {
+    std::printf("\n%s, %d threads, peak RSS %.1f MiB\n", rc->Label().c_str(), cpu::NumThreads(),
+                PeakRssBytes() / 1048576.0);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -816,6 +834,7 @@ int main(int argc, char** argv) {
   for (auto& a : args) {
     if (a == "-ctk") a = "--cache-type-k";
     if (a == "-ctv") a = "--cache-type-v";
+    if (a == "-npp" || a == "-ntg" || a == "-npl") a = "-" + a;  // batched-bench, as llama.cpp spells them
   }
   std::vector<char*> argv2;
   for (auto& a : args) argv2.push_back(a.data());
@@ -855,12 +874,25 @@ int main(int argc, char** argv) {
   sv->add_option("--sse-ping-interval", sa.sse_ping, "seconds without tokens after which a stream gets an SSE comment (0: never)")->check(CLI::Range(0.0, 3600.0));
   sv->add_option("--shutdown-grace", sa.shutdown_grace, "seconds running requests may finish after SIGTERM before they are cancelled")->check(CLI::Range(0.0, 3600.0));
 
+  BatchedBenchOptions bb;
+  auto* bbc = app.add_subcommand(
+      "batched-bench", "aggregate decode speed of B sequences in one batch (llama-batched-bench protocol)");
+  AddModelFlags(bbc, c);
+  AddKvFlags(bbc, c);
+  // llama-batched-bench's -npp/-ntg/-npl (translated below like -ctk).
+  bbc->add_option("--npp", bb.npp, "prompt tokens per sequence (list)")->delimiter(',');
+  bbc->add_option("--ntg", bb.ntg, "generated tokens per sequence (list)")->delimiter(',');
+  bbc->add_option("--npl", bb.npl, "sequences in the batch (list)")->delimiter(',');
+  bbc->add_option("-r,--reps", bb.reps, "repetitions after one warm-up (median reported)");
+  bbc->add_flag("--json", json, "JSON lines output");
+
   CLI11_PARSE(app, int(argv2.size()), argv2.data());
   // Errors are Status values; an exception reaching here (out of memory for a huge request, an
   // I/O failure inside a library) still ends with one clear line and exit 1, not an abort.
   try {
     if (*sv) return CmdServe(c, sa);
     if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
+    if (*bbc) return CmdBatchedBench(c, bb, json);
     if (*info) return CmdInfo(c);
     if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
     if (*lg) return CmdLogits(c, ids, out_path);
