@@ -139,6 +139,13 @@ TEST(ServerApi, MaxTokensAndSamplingRanges) {
   EXPECT_EQ(Parse(R"({"prompt": "x", "n": 2})", false).param, "n");
   EXPECT_EQ(Parse(R"({"prompt": "x", "presence_penalty": 0.5})", false).param, "presence_penalty");
   EXPECT_EQ(Parse(R"({"prompt": "x", "echo": true})", false).param, "echo");
+  EXPECT_EQ(Parse(R"({"prompt": "x", "best_of": 3})", false).param, "best_of");
+  EXPECT_EQ(Parse(R"({"prompt": "x", "logit_bias": {"5": 10}})", false).param, "logit_bias");
+  EXPECT_EQ(Parse(R"({"prompt": "x", "logit_bias": {}})", false).status, 0);
+  EXPECT_EQ(Parse(R"({"messages": [{"role": "user", "content": "x"}],
+                      "response_format": {"type": "json_object"}})", true).param, "response_format");
+  EXPECT_EQ(Parse(R"({"messages": [{"role": "user", "content": "x"}],
+                      "response_format": {"type": "text"}})", true).status, 0);
   EXPECT_EQ(Parse(R"({"prompt": "x", "logprobs": 3})", false).param, "logprobs");
   EXPECT_EQ(Parse(R"({"prompt": "x", "stream_options": {"include_usage": true}})", false).param,
             "stream_options");

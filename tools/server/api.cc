@@ -560,6 +560,23 @@ bool ParseCompletion(const json& body, bool chat, const Limits& lim, const KvPol
       return false;
     }
   }
+  if (const json* rf = f.Get("response_format")) {
+    if (!rf->is_object() || rf->value("type", json()) != "text") {
+      *err = BadRequest("'response_format' other than {\"type\": \"text\"} is not supported",
+                        "response_format");
+      return false;
+    }
+  }
+  if (const json* lb = f.Get("logit_bias"); lb && !(lb->is_object() && lb->empty())) {
+    *err = BadRequest("'logit_bias' is not supported", "logit_bias");
+    return false;
+  }
+  int64_t best_of = 1;
+  if (f.Integer("best_of", &best_of) && best_of != 1) {
+    *err = BadRequest("only 'best_of': 1 is supported", "best_of");
+    return false;
+  }
+  if (f.failed) return false;
   std::string user;
   f.String("user", &user);
   if (f.failed) return false;
