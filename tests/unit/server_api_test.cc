@@ -224,6 +224,8 @@ TEST(ServerApi, KvExtensionAgainstAllowList) {
   EXPECT_EQ(Parse(R"({"prompt": "x", "kv": {"sinks": "4"}})", false, &r, p).param, "kv.sinks");
   EXPECT_EQ(Parse(R"({"prompt": "x", "kv": {"pos": "sideways"}})", false, &r, p).param, "kv.pos");
   EXPECT_EQ(Parse(R"({"prompt": "x", "kv": {"k": 4}})", false, &r, p).param, "kv.k");
+  EXPECT_EQ(Parse(R"({"prompt": "x", "kv": {"evcit": "snapkv"}})", false, &r, p).param,
+            "kv.evcit");  // a typo is an error, not the default
   // Nothing a request sends may make the server read a file, even with "any".
   KvPolicy any = Policy("any");
   EXPECT_EQ(Parse(R"({"prompt": "x", "kv": {"k": "turbo3", "evict": "h2o:budget=64"}})", false,

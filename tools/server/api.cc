@@ -232,6 +232,15 @@ bool KvPolicy::Resolve(const json& kvj, KvRunConfig* out, ApiError* err) const {
       return false;
     }
   }
+  // Our own extension: a misspelt key must not silently fall back to the defaults.
+  static const std::set<std::string> kKeys = {"k", "v", "evict", "sinks", "sink_codec", "pos"};
+  for (const auto& [key, value] : kvj.items()) {
+    if (!kKeys.count(key)) {
+      *err = BadRequest(fmt::format("unknown key 'kv.{}' (k, v, evict, sinks, sink_codec, pos)",
+                                    key), "kv." + key);
+      return false;
+    }
+  }
   out->name.clear();
   return true;
 }
