@@ -31,10 +31,12 @@ class Workload:
 
 
 WORKLOADS = {
-    # Sized so that a full run of one server configuration takes a few minutes on the 2-core
-    # development machine (see README.md for the measured durations).
-    "decode-heavy": Workload("decode-heavy", 500, 1500, 32, 32, 8),
-    "prefill-heavy": Workload("prefill-heavy", 1000, 128, 32, 64, 16),
+    # Request counts sized so that one server configuration takes a few minutes on the shared
+    # 2-core development machine (llama-server f16 decoded ~40 tok/s in aggregate at 4 slots under
+    # load average ~6: 8 decode-heavy requests = 12,000 output tokens took 303 s). README.md has
+    # the measured durations; raise --num-requests on a bigger or idle machine.
+    "decode-heavy": Workload("decode-heavy", 500, 1500, 32, 16, 8),
+    "prefill-heavy": Workload("prefill-heavy", 1000, 128, 32, 32, 16),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -53,11 +55,16 @@ def kv_bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, type_k: str,
     return per * GGML_TYPE_BYTES_PER_VALUE[type_k] + per * GGML_TYPE_BYTES_PER_VALUE[type_v]
 
 
-def llamacpp_sizing(budget_bytes: int, seq_len: int, bpt: float) -> dict:
-    """Largest context (cells) and slot count that `budget_bytes` of KV holds at `bpt` bytes/token."""
+def llamacpp_sizing(budget_bytes: int, seq_len: int, bpt: float, pad: int = 256) -> dict:
+    """Largest context (cells) and slot count that `budget_bytes` of KV holds at `bpt` bytes/token.
+    llama.cpp rounds -c up to a multiple of 256, so the context is rounded down to one here (and
+    never below one sequence)."""
     ctx = int(budget_bytes // bpt)
+    if pad > 1 and ctx >= pad:
+        ctx = max(ctx // pad * pad, seq_len)
     slots = ctx // seq_len
     return {"ctx": ctx, "slots": slots, "kv_bytes": int(ctx * bpt), "bytes_per_token": bpt}
+
 
 # --------------------------------------------------------------------------------------------
 # SSE (OpenAI streaming) parsing

@@ -10,9 +10,16 @@ PEERS_DIR="${PEERS_DIR:-$HOME/.cache/kvcrunch-peers}"
 LLAMA_BIN_DIR="${LLAMA_BIN_DIR:-$PEERS_DIR/llama-server/bin}"
 KVCRUNCH_BIN="${KVCRUNCH_BIN:-$ROOT/${BUILD_DIR:-build}/kvcrunch}"
 HEALTH_TIMEOUT_S="${HEALTH_TIMEOUT_S:-180}"
-# Extra llama-server flags for every llama row (empty by default: the command line is the one
-# in README.md). E.g. LLAMA_EXTRA_ARGS="--cache-ram 0" to turn off its host-RAM prompt cache.
-LLAMA_EXTRA_ARGS="${LLAMA_EXTRA_ARGS:-}"
+# Extra llama-server flags for every llama row. Default "--cache-ram 0": llama-server's host-RAM
+# prompt cache (default 8192 MiB) would copy each finished slot's KV into RAM for reuse; this
+# benchmark's prompts never repeat, so it cannot help, but it would grow the RSS we compare.
+# LLAMA_EXTRA_ARGS= (empty) gives llama-server's defaults.
+LLAMA_EXTRA_ARGS="${LLAMA_EXTRA_ARGS---cache-ram 0}"
+
+# OpenMP workers sleep at barriers instead of spinning (as scripts/test.sh does): on a machine
+# whose cores are shared, spinning llama-server decoded 5.6 tok/s instead of 62 (one sequence,
+# load average ~5 on 2 cores). Applies to every server the benchmark starts; override by setting it.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64
 N_LAYER=30; N_KV_HEAD=3; HEAD_DIM=64

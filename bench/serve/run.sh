@@ -20,7 +20,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # ---- kvcrunch configurations: the lead adds rows here (label|flags) -----------------------------
 # {BIN} {MODEL} {PORT} {BUDGET} {THREADS} {FLAGS} are substituted; one line per configuration.
-KVCRUNCH_CMD="${KVCRUNCH_CMD:-{BIN} serve -m {MODEL} --host 127.0.0.1 --port {PORT} --kv-budget {BUDGET} -t {THREADS} {FLAGS}}"
+default_kvcrunch_cmd='{BIN} serve -m {MODEL} --host 127.0.0.1 --port {PORT} --kv-budget {BUDGET} -t {THREADS} {FLAGS}'
+KVCRUNCH_CMD="${KVCRUNCH_CMD:-$default_kvcrunch_cmd}"
 KVCRUNCH_CONFIGS="${KVCRUNCH_CONFIGS:-kvcrunch-f16|-ctk f16 -ctv f16
 kvcrunch-q4_0|-ctk q4_0 -ctv q4_0
 kvcrunch-kivi4|-ctk kivi4 -ctv kivi4
@@ -102,7 +103,16 @@ for wl in "${workloads[@]}"; do
     if ! start_server "$log" "${cmd[@]}"; then
       rows+=("| $label | server failed to start (see $log) | | | | | | | | | | | | |"); continue
     fi
-    [[ "$flavor" == llamacpp ]] && notes+=("$wl/$cfg: llama.cpp log: $(grep -m1 -o 'llama_kv_cache: *size = .*' "$log" || echo 'no KV size line')")
+    if [[ "$flavor" == llamacpp ]]; then
+      # with --kv-unified every slot may use the whole cache: n_ctx_slot = the cells allocated
+      # (llama.cpp rounds -c up to a multiple of 256)
+      cells=$(grep -m1 -o 'n_ctx_slot = [0-9]*' "$log" | grep -o '[0-9]*$' || true)
+      if [[ -n "$cells" ]]; then
+        bytes=$(python3 -c "print(int($cells * $bpt))")
+        static_kv=(--static-kv-bytes "$bytes")
+        notes+=("$wl/$cfg: llama-server allocated $cells cells (log: n_ctx_slot) = $bytes B of KV at $bpt B/token")
+      fi
+    fi
     set +e
     "$PY" "$SERVE_DIR/loadgen.py" --base-url "http://127.0.0.1:$PORT" --workload "$wl" --label "$label" \
       --metrics-flavor "$flavor" --server-pid "$SERVER_PID" "${static_kv[@]}" --json "$json" "${lg_args[@]}" \
