@@ -104,14 +104,19 @@ for wl in "${workloads[@]}"; do
       rows+=("| $label | server failed to start (see $log) | | | | | | | | | | | | |"); continue
     fi
     if [[ "$flavor" == llamacpp ]]; then
-      # with --kv-unified every slot may use the whole cache: n_ctx_slot = the cells allocated
-      # (llama.cpp rounds -c up to a multiple of 256)
-      cells=$(grep -m1 -o 'n_ctx_slot = [0-9]*' "$log" | grep -o '[0-9]*$' || true)
-      if [[ -n "$cells" ]]; then
-        bytes=$(python3 -c "print(int($cells * $bpt))")
-        static_kv=(--static-kv-bytes "$bytes")
-        notes+=("$wl/$cfg: llama-server allocated $cells cells (log: n_ctx_slot) = $bytes B of KV at $bpt B/token")
-      fi
+      # Cells allocated: llama.cpp rounds -c up to a multiple of 256. With --kv-unified the log's
+      # n_ctx_slot is the whole pool unless it exceeds the model's training context (8,192 here),
+      # where the slot is capped (and llama_context warns "n_ctx_seq (N) > n_ctx_train"), so
+      # n_ctx_slot is used only when it is at least -c.
+      cells=$(( (ctx + 255) / 256 * 256 ))
+      logged=$(grep -m1 -o 'n_ctx_slot = [0-9]*' "$log" | grep -o '[0-9]*$' || true)
+      seqlog=$(grep -m1 -o 'n_ctx_seq ([0-9]*)' "$log" | grep -o '[0-9]*' || true)
+      src="-c $ctx rounded up to 256"
+      if [[ -n "$seqlog" ]] && (( seqlog >= ctx )); then cells=$seqlog; src="log: n_ctx_seq"
+      elif [[ -n "$logged" ]] && (( logged >= ctx )); then cells=$logged; src="log: n_ctx_slot"; fi
+      bytes=$(python3 -c "print(int($cells * $bpt))")
+      static_kv=(--static-kv-bytes "$bytes")
+      notes+=("$wl/$cfg: llama-server allocated $cells cells ($src) = $bytes B of KV at $bpt B/token")
     fi
     set +e
     "$PY" "$SERVE_DIR/loadgen.py" --base-url "http://127.0.0.1:$PORT" --workload "$wl" --label "$label" \
