@@ -209,7 +209,10 @@ async def main_async(a) -> dict:
     check_loopback(base)
     slo = bl.parse_slo(a.slo)
     extra_body = json.loads(a.extra_body) if a.extra_body else {}
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    # One TCP connection per request (loopback, cheap): reusing pooled keep-alive connections raced
+    # with the server closing idle ones ("Can not write request body", 1 of 73 requests in a
+    # 64-client soak against llama-server), a client artefact counted as a server failure.
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=a.request_timeout)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         prompts = await build_prompts(session, base, a.num_requests, a.prompt_tokens, a.data_dir, a.seed, log)
