@@ -10,7 +10,8 @@
 #
 # Budget: 4 sequences of the workload at f16 = 4 x (prompt + output) x 23,040 B (SmolLM2-135M).
 #   llama-f16   llama-server -np 4 -c 4*seq_len, -ctk/-ctv f16
-#   llama-q4_0  same bytes at 6,480 B/token: -c floor(budget/6480), -np floor(c/seq_len)
+#   llama-q4_0  same bytes at 6,480 B/token: -c floor(budget/6480) rounded down to 256 (llama.cpp
+#               pads -c up to 256), -np floor(c/seq_len)
 #   kvcrunch-*  $KVCRUNCH_CMD with {BUDGET} = the same bytes (rows skipped, with a note, while
 #               $KVCRUNCH_BIN has no `serve` subcommand)
 # Environment: MODEL, THREADS (2), LLAMA_BIN_DIR, KVCRUNCH_BIN, KVCRUNCH_CMD, KVCRUNCH_CONFIGS,
