@@ -10,8 +10,13 @@
 # needs transformers < 5.3 and the system Python may carry a newer one. torch from PyPI pulls its
 # CUDA wheels (~4 GB download, ~7 GB on disk); it runs on the CPU here.
 #
+# llama.cpp's HTTP server (llama-server, plus llama-batched-bench) for bench/serve/: built by
+# build_llama_server.sh from the same pinned sdist's vendored llama.cpp into
+# ~/.cache/kvcrunch-peers/llama-server/bin (only with --only llama-server; the default run below
+# does not build it).
+#
 # Idempotent: does nothing for a peer whose pinned version is already importable.
-# Usage: bash bench/compare/install_peers.sh [--force] [--only llama|kvpress]
+# Usage: bash bench/compare/install_peers.sh [--force] [--only llama|kvpress|llama-server]
 set -euo pipefail
 
 KVPRESS_VERSION="${KVPRESS_VERSION:-0.5.5}"
@@ -31,7 +36,7 @@ while (( $# )); do
   case "$1" in
     --force) force=1; reinstall=(--force-reinstall --no-deps) ;;
     --only) only="$2"; shift ;;
-    *) echo "usage: $0 [--force] [--only llama|kvpress]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--force] [--only llama|kvpress|llama-server]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -58,6 +63,10 @@ sys.exit(any(not m.version(k).startswith(v) for k, v in want.items()))" 2>/dev/n
 }
 
 if [[ "$only" == "kvpress" ]]; then install_kvpress; exit $?; fi
+if [[ "$only" == "llama-server" ]]; then
+  LLAMA_CPP_PYTHON_VERSION="$LLAMA_CPP_PYTHON_VERSION" exec bash "$here/build_llama_server.sh" \
+    $( (( force )) && echo --force )
+fi
 if [[ -z "$only" ]]; then install_kvpress || echo "kvpress install failed; going on with llama.cpp" >&2; fi
 
 installed="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"

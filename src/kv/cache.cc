@@ -335,7 +335,6 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
   c->shape_ = shape;
   c->cfg_ = cfg;
   c->impl_ = std::make_unique<Impl>();
-  c->impl_->rope = std::make_unique<Rope>(shape.rope);
   c->impl_->layers.resize(shape.n_layer);
   for (int l = 0; l < shape.n_layer; ++l) {
     const std::string kc = cfg.k_codec_layer.empty() || cfg.k_codec_layer[l].empty()
@@ -373,22 +372,14 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       }
     }
   }
-  // Keys stored pre-RoPE are rotated again at every attention call (in-cache positions, KVQuant,
-  // low-rank keys): give the cache's Rope a cos/sin table (bit-identical to the direct path).
-  // Centred post-RoPE keys add q·R(pos_j) μ per key (Stream::mu_rope): same table, for speed.
-  bool any_pre_rope = false, any_mu_rope = false;
-  for (const auto& heads : c->impl_->layers) {
-    for (const auto& hc : heads) {
-      for (const auto& seg : hc.segs) {
-        any_pre_rope = any_pre_rope || seg.k.pre_rope;
-        any_mu_rope = any_mu_rope || (seg.k.center && !seg.k.pre_rope);
-      }
-    }
-  }
-  if (any_pre_rope || any_mu_rope) {
-    const int64_t table = std::clamp<int64_t>(cfg.rope_table_positions, kRopeTablePositions, kRopeTableMax);
-    c->impl_->rope = std::make_unique<Rope>(shape.rope, int(table));
-  }
+  // Every cache rotates from a cos/sin table (bit-identical to the direct path): pre-RoPE keys
+  // (in-cache positions, KVQuant, low-rank keys) are rotated again at every attention call,
+  // centred post-RoPE keys add q·R(pos_j) μ per key (Stream::mu_rope), and every new key and query
+  // is rotated once (direct cos/sin per head and token cost ~6 % of batched decode). The table
+  // depends only on the RoPE parameters and its length, so one copy is shared by every cache of
+  // the process (8,192 positions: 2 MiB at n_rot 64), not counted in any cache's Memory().
+  const int64_t table = std::clamp<int64_t>(cfg.rope_table_positions, kRopeTablePositions, kRopeTableMax);
+  c->impl_->rope = SharedRope(shape.rope, int(table));
   for (auto& heads : c->impl_->layers) {
     for (auto& hc : heads) {
       for (auto& seg : hc.segs) {

@@ -88,7 +88,7 @@ struct HeadCache {
 
 struct KvCache::Impl {
   std::vector<std::vector<HeadCache>> layers;  // [n_layer][n_head_kv]
-  std::unique_ptr<Rope> rope;
+  std::shared_ptr<const Rope> rope;  // shared by every cache with the same RoPE table (SharedRope)
 };
 
 // IEEE fp16 conversion with saturation to ±65504 (never produces inf from finite input).

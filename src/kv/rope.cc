@@ -1,5 +1,9 @@
 #include "kv/rope.h"
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include <algorithm>
 #include <cmath>
 
@@ -151,6 +155,18 @@ void Rope::AddDotRotated(const float* q, int n_q, int dim, const float* mu, cons
     }
     ++j;
   }
+}
+
+std::shared_ptr<const Rope> SharedRope(const RopeParams& p, int table_positions) {
+  static std::mutex mu;
+  static std::map<std::tuple<double, int, int, bool, double, int>, std::shared_ptr<const Rope>> ropes;
+  const auto key = std::make_tuple(p.theta, p.n_rot, p.rot_offset, p.neox, p.freq_scale, table_positions);
+  std::lock_guard<std::mutex> lk(mu);
+  auto it = ropes.find(key);
+  if (it != ropes.end()) return it->second;
+  auto r = std::make_shared<const Rope>(p, table_positions);
+  ropes.emplace(key, r);
+  return r;
 }
 
 }  // namespace kvc::kv

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace kvc::kv {
@@ -60,5 +61,9 @@ class Rope {
   std::vector<float> table_;      // [table_positions, n_rot/2, 2] (cos, sin)
   std::vector<float> lane_offs_;  // [2, n_rot/2, kLaneBlock] cos, sin of t·θ_i
 };
+
+// One immutable Rope per (parameters, table length) for the whole process (thread-safe; tables
+// are never freed while the process runs: one per distinct model and context size).
+std::shared_ptr<const Rope> SharedRope(const RopeParams& p, int table_positions);
 
 }  // namespace kvc::kv

@@ -50,6 +50,15 @@ void ForwardBatch(const Model& model, std::vector<SeqRows>& seqs, ForwardScratch
       for (int j = 0; j < w; ++j) y[size_t(i) * w + j] += b[j];
     }
   };
+  // Per-sequence attention: across sequences when there are many (one OpenMP region per layer
+  // instead of two per sequence and layer, and no idle thread on a 3-head GQA model), within each
+  // sequence's Attend otherwise.
+  const int n_threads = cpu::NumThreads();
+  const bool parallel_seqs = n_threads > 1 && int(seqs.size()) >= 2 * n_threads;
+  std::vector<size_t> order(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return seqs[a].n_tokens > seqs[b].n_tokens; });
   auto fail = [&](size_t s, const Status& st) {
     seqs[s].status = Status(st.code(), "activations: " + st.message());
   };
@@ -74,7 +83,7 @@ void ForwardBatch(const Model& model, std::vector<SeqRows>& seqs, ForwardScratch
       add_bias(sc->q, L.bq, nq);
       add_bias(sc->k, L.bk, nkv);
       add_bias(sc->v, L.bv, nkv);
-      for (size_t s = 0; s < seqs.size(); ++s) {
+      auto attend = [&](size_t s) {
         const int r = row0[s], m = seqs[s].n_tokens;
         float* out = sc->attn.data() + size_t(r) * nq;
         if (seqs[s].status.ok()) {
@@ -84,9 +93,18 @@ void ForwardBatch(const Model& model, std::vector<SeqRows>& seqs, ForwardScratch
         }
         if (!seqs[s].status.ok()) {  // keep its rows finite; nothing reads them
           std::fill(out, out + size_t(m) * nq, 0.f);
-          continue;
+          return;
         }
         seqs[s].cache->Attend(l, sc->q.data() + size_t(r) * nq, seq.data() + r, m, out);
+      };
+      if (parallel_seqs) {
+        // Many sequences: one task per sequence (largest first), each Attend's own parallel
+        // loops then run on its thread. Caches are independent and every kernel's result is
+        // independent of the thread that runs it, so this changes no number.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+        for (int i = 0; i < int(order.size()); ++i) attend(order[size_t(i)]);
+      } else {
+        for (size_t s = 0; s < seqs.size(); ++s) attend(s);
       }
       cpu::MatMul(*L.wo, sc->attn.data(), n, tmp);
     }
