@@ -388,11 +388,19 @@ void Engine::Admit() {
   }
 }
 
+void Engine::PublishCounts() {
+  std::lock_guard<std::mutex> lk(mu_);
+  waiting_count_ = int64_t(inbox_.size() + waiting_.size());
+  stats_.waiting = waiting_count_;
+  stats_.running = int64_t(running_.size());
+}
+
 bool Engine::Step() {
   reserve_ratio_ = std::max(opt_.reserve_ratio,
                             reserve_ratio_ - (1.0 - opt_.reserve_ratio) / kRatioDecaySteps);
   TakeInbox();
   Admit();
+  PublishCounts();  // before this step's events, so a client sees counts that include them
   if (running_.empty()) {
     std::lock_guard<std::mutex> lk(mu_);
     waiting_count_ = int64_t(inbox_.size() + waiting_.size());

@@ -196,6 +196,7 @@ class Engine {
   Status Validate(const Request& r) const;
   void TakeInbox();
   void Admit();
+  void PublishCounts();  // waiting / running into stats_ (engine thread)
   int64_t Reservation(const Seq& s);  // KV bytes reserved for s at the ratio in force
   void Finish(Seq& s, FinishReason reason, Status err = Status::Ok());
   void Preempt(Seq& s);
