@@ -1,4 +1,5 @@
-// fp16 KV kernels (src/cpu/f16.cc) against their scalar references.
+// fp16 KV kernels (src/cpu/f16.cc) against their scalar references, once per Highway target
+// (tests/unit/per_target.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,6 +8,7 @@
 
 #include "cpu/ops.h"
 #include "gguf/types.h"
+#include "per_target.h"
 
 namespace kvc::cpu {
 namespace {
@@ -19,7 +21,9 @@ std::vector<uint16_t> RandomHalf(size_t n, uint32_t seed) {
   return h;
 }
 
-TEST(CpuF16, ConversionMatchesScalar) {
+KVC_PER_TARGET_SUITE(CpuF16);
+
+TEST_P(CpuF16, ConversionMatchesScalar) {
   for (int n : {1, 7, 16, 64, 100}) {
     auto h = RandomHalf(n, n);
     std::vector<float> a(n), b(n);
@@ -29,7 +33,7 @@ TEST(CpuF16, ConversionMatchesScalar) {
   }
 }
 
-TEST(CpuF16, DotAndAxpyRowsMatchScalar) {
+TEST_P(CpuF16, DotAndAxpyRowsMatchScalar) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
   // d not a multiple of the vector width (38 = ThinK 40 % of 64, 49 = a ragged low-rank rank) and

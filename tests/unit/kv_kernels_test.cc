@@ -19,6 +19,7 @@
 #include "kv/codecs/q4_0.h"
 #include "kv/codecs/q4_1.h"
 #include "kv/codecs/q5_0.h"
+#include "per_target.h"
 
 namespace kvc::cpu {
 namespace {
@@ -37,7 +38,9 @@ std::vector<uint8_t> RandBytes(size_t n, uint32_t seed) {
   return v;
 }
 
-TEST(KvKernels, DotAndAxpyF32RowsMatchReference) {
+KVC_PER_TARGET_SUITE(KvKernels);
+
+TEST_P(KvKernels, DotAndAxpyF32RowsMatchReference) {
   for (int d : {64, 32, 17, 128, 5}) {
     for (int n_q : {1, 3, 4, 5, 9}) {
       for (int64_t n : {1, 3, 4, 5, 7, 33, 130}) {
@@ -71,7 +74,7 @@ TEST(KvKernels, DotAndAxpyF32RowsMatchReference) {
   }
 }
 
-TEST(KvKernels, LegacyRowDecodersEqualScalarDequantizers) {
+TEST_P(KvKernels, LegacyRowDecodersEqualScalarDequantizers) {
   for (int d : {32, 64, 128}) {
     for (int64_t n : {1, 3, 17}) {
       const auto x = Randn(size_t(n) * d, 5);
@@ -99,7 +102,7 @@ TEST(KvKernels, LegacyRowDecodersEqualScalarDequantizers) {
   }
 }
 
-TEST(KvKernels, E4M3RowsEqualTableForEveryCode) {
+TEST_P(KvKernels, E4M3RowsEqualTableForEveryCode) {
   for (int d : {256, 64, 19}) {
     const int64_t n = 3;
     std::vector<uint8_t> rows(size_t(n) * (d + 2));
@@ -136,7 +139,7 @@ TEST(KvKernels, E4M3RowsEqualTableForEveryCode) {
   for (int c = 0; c < 256; ++c) EXPECT_EQ(got[c], kv::fp8::E4M3ToFloat(row[2 + c])) << c;
 }
 
-TEST(KvKernels, CodeStreamKernelsMatchReference) {
+TEST_P(KvKernels, CodeStreamKernelsMatchReference) {
   for (int b = 1; b <= 8; ++b) {
     std::vector<float> cb = Randn(size_t(1) << b, 6 + b);
     for (int n : {1, 5, 8, 15, 16, 17, 31, 32, 33, 64, 100}) {
@@ -205,7 +208,7 @@ TEST(KvKernels, CodeStreamKernelsMatchReference) {
 }
 
 // KVQuant rows: codebook, per-row fp16 scale / offset, per-channel affine; bit-identical.
-TEST(KvKernels, CodebookAffineRowsEqualReference) {
+TEST_P(KvKernels, CodebookAffineRowsEqualReference) {
   for (int b = 2; b <= 4; ++b) {
     std::vector<float> cb = Randn(size_t(1) << b, 40 + b);
     for (int n : {16, 48, 64, 70}) {  // 70: not a multiple of the vector width (fallback)
@@ -242,7 +245,7 @@ TEST(KvKernels, CodebookAffineRowsEqualReference) {
 // KVQuant keys with tokens in lanes: codebook, per-channel affine, RoPE on the fly, dot; random
 // codes, sparse outlier slots (some empty), trig from a random table with a stride, several
 // blocks and 1..6 query rows.
-TEST(KvKernels, CodebookRopeDotBlocksMatchReference) {
+TEST_P(KvKernels, CodebookRopeDotBlocksMatchReference) {
   for (int b = 1; b <= 4; ++b) {
     for (int d : {64, 32, 6}) {
       const std::vector<float> cb = Randn(size_t(1) << b, 70 + b), mul = Randn(d, 71), add = Randn(d, 72);
@@ -290,7 +293,7 @@ TEST(KvKernels, CodebookRopeDotBlocksMatchReference) {
 
 // RoPE over many rows from the cos/sin table (kv::Rope's layout), odd widths and gaps in the
 // positions; bit-identical to the scalar rotation.
-TEST(KvKernels, RotatePairsRowsEqualReference) {
+TEST_P(KvKernels, RotatePairsRowsEqualReference) {
   for (int n_rot : {2, 6, 16, 32, 64, 80, 128}) {
     const int positions = 50, ld = n_rot + 5;
     auto table = Randn(size_t(positions) * n_rot, 8 + n_rot);
@@ -304,7 +307,7 @@ TEST(KvKernels, RotatePairsRowsEqualReference) {
   }
 }
 
-TEST(KvKernels, SignDotRowsMatchReference) {
+TEST_P(KvKernels, SignDotRowsMatchReference) {
   for (int m : {8, 16, 64, 72, 128, 256}) {
     for (int n_q : {1, 3, 5}) {
       for (int64_t n : {1, 3, 4, 7, 33}) {
@@ -332,7 +335,7 @@ TEST(KvKernels, SignDotRowsMatchReference) {
   }
 }
 
-TEST(KvKernels, PolarRowsEqualRecursiveDecode) {
+TEST_P(KvKernels, PolarRowsEqualRecursiveDecode) {
   const auto trig = Randn(8 * 16, 31);
   for (int nb : {1, 3, 4, 8}) {
     const size_t row_bytes = 2 * nb + (size_t(nb) * 46 + 7) / 8;
@@ -354,7 +357,7 @@ TEST(KvKernels, PolarRowsEqualRecursiveDecode) {
 // The tokens-in-lanes attention kernels against ref:: (bit-by-bit codes, recursive decode, double
 // sums) and against the decoded rows: odd token counts (partial groups of 16), more tokens than
 // one staged tile (nb 4: 512), 1-9 query rows, ld > n.
-TEST(KvKernels, PolarDotAndAxpyRowsMatchReference) {
+TEST_P(KvKernels, PolarDotAndAxpyRowsMatchReference) {
   auto trig = Randn(8 * 16, 33);
   for (auto& v : trig) v = std::tanh(v);  // cos / sin-sized factors
   for (int nb : {1, 3, 4, 8}) {
