@@ -12,6 +12,7 @@
 
 #include "cpu/ops.h"
 #include "gguf/types.h"
+#include "fp_bounds.h"
 #include "per_target.h"
 
 namespace kvc::cpu {
@@ -113,8 +114,8 @@ gguf::TensorInfo MakeInfo(const TypeCase& c, int64_t n_in, int64_t n_out,
 //  - int8 activations: each x is replaced by d_x q with |x - d_x q| <= d_x / 2 = amax_b / 254
 //    (amax_b = max |x| in its 32-block), so |y - y_ref| <= Σ_j |w_j| amax_b(j) / 254; we allow
 //    1% over that for rounding in d_x and the f32 block sums;
-//  - always, f32 accumulation: 1e-5 Σ_j |w_j x_j| (the SIMD sums are at most ~n/64 deep; n u with
-//    n = 512 would be 3e-5, and the lane-split sums are far shallower).
+//  - always, f32 accumulation: [sum n_in] = (n_in + 2)·2^-24·Σ_j |w_j x_j| (ops.h; any order of
+//    the sum, so it also holds on SCALAR, where the sum is n_in deep).
 // A kernel that mixes up elements, blocks or rows misses by O(Σ |w x|), far beyond this.
 void ExpectMatMulClose(const Weight& w, const float* x, int64_t n_tokens, const float* y,
                        bool int8_activations) {
@@ -136,7 +137,7 @@ void ExpectMatMulClose(const Weight& w, const float* x, int64_t n_tokens, const 
         }
         quant_bound += wsum * amax / 254.0;
       }
-      const double tol = 1e-5 * abs_sum + (int8_activations ? 1.01 * quant_bound : 0.0) + 1e-30;
+      const double tol = test_util::SumBound(n_in, abs_sum) + (int8_activations ? 1.01 * quant_bound : 0.0) + 1e-30;
       const double err = std::fabs(static_cast<double>(y[t * n_out + r]) - y_ref[t * n_out + r]);
       if (!(err <= tol) && failures++ < 5) {
         ADD_FAILURE() << "row " << r << " token " << t << ": y " << y[t * n_out + r] << " ref "
@@ -261,22 +262,24 @@ const int64_t kSizes[] = {1, 7, 16, 33, 576, 1000};
 
 KVC_PER_TARGET_SUITE(Ops);
 
-// f32 elementwise ops: 4 ulp-ish relative error (Highway Exp is ~1 ulp; one division).
+// f32 elementwise ops, each against the contract stated in cpu/ops.h.
 TEST_P(Ops, MatchReferences) {
   std::mt19937 rng(11);
   for (int64_t n : kSizes) {
     SCOPED_TRACE("n " + std::to_string(n));
     const std::vector<float> a = RandomVector(n, 1.0f, rng), b = RandomVector(n, 3.0f, rng);
     {
-      // Dot: f32 sums vs an f64 reference; bound 1e-5 Σ |a b| (see ExpectMatMulClose).
+      // Dot: [sum n] vs the f64 reference (ops.h).
       double abs_sum = 0.0;
       for (int64_t i = 0; i < n; ++i) abs_sum += std::fabs(a[i] * b[i]);
-      EXPECT_NEAR(Dot(a.data(), b.data(), n), ref::Dot(a.data(), b.data(), n), 1e-5 * abs_sum);
+      EXPECT_NEAR(Dot(a.data(), b.data(), n), ref::Dot(a.data(), b.data(), n), test_util::SumBound(n, abs_sum));
 
       std::vector<float> y1 = b, y2 = b;
       Axpy(0.37f, a.data(), n, y1.data());
       ref::Axpy(0.37f, a.data(), n, y2.data());
-      for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(y1[i], y2[i], 1e-6f * (std::fabs(y2[i]) + 1));
+      for (int64_t i = 0; i < n; ++i) {  // [fma]
+        EXPECT_NEAR(y1[i], y2[i], test_util::FmaBound(std::fabs(0.37 * a[i]), std::fabs(y2[i]))) << i;
+      }
 
       std::vector<float> o1(n), o2(n);
       SwiGlu(b.data(), a.data(), n, o1.data());
@@ -304,7 +307,8 @@ TEST_P(Ops, RmsNormMatchesReference) {
       RmsNorm(x.data(), w.data(), n_rows, n, 1e-5f, y1.data());
       ref::RmsNorm(x.data(), w.data(), n_rows, n, 1e-5f, y2.data());
       for (int64_t i = 0; i < n_rows * n; ++i) {
-        EXPECT_NEAR(y1[i], y2[i], 1e-5f * std::fabs(y2[i]) + 1e-7f) << "n " << n << " i " << i;
+        EXPECT_NEAR(y1[i], y2[i], (double(n + 2) / 2 + 4) * test_util::kU * std::fabs(y2[i]))
+            << "n " << n << " i " << i;
       }
     }
   }
