@@ -95,8 +95,12 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
   // (the text's continuation, wrapping to its start) one at a time, interleaved: step i of every
   // configuration, in an order rotated each step, before step i + 1 of any. A burst of load from
   // other jobs then hits all configurations alike instead of the one that happened to run then.
-  // Each step is timed in process CPU time (all threads) and wall time.
+  // Each step is timed in process CPU time and wall time, on one thread: with more, the CPU time
+  // also counts OpenMP threads spin-waiting at barriers, which grows with the machine's load (on
+  // 2 busy cores, load 6: -t 2 read 134 ms of CPU per f16 step, -t 1 7 ms, passive waiting 13 ms).
   const int64_t dec_start = n_chunks * n_ctx;
+  const int threads = cpu::NumThreads();
+  cpu::SetNumThreads(1);
   std::vector<std::vector<double>> cpu_ms(runs.size()), wall_ms(runs.size());
   std::vector<float> lg;
   for (int i = 0; i < opt.decode_tokens; ++i) {
@@ -117,6 +121,7 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
       wall_ms[ri].push_back(1e3 * (w1 - w0));
     }
   }
+  cpu::SetNumThreads(threads);
   auto quantile = [](std::vector<double> v, double q) {
     std::sort(v.begin(), v.end());
     const double x = q * double(v.size() - 1);
@@ -205,12 +210,13 @@ static std::string SpeedMethod(const EvalResult& r) {
   return fmt::format(
       "Decode speed: {} single-token steps per configuration at depth {} (after the last chunk), "
       "interleaved across configurations (step i of every one, in a rotated order, before step "
-      "i + 1 of any), {} threads. CPU ms = process CPU time per step, all threads: the work a step "
-      "costs, little affected by other jobs on the machine (spinning OpenMP threads add a "
-      "little); median [quartiles] over the steps; × f16 = ratio of medians to the baseline. "
-      "Wall ms = elapsed time per step (median): it includes waiting for the CPU on a busy "
-      "machine, so do not compare it across runs. Compare codecs' cost by CPU ms only, and only "
-      "where the quartile ranges do not overlap.",
+      "i + 1 of any), on 1 thread (the chunks above ran on {}). CPU ms = process CPU time per "
+      "step: the work a step costs, whatever else runs on the machine (on one thread no OpenMP "
+      "thread spin-waits, which would count as CPU time and grow with the load); median "
+      "[quartiles] over the steps; x f16 = ratio of medians to the baseline. Wall ms = elapsed "
+      "time per step (median): it includes waiting for a CPU on a busy machine, so it is not "
+      "comparable across rows or runs. Compare codecs' cost by CPU ms, where the quartile "
+      "ranges do not overlap.",
       steps, r.n_ctx, r.threads);
 }
 
@@ -218,7 +224,7 @@ std::string FormatSpeed(const EvalResult& r) {
   if (r.rows.empty() || r.rows[0].decode_steps == 0) return "";
   const double base = r.rows[0].decode_cpu_ms;
   std::string s = fmt::format("{:<34} {:>9} {:>17} {:>7} {:>9}\n", "method", "CPU ms", "[q1, q3]",
-                              "× f16", "wall ms");
+                              "x f16", "wall ms");
   for (const auto& x : r.rows) {
     if (!x.error.empty() || x.decode_steps == 0) continue;
     s += fmt::format("{:<34} {:>9.2f} {:>17} {:>7.2f} {:>9.2f}\n", x.method.substr(0, 34),
@@ -314,7 +320,7 @@ Status WriteReport(const EvalResult& r, const std::string& dir) {
     if (!r.rows.empty() && r.rows[0].decode_steps > 0) {
       const double base = r.rows[0].decode_cpu_ms;
       md << "\n## Decode speed (bench)\n\n";
-      md << "| method | CPU ms / step | [q1, q3] | × f16 | wall ms / step |\n|---|---|---|---|---|\n";
+      md << "| method | CPU ms / step | [q1, q3] | x f16 | wall ms / step |\n|---|---|---|---|---|\n";
       for (const auto& x : r.rows) {
         if (!x.error.empty() || x.decode_steps == 0) continue;
         md << fmt::format("| {} | {:.2f} | [{:.2f}, {:.2f}] | {:.2f} | {:.2f} |\n", x.method,
