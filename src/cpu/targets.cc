@@ -1,5 +1,8 @@
 #include "cpu/targets.h"
 
+#include <cstdlib>
+#include <mutex>
+
 #include "hwy/targets.h"
 
 namespace kvc::cpu {
@@ -39,6 +42,27 @@ std::string ActiveTargetName() {
   for (const auto& f : files) s += std::string(f.file) + ":" + hwy::TargetName(f.dispatched) + " ";
   s.back() = ')';
   return s;
+}
+
+std::string ApplySimdLimitFromEnv() {
+  static std::once_flag once;
+  std::string msg;  // set on the first call only, so the caller warns once
+  std::call_once(once, [&msg] {
+    const char* e = std::getenv("KVC_SIMD");
+    if (!e || !*e) return;
+    std::string names;
+    for (int64_t t : RunnableTargets()) {
+      if (std::string(hwy::TargetName(t)) == e) {
+        // This target and the worse ones (higher bits). hwy::DisableTargets (Highway 1.0.3) did
+        // not move an already initialised dispatch; the tests' mechanism does (it resets it).
+        hwy::SetSupportedTargetsForTest(hwy::SupportedTargets() & ~(t - 1));
+        return;
+      }
+      names += std::string(names.empty() ? "" : ", ") + hwy::TargetName(t);
+    }
+    msg = std::string("KVC_SIMD=") + e + " is not a target this CPU runs (" + names + "); ignored";
+  });
+  return msg;
 }
 
 }  // namespace kvc::cpu

@@ -31,4 +31,11 @@ std::vector<int64_t> RunnableTargets();
 // "mixed(...)" naming each file's when the files disagree (a build error: see targets.cc).
 std::string ActiveTargetName();
 
+// KVC_SIMD=<target> (AVX3_DL, AVX3, AVX2, SSE4, SSSE3, SCALAR / EMU128): dispatch to that target
+// at most, as on a CPU without the better ones (e.g. KVC_SIMD=AVX2 runs an AVX-512 machine as an
+// AVX2-only one). Called by Model::Load and the CLI; acts once per process; the first call
+// returns a message for an unknown or unsupported name ("" when fine, unset or not the first
+// call), and dispatch is then left alone.
+std::string ApplySimdLimitFromEnv();
+
 }  // namespace kvc::cpu

@@ -105,9 +105,10 @@ StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
   if (c.model.empty()) c.model = DefaultModelPath();
   cpu::SetNumThreads(c.threads);
   // Every x86-64 CPU runs kvcrunch: without SSSE3 the kernels take the portable C++ path.
+  if (const std::string w = cpu::ApplySimdLimitFromEnv(); !w.empty()) spdlog::warn("{}", w);
   if (const std::string t = cpu::ActiveTargetName(); t == "SCALAR" || t == "EMU128") {
-    spdlog::warn("this CPU has no SSSE3/SSE4/AVX2/AVX-512: the SIMD kernels run their portable {} "
-                 "path, several times slower (see README, 'Supported CPUs')", t);
+    spdlog::warn("the SIMD kernels run their portable {} path (no SSSE3/SSE4/AVX2/AVX-512 on this "
+                 "CPU, or KVC_SIMD): several times slower (see README, 'Supported CPUs')", t);
   }
   return Model::Load(c.model);
 }
