@@ -1,6 +1,9 @@
 // fp16 KV kernels (Highway, runtime dispatch): conversion, multi-row dot products and weighted
 // accumulation over fp16 rows, used by the f16 codec's fused attention path and the fp16 tails.
 // Scalar references: ref::F16ToF32 / ref::DotF16Rows / ref::AxpyF16Rows (tests/unit/cpu_f16_test.cc).
+#ifndef HWY_WANT_AVX3_DL
+#define HWY_WANT_AVX3_DL  // every kernel file has the same targets (cpu/targets.h; tests pin each)
+#endif
 #ifndef KVC_CPU_F16_SHARED_
 #define KVC_CPU_F16_SHARED_
 #include <algorithm>
@@ -180,11 +183,17 @@ void AxpyQ8RowsImpl(const float* HWY_RESTRICT p, int64_t ld, int n_q, const uint
   }
 }
 
+// The target this copy of the file was compiled for (tests check what dispatch picked).
+int64_t F16TargetImpl() { return HWY_TARGET; }
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kvc::cpu {
+HWY_EXPORT(F16TargetImpl);
+int64_t F16CompiledTargets() { return HWY_TARGETS; }
+int64_t F16DispatchedTarget() { return HWY_DYNAMIC_DISPATCH(F16TargetImpl)(); }
 HWY_EXPORT(F16ToF32Impl);
 HWY_EXPORT(DotF16RowsImpl);
 HWY_EXPORT(AxpyF16RowsImpl);

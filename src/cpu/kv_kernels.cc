@@ -1,4 +1,7 @@
 // Packed-KV attention kernels (Highway, runtime dispatch); contracts in cpu/kv_kernels.h.
+#ifndef HWY_WANT_AVX3_DL
+#define HWY_WANT_AVX3_DL  // every kernel file has the same targets (cpu/targets.h; tests pin each)
+#endif
 #ifndef KVC_CPU_KV_KERNELS_SHARED_
 #define KVC_CPU_KV_KERNELS_SHARED_
 #include <algorithm>
@@ -383,7 +386,9 @@ struct CodeChunk {
   hn::Vec<DU> sh;
   hn::Mask<DU> second;
   int g0;
-  bool one_word;  // Lanes · b <= 32: the whole chunk is one 32-bit word, shifted by (j − j0) · b
+  bool one_word;  // Lanes · b <= 32: the whole chunk is in group g0's 32-bit word, shifted by
+                 // (j − 8·g0) · b (j0 is a multiple of Lanes: for Lanes < 8, e.g. SSE4's 4 or
+                 // SCALAR's 1, the chunk may start inside group g0, not at its first code)
 };
 HWY_INLINE bool FastCodes(int b) { return b <= 4 && hn::Lanes(DF()) <= 16; }
 HWY_INLINE CodeChunk PlanChunk(int j0, int n, int b) {
@@ -391,7 +396,7 @@ HWY_INLINE CodeChunk PlanChunk(int j0, int n, int b) {
   const DI di;
   const auto j = hn::BitCast(du, hn::Min(hn::Add(hn::Iota(di, 0), hn::Set(di, j0)), hn::Set(di, n - 1)));
   const bool one = int(hn::Lanes(du)) * b <= 32;
-  CodeChunk c{one ? hn::Mul(hn::Sub(j, hn::Set(du, uint32_t(j0))), hn::Set(du, uint32_t(b)))
+  CodeChunk c{one ? hn::Mul(hn::Sub(j, hn::Set(du, uint32_t(j0 & ~7))), hn::Set(du, uint32_t(b)))
                   : hn::Mul(hn::And(j, hn::Set(du, 7u)), hn::Set(du, uint32_t(b))),
               hn::RebindMask(du, hn::Gt(hn::BitCast(di, hn::ShiftRight<3>(j)), hn::Set(di, j0 >> 3))),
               j0 >> 3, one};
@@ -1165,15 +1170,27 @@ void RotatePairsRowsImpl(float* HWY_RESTRICT x, int64_t n, int64_t ld, int n_rot
     const float* tr = table + pos[t] * n_rot;
     int c = 0;
 #if HWY_TARGET != HWY_SCALAR
-    for (; c < nv; c += kN) {
-      const auto tv = hn::LoadU(df, tr + c);
-      const auto xv = hn::LoadU(df, xt + c);
+    auto rotate = [&](hn::Vec<DF> xv, hn::Vec<DF> tv) {
       const auto cv = hn::DupEven(tv), sv = hn::DupOdd(tv);
       const auto ss = hn::OddEven(sv, hn::Neg(sv));
-      hn::StoreU(hn::Add(hn::Mul(xv, cv), hn::Mul(hn::Reverse2(df, xv), ss)), df, xt + c);
+      return hn::Add(hn::Mul(xv, cv), hn::Mul(hn::Reverse2(df, xv), ss));
+    };
+    for (; c < nv; c += kN) {
+      hn::StoreU(rotate(hn::LoadU(df, xt + c), hn::LoadU(df, tr + c)), df, xt + c);
+    }
+    if (c < n_rot) {
+      // The last pairs through the same vector operations on a zero-padded copy. Not a scalar
+      // loop: GCC 12 vectorizes one as a complex multiply with vfmaddsub (FMA) even under
+      // -ffp-contract=off, which broke bit-identity with the reference on AVX2.
+      HWY_ALIGN float xb[hn::MaxLanes(df)] = {}, tb[hn::MaxLanes(df)] = {};
+      std::copy(xt + c, xt + n_rot, xb);
+      std::copy(tr + c, tr + n_rot, tb);
+      hn::Store(rotate(hn::Load(df, xb), hn::Load(df, tb)), df, xb);
+      std::copy(xb, xb + (n_rot - c), xt + c);
+      c = n_rot;
     }
 #endif
-    for (; c + 1 < n_rot; c += 2) {
+    for (; c + 1 < n_rot; c += 2) {  // HWY_SCALAR (no FMA in that target)
       const float co = tr[c], si = tr[c + 1], x0 = xt[c], x1 = xt[c + 1];
       xt[c] = x0 * co - x1 * si;
       xt[c + 1] = x0 * si + x1 * co;
@@ -1181,11 +1198,17 @@ void RotatePairsRowsImpl(float* HWY_RESTRICT x, int64_t n, int64_t ld, int n_rot
   }
 }
 
+// The target this copy of the file was compiled for (tests check what dispatch picked).
+int64_t KvKernelsTargetImpl() { return HWY_TARGET; }
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kvc::cpu {
+HWY_EXPORT(KvKernelsTargetImpl);
+int64_t KvKernelsCompiledTargets() { return HWY_TARGETS; }
+int64_t KvKernelsDispatchedTarget() { return HWY_DYNAMIC_DISPATCH(KvKernelsTargetImpl)(); }
 HWY_EXPORT(DotF32RowsImpl);
 HWY_EXPORT(AxpyF32RowsImpl);
 HWY_EXPORT(DecodeQ4_0RowsImpl);
@@ -1357,6 +1380,11 @@ void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, s
     }
   }
 }
+// Not vectorized: GCC 12 turns this loop into a complex multiply with vfmaddsub (fused) where FMA
+// is available, even under -ffp-contract=off; the contract is the rounded products, then the add.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
 void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos) {
   for (int64_t t = 0; t < n; ++t) {
     const float* tr = table + pos[t] * n_rot;

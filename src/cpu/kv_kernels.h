@@ -2,10 +2,24 @@
 // turn many packed tokens into f32 rows in a small L1 tile, and the f32 multi-row dot / axpy the
 // tile is then fed to. Codecs use them in ScoreBlocks / AccumulateBlocks (many tokens per call);
 // their per-block Score / AccumulateWeighted stay the scalar references, and
-// tests/unit/kv_kernels_test.cc checks every kernel against a scalar reference.
+// tests/unit/kv_kernels_test.cc checks every kernel against a scalar reference on every Highway
+// target the machine runs (cpu/targets.h).
 //
-// All row decoders: rows [n, row_bytes] in, out [n, d] f32. They equal the codec's scalar Decode
-// bit for bit (same operations in the same order, no FMA contraction), except where noted.
+// Numeric contracts (asserted by the tests on every target; u = 2^-24, the f32 unit roundoff).
+// The whole of kvc_cpu and kvc_kv is compiled with -ffp-contract=off (CMakeLists.txt), so the
+// compiler fuses nothing on its own: a kernel fuses a multiply and an add only where it calls
+// MulAdd, and the references compute exactly what they say.
+//   [exact]  bit-identical to the reference: the same f32 operations in the same order on every
+//            target (decoders: table lookups, integer bit moves, one product or product-then-add
+//            per value, no FMA, no reassociation).
+//   [sum n]  a sum of n products in f32, in lane order and with FMA where the kernel says so, vs
+//            a reference summing in double: |simd - ref| <= (n + 2)·u·Σ|terms| — the bound of
+//            any evaluation order of n terms (Higham's γ_n, first order) plus the reference's
+//            final rounding; lane counts (1..16) only change which order, not the bound.
+//   [fma]    one product fused into an add (MulAdd) where the reference rounds the product
+//            first: |simd - ref| <= 2u·(|w·x| + |ref|).
+// All row decoders: rows [n, row_bytes] in, out [n, d] f32, [exact] vs the codec's scalar Decode
+// unless noted.
 #pragma once
 
 #include <cstddef>
@@ -14,51 +28,57 @@
 
 namespace kvc::cpu {
 
-// out[r * ld + t] = <q[r], x[t]>: q [n_q, d], x [n, d] f32 (any n_q, any d).
+// out[r * ld + t] = <q[r], x[t]>: q [n_q, d], x [n, d] f32 (any n_q, any d). [sum d] (FMA lanes).
 void DotF32Rows(const float* q, int n_q, const float* x, int64_t n, int d, float* out, int64_t ld);
-// out[r] [d] += Σ_t p[r * ld + t] · x[t]: x [n, d] f32.
+// out[r] [d] += Σ_t p[r * ld + t] · x[t]: x [n, d] f32. [sum n + 1] (the n products and out).
 void AxpyF32Rows(const float* p, int64_t ld, int n_q, const float* x, int64_t n, int d, float* out);
 
 // ggml q4_0 / q4_1 / q5_0 rows: d / 32 blocks of 18 / 20 / 22 bytes per row (d % 32 == 0).
+// [exact]: (q − 8)·d, q·d + m (product, then add), (q − 16)·d, as the codecs' DequantizeRowRef.
 void DecodeQ4_0Rows(const uint8_t* rows, int64_t n, int d, float* out);
 void DecodeQ4_1Rows(const uint8_t* rows, int64_t n, int d, float* out);
 void DecodeQ5_0Rows(const uint8_t* rows, int64_t n, int d, float* out);
 
 // fp8 codec rows: fp16 scale s then d E4M3 codes (row_bytes = d + 2); x = e4m3(code) · s.
-// Code 0x7F / 0xFF (NaN, never written by the encoder) decodes to ±480 instead of NaN.
+// Code 0x7F / 0xFF (NaN, never written by the encoder) decodes to ±480 instead of NaN. [exact]
 void DecodeE4M3Rows(const uint8_t* rows, int64_t n, int d, float* out);
 
 // Codebook rows: out[j] = g · cb[code_j] for j < n_codes, where code_j is the b-bit field at bit
 // j·b of `bits` (LSB first, 1 <= b <= 8, cb has 2^b entries). b <= 4 reads nothing past the last
 // code byte; b > 4 (a byte gather) may read up to 3 bytes beyond the
-// last code byte: callers pad.
+// last code byte: callers pad. [exact]
 void CodebookRow(const uint8_t* bits, int n_codes, int b, const float* cb, float g, float* out);
 // Affine code groups: out[j] = code_j · s + z over n_codes codes (same stream and padding rules).
+// [exact] (product, then add).
 void AffineCodesRow(const uint8_t* bits, int n_codes, int b, float s, float z, float* out);
-// acc[t] += w · code_t over n codes (same stream and padding rules).
+// acc[t] += w · code_t over n codes (same stream and padding rules). [fma] (whole vectors fused,
+// the last partial vector not).
 void AxpyCodes(const uint8_t* bits, int n, int b, float w, float* acc);
 // acc[r][t] += Σ_c w[r][c] · code_{c,t} for r < n_q: n_streams streams of n codes each, stream c
 // at bits + c · stride bytes; w [n_q, n_streams], acc [n_q, n]. (KIVI keys: one stream per
-// channel, codes along the group's tokens, w = q ∘ s.)
+// channel, codes along the group's tokens, w = q ∘ s.) [sum n_streams + 1] (the streams' products
+// and acc, FMA chain in stream order).
 void AxpyCodesRows(const uint8_t* bits, int n_streams, size_t stride, int n, int b, const float* w,
                    int n_q, float* acc);
 // Many rows (row t at rows + t · row_bytes) with an fp16 scale g at scale_off and a code stream at
-// code_off: out[t · ld + j] = g_t · cb[code_j], j < n_codes (TurboQuant parts).
+// code_off: out[t · ld + j] = g_t · cb[code_j], j < n_codes (TurboQuant parts). [exact]
 void CodebookRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                   size_t scale_off, int n_codes, int b, const float* cb, float* out, int64_t ld);
 // QJL keys: rows with an fp16 norm g at scale_off and m sign bits at bits_off (bit i of byte i/8,
 // LSB first); out[r * ld + t] = kappa · g_t · Σ_i (bit_ti ? sq[r][i] : −sq[r][i]), sq [n_q, m].
+// [sum m + 1] with terms |kappa·g_t·sq[r][i]| (the ± sum in f32, then the product kappa·g_t).
 void SignDotRows(const float* sq, int n_q, int m, const uint8_t* rows, size_t row_bytes,
                  size_t bits_off, size_t scale_off, float kappa, int64_t n, float* out, int64_t ld);
 // PolarQuant rows (rotated domain): [nb fp16 radii][nb 46-bit code words: 8 × 4-bit level-1,
 // 4 × 2-bit level-2, 2 × 2-bit level-3, 1 × 2-bit level-4 angle codes] -> out [n_rows, 16 · nb].
 // trig [8][16]: cos, sin of the level-1 codebook (16 angles), then cos, sin of levels 2, 3, 4
-// (4 angles each, rest unused). Bit-identical to the codec's scalar recursive decode.
+// (4 angles each, rest unused). [exact] vs the codec's scalar recursive decode (ref::PolarRow).
 void PolarRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int nb, const float* trig,
                float* out);
 // Attention over PolarQuant rows without a row-major tile (y_t: row t decoded as PolarRows does,
 // bit-identical values; sums in another order): out[r * ld + t] = <q[r], y_t> (q [n_q, 16 · nb])
-// and out[r] [16 · nb] += Σ_t p[r * ld + t] · y_t.
+// and out[r] [16 · nb] += Σ_t p[r * ld + t] · y_t. Dot [sum 16·nb], axpy [sum n + 1] over the
+// exactly decoded y_t.
 void PolarDotRows(const float* q, int n_q, const uint8_t* rows, int64_t n, size_t row_bytes, int nb,
                   const float* trig, float* out, int64_t ld);
 void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int64_t n,
@@ -69,13 +89,13 @@ void PolarAxpyRows(const float* p, int64_t ld, int n_q, const uint8_t* rows, int
 // then n_sparse slots of 3 bytes at sparse_off, {u8 channel c, fp16 value}, set out[t · n_codes + c]
 // = value (c >= n_codes: empty slot). KVQuant rows (keys: mul = per-channel range, add = offset;
 // values: per-token g, z; dense-and-sparse outliers, KVQuant §3.4). b <= 8 (same padding rule as
-// CodebookRow).
+// CodebookRow). [exact] (products and adds in the order written, no FMA).
 void CodebookAffineRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, size_t code_off,
                         int n_codes, int b, const float* cb, int64_t g_off, int64_t z_off,
                         const float* mul, const float* add, int64_t sparse_off, int n_sparse,
                         float* out);
 // Many rows of [n_groups × (fp16 s, fp16 z)][codes, group per group]:
-// out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values).
+// out[t · n_groups·group + j] = code_j · s_g + z_g (KIVI values). [exact] (product, then add).
 void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int n_groups, int group,
                      int b, float* out);
 
@@ -86,8 +106,14 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
 // block + sparse_off + t · 3 · n_sparse, {u8 channel c, fp16 value}, replace x_tc (distinct channels
 // per token; c >= d: empty; KVQuant's dense-and-sparse outliers); pairs (2i, 2i+1) rotated by the
 // angles of the token's position (RopeTrig); out[r · ld + blk · 16 + t] = <q[r], R x_t> for
-// post-RoPE query rows q [n_q, d]. No tile, no horizontal sums; FMA (not bit-identical to the
-// reference, which sums in double): |simd − ref| <= 1e-5 · Σ|q_c y_c| + 1e-6.
+// post-RoPE query rows q [n_q, d]. No tile, no horizontal sums. Contract vs ref (f32 decode and
+// rotation without FMA, double dot): the kernel fuses the affine decode, the rotation and the dot
+// (MulAdd) and, with rows + offs, computes cos / sin by angle addition in f32, so
+//   |simd − ref| <= (d + 16)·u·M,  M = Σ_i (|q_2i| + |q_2i+1|)·(X_2i + X_2i+1)·T_i
+// with X_c = |cb[code_c]·mul_c| + |add_c| (|value| for a sparse outlier) and T_i = |cos_i| +
+// |sin_i| (lanes) or (|row cos_i| + |row sin_i|)·(|offs cos| + |offs sin|) (rows + offs): every
+// rounding on the way is at most u times a partial sum of those magnitudes, and no chain of
+// roundings is longer than d + 16.
 constexpr int kRopeBlockTokens = 16;
 // cos / sin for CodebookRopeDotBlocks, either
 //   lanes: cos(i, col) = lanes[i · stride + col], sin = lanes[(d/2 + i) · stride + col], col =
@@ -109,8 +135,11 @@ void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64
 
 // RoPE with pairs (2i, 2i+1) (GGUF "llama" order) on many rows: row t is x + t · ld, its first
 // n_rot values (n_rot even) are rotated in place by the angles of table row pos[t], table
-// [*, n_rot / 2, 2] f32 (cos θ_i, sin θ_i) interleaved (kv::Rope's table). Bit-identical to the
-// scalar x0·c − x1·s, x0·s + x1·c (no FMA). RoFormer (Su et al. 2021) eq. 34.
+// [*, n_rot / 2, 2] f32 (cos θ_i, sin θ_i) interleaved (kv::Rope's table). [exact] vs the scalar
+// x0·c − x1·s, x0·s + x1·c: two rounded products, then one add, on every target (the last pairs
+// of a row go through the same vector code on a padded copy: GCC 12 would otherwise vectorize a
+// scalar tail as a fused complex multiply, vfmaddsub, even under -ffp-contract=off).
+// RoFormer (Su et al. 2021) eq. 34.
 void RotatePairsRows(float* x, int64_t n, int64_t ld, int n_rot, const float* table, const int64_t* pos);
 
 // Glue: score / accumulate n packed rows through a decoded f32 tile (decode(rows, m, tile) turns

@@ -432,11 +432,17 @@ void MatMulFloat(gguf::GgmlType type, const uint8_t* src, size_t row_bytes, int6
   }
 }
 
+// The target this copy of the file was compiled for (tests check what dispatch picked).
+int64_t MatMulTargetImpl() { return HWY_TARGET; }
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kvc::cpu {
+HWY_EXPORT(MatMulTargetImpl);
+int64_t MatMulCompiledTargets() { return HWY_TARGETS; }
+int64_t MatMulDispatchedTarget() { return HWY_DYNAMIC_DISPATCH(MatMulTargetImpl)(); }
 HWY_EXPORT(MatMulPacked);
 HWY_EXPORT(QuantizeActivations);
 HWY_EXPORT(MatMulFloat);

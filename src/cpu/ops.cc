@@ -121,11 +121,17 @@ void SoftmaxImpl(float* HWY_RESTRICT x, int64_t n) {
   for (; i < n; ++i) x[i] *= 1.0f / sum;
 }
 
+// The target this copy of the file was compiled for (tests check what dispatch picked).
+int64_t OpsTargetImpl() { return HWY_TARGET; }
+
 }  // namespace kvc::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kvc::cpu {
+HWY_EXPORT(OpsTargetImpl);
+int64_t OpsCompiledTargets() { return HWY_TARGETS; }
+int64_t OpsDispatchedTarget() { return HWY_DYNAMIC_DISPATCH(OpsTargetImpl)(); }
 HWY_EXPORT(DotImpl);
 HWY_EXPORT(AxpyImpl);
 HWY_EXPORT(RmsNormImpl);

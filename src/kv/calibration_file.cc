@@ -130,7 +130,11 @@ StatusOr<CalibrationFile> ReadCalibrationFile(const std::string& path) {
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound(fmt::format("calibration file '{}' not found", path));
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseCalibrationFile(all, path);
+}
+
+StatusOr<CalibrationFile> ParseCalibrationFile(const std::string& all, const std::string& path) {
   if (all.size() < kHeaderBytes || std::memcmp(all.data(), kMagic, 8) != 0) {
     return DataLoss(fmt::format("'{}' is not a kvcrunch calibration file (bad magic or too short)",
                                 path));

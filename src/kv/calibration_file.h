@@ -48,6 +48,8 @@ uint64_t Fnv1a64(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull)
 
 Status WriteCalibrationFile(const std::string& path, const CalibrationFile& f);
 StatusOr<CalibrationFile> ReadCalibrationFile(const std::string& path);
+// The same from the file's bytes (`path` only names it in messages; the fuzzer's entry point).
+StatusOr<CalibrationFile> ParseCalibrationFile(const std::string& bytes, const std::string& path);
 // Reads once per (path, size, mtime) and shares the result (transforms are built per layer/head).
 StatusOr<std::shared_ptr<const CalibrationFile>> LoadCalibrationFileShared(const std::string& path);
 

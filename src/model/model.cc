@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/targets.h"
 #include "model/forward.h"
 #include "util/check.h"
 
@@ -71,6 +72,7 @@ StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std:
 }  // namespace
 
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
+  if (const std::string w = cpu::ApplySimdLimitFromEnv(); !w.empty()) spdlog::warn("{}", w);
   std::unique_ptr<Model> m(new Model());
   KVC_ASSIGN_OR_RETURN(m->file_, gguf::GgufFile::Open(path));
   const gguf::GgufFile& f = *m->file_;

@@ -11,11 +11,14 @@
 #include <vector>
 
 #include "kv/codec.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
 
-TEST(CodecBlocks, ManyBlockCallsEqualPerBlockReferences) {
+KVC_PER_TARGET_SUITE(CodecBlocks);  // once per Highway target (per_target.h)
+
+TEST_P(CodecBlocks, ManyBlockCallsEqualPerBlockReferences) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd;
   for (const auto& info : RegisteredCodecs()) {

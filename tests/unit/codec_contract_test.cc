@@ -16,6 +16,7 @@
 #include "kv/cache.h"
 #include "kv/cache_internal.h"
 #include "kv/codec.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -99,7 +100,9 @@ TEST(CodecContract, BlockBytesMatchDescriptorAndStayInBounds) {
   }
 }
 
-TEST(CodecContract, FusedEqualsDecodeThenDotAndAxpy) {
+KVC_PER_TARGET_SUITE(CodecContractSimd);  // once per Highway target (per_target.h)
+
+TEST_P(CodecContractSimd, FusedEqualsDecodeThenDotAndAxpy) {
   for (auto& b : BuildAll()) {
     Codec& c = *b.codec;
     const int bt = c.block_tokens(), nq = 4;
@@ -141,7 +144,7 @@ TEST(CodecContract, FusedEqualsDecodeThenDotAndAxpy) {
   }
 }
 
-TEST(CodecContract, ZerosAndConstants) {
+TEST_P(CodecContractSimd, ZerosAndConstants) {
   for (auto& b : BuildAll()) {
     Codec& c = *b.codec;
     std::vector<uint8_t> block;
@@ -157,7 +160,7 @@ TEST(CodecContract, ZerosAndConstants) {
   }
 }
 
-TEST(CodecContract, OutliersAndHugeValuesStayFinite) {
+TEST_P(CodecContractSimd, OutliersAndHugeValuesStayFinite) {
   for (auto& b : BuildAll()) {
     Codec& c = *b.codec;
     const int bt = c.block_tokens();

@@ -8,6 +8,7 @@
 
 #include "kv/codec.h"
 #include "kv/codecs/fp8.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -74,7 +75,9 @@ TEST(Fp8, RoundNearestEvenAndSaturate) {
   }
 }
 
-TEST(Fp8, CodecPerVectorScale) {
+KVC_PER_TARGET_SUITE(Fp8Simd);  // once per Highway target (per_target.h)
+
+TEST_P(Fp8Simd, CodecPerVectorScale) {
   CodecContext ctx;
   ctx.dim = 64;
   auto c = MakeCodec("fp8", ctx);

@@ -8,6 +8,7 @@
 
 #include "kv/cache_internal.h"
 #include "kv/codec.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -58,7 +59,9 @@ TEST(Kivi, DescriptorsAndBits) {
   EXPECT_NE(bad.status().message().find("divide"), std::string::npos);
 }
 
-TEST(Kivi, ErrorWithinHalfStepAndFusedEqualsDecode) {
+KVC_PER_TARGET_SUITE(KiviSimd);  // once per Highway target (per_target.h)
+
+TEST_P(KiviSimd, ErrorWithinHalfStepAndFusedEqualsDecode) {
   for (const char* spec : {"kivi2", "kivi4"}) {
     for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
       auto c = Make(spec, kind);

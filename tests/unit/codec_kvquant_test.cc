@@ -11,6 +11,7 @@
 #include "kv/codecs/bitpack.h"
 #include "kv/codecs/kvquant.h"
 #include "kv/rope.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -148,11 +149,13 @@ TEST(KvQuant, OutlierSlotIsExact) {
   EXPECT_FLOAT_EQ(xh[3 * 64 + 17], 500.f);
 }
 
+KVC_PER_TARGET_SUITE(KvQuantSimd);  // once per Highway target (per_target.h)
+
 // Keys at decode: scores with RoPE applied on the packed blocks (tokens in lanes, sparse
 // outliers corrected after rotation) equal decode, rotate, dot — at consecutive positions inside
 // the RoPE table (cos / sin by angle addition from one table row per block) and at gappy
 // positions partly past it (cos / sin written to a scratch).
-TEST(KvQuant, ScoreRopeBlocksEqualsDecodeRotateDot) {
+TEST_P(KvQuantSimd, ScoreRopeBlocksEqualsDecodeRotateDot) {
   auto cal = CalibrateKvQuant(Synthetic(2000, 5));
   ASSERT_TRUE(cal.ok());
   auto test = Synthetic(100, 6);

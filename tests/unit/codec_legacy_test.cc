@@ -12,6 +12,7 @@
 #include "kv/codecs/q4_1.h"
 #include "kv/codecs/q5_0.h"
 #include "kv/transforms/hadamard.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -103,7 +104,9 @@ void CheckKernels(Q quant, D dot, DR dot_ref, A axpy, AR axpy_ref, DQ deq, size_
   }
 }
 
-TEST(Legacy, FusedKernelsEqualScalarReferenceAndDecode) {
+KVC_PER_TARGET_SUITE(LegacySimd);  // once per Highway target (per_target.h)
+
+TEST_P(LegacySimd, FusedKernelsEqualScalarReferenceAndDecode) {
   // bound: error <= d (one step) with |d| <= absmax/8 (q4_0); 8·bound = generous absmax of N(0,2).
   CheckKernels(q4_0::QuantizeRowRef, q4_0::Dot, q4_0::DotRef, q4_0::Axpy, q4_0::AxpyRef,
                q4_0::DequantizeRowRef, q4_0::kBlockBytes, 10.f / 8);

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "kv/codec.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -34,7 +35,9 @@ TEST(Polar, Bytes) {
   EXPECT_EQ(MakeCodec("polar", ctx).status().code(), StatusCode::kUnimplemented);
 }
 
-TEST(Polar, RoundTripAndFused) {
+KVC_PER_TARGET_SUITE(PolarSimd);  // once per Highway target (per_target.h)
+
+TEST_P(PolarSimd, RoundTripAndFused) {
   auto c = Make();
   double err = 0, tot = 0;
   for (uint32_t t = 0; t < 200; ++t) {

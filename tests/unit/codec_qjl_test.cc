@@ -5,6 +5,7 @@
 #include <random>
 
 #include "kv/codec.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -32,7 +33,9 @@ TEST(Qjl, Bytes) {
   EXPECT_DOUBLE_EQ(Make("qjl:m=256", 1)->BitsPerValue(), 4.25);
 }
 
-TEST(Qjl, FusedEqualsDecode) {
+KVC_PER_TARGET_SUITE(QjlSimd);  // once per Highway target (per_target.h)
+
+TEST_P(QjlSimd, FusedEqualsDecode) {
   for (int m : {64, 128, 200}) {
     if (m % 8) continue;
     auto c = Make("qjl:m=" + std::to_string(m), 3);

@@ -7,6 +7,7 @@
 
 #include "kv/codec.h"
 #include "kv/codecs/lloyd_max.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -93,7 +94,9 @@ TEST(Turbo, DistortionMatchesTable) {
   }
 }
 
-TEST(Turbo, FusedEqualsDecode) {
+KVC_PER_TARGET_SUITE(TurboSimd);  // once per Highway target (per_target.h)
+
+TEST_P(TurboSimd, FusedEqualsDecode) {
   for (const char* spec : {"turbo2", "turbo2.5", "turbo3", "turbo3.5", "turbo4",
                            "turbo:bits=2,variant=prod", "turbo:bits=3,variant=prod",
                            "turbo:bits=2.5,variant=prod", "turbo:bits=4,variant=mse,nc=1",

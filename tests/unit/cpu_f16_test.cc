@@ -1,4 +1,5 @@
-// fp16 KV kernels (src/cpu/f16.cc) against their scalar references.
+// fp16 KV kernels (src/cpu/f16.cc) against their scalar references, once per Highway target
+// (tests/unit/per_target.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,6 +8,8 @@
 
 #include "cpu/ops.h"
 #include "gguf/types.h"
+#include "fp_bounds.h"
+#include "per_target.h"
 
 namespace kvc::cpu {
 namespace {
@@ -19,7 +22,9 @@ std::vector<uint16_t> RandomHalf(size_t n, uint32_t seed) {
   return h;
 }
 
-TEST(CpuF16, ConversionMatchesScalar) {
+KVC_PER_TARGET_SUITE(CpuF16);
+
+TEST_P(CpuF16, ConversionMatchesScalar) {
   for (int n : {1, 7, 16, 64, 100}) {
     auto h = RandomHalf(n, n);
     std::vector<float> a(n), b(n);
@@ -29,7 +34,7 @@ TEST(CpuF16, ConversionMatchesScalar) {
   }
 }
 
-TEST(CpuF16, DotAndAxpyRowsMatchScalar) {
+TEST_P(CpuF16, DotAndAxpyRowsMatchScalar) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
   // d not a multiple of the vector width (38 = ThinK 40 % of 64, 49 = a ragged low-rank rank) and
@@ -45,13 +50,23 @@ TEST(CpuF16, DotAndAxpyRowsMatchScalar) {
       DotF16Rows(q.data(), n_q, k.data(), n, d, a.data(), ld);
       ref::DotF16Rows(q.data(), n_q, k.data(), n, d, b.data(), ld);
       for (int r = 0; r < n_q; ++r) {
-        for (int t = 0; t < n; ++t) EXPECT_NEAR(a[r * ld + t], b[r * ld + t], 1e-3) << d << " " << n_q;
+        for (int t = 0; t < n; ++t) {  // [sum d] (ops.h)
+          double mag = 0;
+          for (int c = 0; c < d; ++c) mag += std::fabs(double(q[r * d + c]) * gguf::Fp16ToFp32(k[size_t(t) * d + c]));
+          EXPECT_NEAR(a[r * ld + t], b[r * ld + t], test_util::SumBound(d, mag)) << d << " " << n_q;
+        }
         EXPECT_EQ(a[r * ld + n], -1.f);  // stride respected: padding untouched
       }
       std::vector<float> oa(size_t(n_q) * d, 0.5f), ob(oa);
       AxpyF16Rows(a.data(), ld, n_q, k.data(), n, d, oa.data());
       ref::AxpyF16Rows(a.data(), ld, n_q, k.data(), n, d, ob.data());
-      for (size_t i = 0; i < oa.size(); ++i) EXPECT_NEAR(oa[i], ob[i], 2e-3 * (1 + std::fabs(ob[i])));
+      for (int r = 0; r < n_q; ++r) {  // [sum n + 1] (ops.h)
+        for (int c = 0; c < d; ++c) {
+          double mag = 0.5;
+          for (int t = 0; t < n; ++t) mag += std::fabs(double(a[r * ld + t]) * gguf::Fp16ToFp32(k[size_t(t) * d + c]));
+          EXPECT_NEAR(oa[r * d + c], ob[r * d + c], test_util::SumBound(n + 1, mag)) << d << " " << n_q;
+        }
+      }
     }
   }
 }

@@ -1,33 +1,24 @@
-// CPU kernels vs their scalar references (src/cpu/ops.h), on every Highway target this machine
-// supports (AVX3_DL / AVX3 / AVX2 / SSE4 / ... are each pinned in turn). No model needed.
-#define HWY_WANT_AVX3_DL  // enumerate the same targets as src/cpu
+// CPU kernels vs their scalar references (src/cpu/ops.h), once per Highway target this machine
+// supports (tests/unit/per_target.h: AVX3_DL / AVX3 / AVX2 / SSE4 / SSSE3 / SCALAR, each pinned
+// in turn and named in the test name). No model needed.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/ops.h"
 #include "gguf/types.h"
-#include "hwy/targets.h"
+#include "fp_bounds.h"
+#include "per_target.h"
 
 namespace kvc::cpu {
 namespace {
 
 using gguf::GgmlType;
-
-// Runs `fn` once per Highway target compiled in and supported here, then restores dispatch.
-template <class Fn>
-void ForEachTarget(Fn fn) {
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    hwy::SetSupportedTargetsForTest(target);
-    SCOPED_TRACE(hwy::TargetName(target));
-    fn();
-  }
-  hwy::SetSupportedTargetsForTest(0);
-}
 
 struct TypeCase {
   GgmlType type;
@@ -123,8 +114,8 @@ gguf::TensorInfo MakeInfo(const TypeCase& c, int64_t n_in, int64_t n_out,
 //  - int8 activations: each x is replaced by d_x q with |x - d_x q| <= d_x / 2 = amax_b / 254
 //    (amax_b = max |x| in its 32-block), so |y - y_ref| <= Σ_j |w_j| amax_b(j) / 254; we allow
 //    1% over that for rounding in d_x and the f32 block sums;
-//  - always, f32 accumulation: 1e-5 Σ_j |w_j x_j| (the SIMD sums are at most ~n/64 deep; n u with
-//    n = 512 would be 3e-5, and the lane-split sums are far shallower).
+//  - always, f32 accumulation: [sum n_in] = (n_in + 2)·2^-24·Σ_j |w_j x_j| (ops.h; any order of
+//    the sum, so it also holds on SCALAR, where the sum is n_in deep).
 // A kernel that mixes up elements, blocks or rows misses by O(Σ |w x|), far beyond this.
 void ExpectMatMulClose(const Weight& w, const float* x, int64_t n_tokens, const float* y,
                        bool int8_activations) {
@@ -146,7 +137,7 @@ void ExpectMatMulClose(const Weight& w, const float* x, int64_t n_tokens, const 
         }
         quant_bound += wsum * amax / 254.0;
       }
-      const double tol = 1e-5 * abs_sum + (int8_activations ? 1.01 * quant_bound : 0.0) + 1e-30;
+      const double tol = test_util::SumBound(n_in, abs_sum) + (int8_activations ? 1.01 * quant_bound : 0.0) + 1e-30;
       const double err = std::fabs(static_cast<double>(y[t * n_out + r]) - y_ref[t * n_out + r]);
       if (!(err <= tol) && failures++ < 5) {
         ADD_FAILURE() << "row " << r << " token " << t << ": y " << y[t * n_out + r] << " ref "
@@ -157,10 +148,18 @@ void ExpectMatMulClose(const Weight& w, const float* x, int64_t n_tokens, const 
   EXPECT_EQ(failures, 0);
 }
 
-class MatMulTest : public ::testing::TestWithParam<TypeCase> {};
+// (target, weight type): the target pinned as in test_util::PerTarget.
+class MatMulTest : public ::testing::TestWithParam<std::tuple<int64_t, TypeCase>> {
+ protected:
+  void SetUp() override {
+    hwy::SetSupportedTargetsForTest(std::get<0>(GetParam()));
+    for (const auto& f : KernelTargets()) ASSERT_EQ(f.dispatched, std::get<0>(GetParam())) << f.file;
+  }
+  void TearDown() override { hwy::SetSupportedTargetsForTest(0); }
+};
 
 TEST_P(MatMulTest, MatchesReference) {
-  const TypeCase c = GetParam();
+  const TypeCase c = std::get<1>(GetParam());
   SetNumThreads(1);  // fast on shared CI cores; threading has its own test below
   std::mt19937 rng(1234 + static_cast<int>(c.type));
   // 40 rows: two full 16-row groups and a padded one. Legacy types also try n_in = 96.
@@ -176,25 +175,29 @@ TEST_P(MatMulTest, MatchesReference) {
     for (int64_t n_tokens : {1, 3, 4, 7, 64}) {
       SCOPED_TRACE("n_in " + std::to_string(n_in) + " n_tokens " + std::to_string(n_tokens));
       const std::vector<float> x = RandomActivations(n_tokens, n_in, rng);
-      ForEachTarget([&] {
-        std::vector<float> y(n_tokens * n_out, NAN);
-        MatMul(**w, x.data(), n_tokens, y.data());
-        ExpectMatMulClose(**w, x.data(), n_tokens, y.data(), c.int8_activations);
-      });
+      std::vector<float> y(n_tokens * n_out, NAN);
+      MatMul(**w, x.data(), n_tokens, y.data());
+      ExpectMatMulClose(**w, x.data(), n_tokens, y.data(), c.int8_activations);
     }
   }
   SetNumThreads(0);
 }
 
-std::string CaseName(const ::testing::TestParamInfo<TypeCase>& info) {
+std::string CaseName(const ::testing::TestParamInfo<std::tuple<int64_t, TypeCase>>& info) {
   static const char* kNames[] = {"F32",  "F16",  "BF16", "Q4_0", "Q4_1",
                                  "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"};
-  return kNames[info.index];
+  return std::string(hwy::TargetName(std::get<0>(info.param))) + "_" +
+         kNames[info.index % (sizeof(kNames) / sizeof(kNames[0]))];
 }
 
-INSTANTIATE_TEST_SUITE_P(AllTypes, MatMulTest, ::testing::ValuesIn(kCases), CaseName);
+INSTANTIATE_TEST_SUITE_P(Hwy, MatMulTest,
+                         ::testing::Combine(::testing::ValuesIn(RunnableTargets()),
+                                            ::testing::ValuesIn(kCases)),
+                         CaseName);
 
-TEST(MatMul, ThreadCountDoesNotChangeResults) {
+KVC_PER_TARGET_SUITE(MatMulThreads);
+
+TEST_P(MatMulThreads, CountDoesNotChangeResults) {
   std::mt19937 rng(7);
   const TypeCase c = kCases[4];  // Q4_1
   const int64_t n_in = 256, n_out = 96, n_tokens = 9;
@@ -212,7 +215,7 @@ TEST(MatMul, ThreadCountDoesNotChangeResults) {
   EXPECT_EQ(y1, y2);  // rows are split across threads, never a row's sum
 }
 
-TEST(MatMul, RepackedBytesMatchGgufSize) {
+TEST(PrepareWeight, RepackedBytesMatchGgufSize) {
   std::mt19937 rng(3);
   for (const TypeCase& c : {kCases[4], kCases[6]}) {  // Q4_1: 20 B, Q8_0: 34 B per 32 values
     const std::vector<uint8_t> data = RandomTensor(c, 64, 32, rng);
@@ -257,22 +260,26 @@ std::vector<float> RandomVector(int64_t n, float scale, std::mt19937& rng) {
 
 const int64_t kSizes[] = {1, 7, 16, 33, 576, 1000};
 
-// f32 elementwise ops: 4 ulp-ish relative error (Highway Exp is ~1 ulp; one division).
-TEST(Ops, MatchReferences) {
+KVC_PER_TARGET_SUITE(Ops);
+
+// f32 elementwise ops, each against the contract stated in cpu/ops.h.
+TEST_P(Ops, MatchReferences) {
   std::mt19937 rng(11);
   for (int64_t n : kSizes) {
     SCOPED_TRACE("n " + std::to_string(n));
     const std::vector<float> a = RandomVector(n, 1.0f, rng), b = RandomVector(n, 3.0f, rng);
-    ForEachTarget([&] {
-      // Dot: f32 sums vs an f64 reference; bound 1e-5 Σ |a b| (see ExpectMatMulClose).
+    {
+      // Dot: [sum n] vs the f64 reference (ops.h).
       double abs_sum = 0.0;
       for (int64_t i = 0; i < n; ++i) abs_sum += std::fabs(a[i] * b[i]);
-      EXPECT_NEAR(Dot(a.data(), b.data(), n), ref::Dot(a.data(), b.data(), n), 1e-5 * abs_sum);
+      EXPECT_NEAR(Dot(a.data(), b.data(), n), ref::Dot(a.data(), b.data(), n), test_util::SumBound(n, abs_sum));
 
       std::vector<float> y1 = b, y2 = b;
       Axpy(0.37f, a.data(), n, y1.data());
       ref::Axpy(0.37f, a.data(), n, y2.data());
-      for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(y1[i], y2[i], 1e-6f * (std::fabs(y2[i]) + 1));
+      for (int64_t i = 0; i < n; ++i) {  // [fma]
+        EXPECT_NEAR(y1[i], y2[i], test_util::FmaBound(std::fabs(0.37 * a[i]), std::fabs(y2[i]))) << i;
+      }
 
       std::vector<float> o1(n), o2(n);
       SwiGlu(b.data(), a.data(), n, o1.data());
@@ -285,28 +292,29 @@ TEST(Ops, MatchReferences) {
       Softmax(s1.data(), n);
       ref::Softmax(s2.data(), n);
       for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(s1[i], s2[i], 4e-6f * s2[i] + 1e-9f) << i;
-    });
+    }
   }
 }
 
-TEST(Ops, RmsNormMatchesReference) {
+TEST_P(Ops, RmsNormMatchesReference) {
   std::mt19937 rng(12);
   for (int64_t n : kSizes) {
     const int64_t n_rows = 3;
     const std::vector<float> x = RandomVector(n_rows * n, 2.0f, rng),
                              w = RandomVector(n, 1.0f, rng);
-    ForEachTarget([&] {
+    {
       std::vector<float> y1(n_rows * n), y2(n_rows * n);
       RmsNorm(x.data(), w.data(), n_rows, n, 1e-5f, y1.data());
       ref::RmsNorm(x.data(), w.data(), n_rows, n, 1e-5f, y2.data());
       for (int64_t i = 0; i < n_rows * n; ++i) {
-        EXPECT_NEAR(y1[i], y2[i], 1e-5f * std::fabs(y2[i]) + 1e-7f) << "n " << n << " i " << i;
+        EXPECT_NEAR(y1[i], y2[i], (double(n + 2) / 2 + 4) * test_util::kU * std::fabs(y2[i]))
+            << "n " << n << " i " << i;
       }
-    });
+    }
   }
 }
 
-TEST(Ops, SoftmaxSumsToOneWithLargeInputs) {
+TEST_P(Ops, SoftmaxSumsToOneWithLargeInputs) {
   std::vector<float> x = {1000.0f, 999.0f, -1000.0f, 0.0f, 1000.0f};
   Softmax(x.data(), static_cast<int64_t>(x.size()));
   float sum = 0.0f;

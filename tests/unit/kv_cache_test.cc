@@ -10,6 +10,7 @@
 #include "kv/cache.h"
 #include "kv/codecs/kvquant.h"
 #include "kv/rope.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -109,7 +110,9 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return m;
 }
 
-TEST(KvCache, F32MatchesReferencePrefillAndDecode) {
+KVC_PER_TARGET_SUITE(KvCacheSimd);  // once per Highway target (per_target.h)
+
+TEST_P(KvCacheSimd, F32MatchesReferencePrefillAndDecode) {
   const KvShape s = SmallShape();
   const int n = 45;
   Stream st = MakeStream(s, n, 7);
@@ -124,7 +127,7 @@ TEST(KvCache, F32MatchesReferencePrefillAndDecode) {
 
 // A window codec (KIVI) prefilled in one batch must attend exactly as the same tokens streamed
 // one at a time (write, attend, flush), so perplexity measures what decoding sees.
-TEST(KvCache, WindowCodecBatchedPrefillEqualsStreaming) {
+TEST_P(KvCacheSimd, WindowCodecBatchedPrefillEqualsStreaming) {
   const KvShape s = SmallShape();
   const int n = 100;
   Stream st = MakeStream(s, n, 21);
@@ -145,7 +148,7 @@ TEST(KvCache, WindowCodecBatchedPrefillEqualsStreaming) {
   }
 }
 
-TEST(KvCache, SinkSegmentMergesExactly) {
+TEST_P(KvCacheSimd, SinkSegmentMergesExactly) {
   const KvShape s = SmallShape();
   const int n = 40;
   Stream st = MakeStream(s, n, 11);
@@ -166,7 +169,7 @@ TEST(KvCache, SinkSegmentMergesExactly) {
   EXPECT_EQ((*b)->Memory().KvBytes(), size_t(s.n_layer) * s.n_head_kv * (4 + 64) * per_token);
 }
 
-TEST(KvCache, FusedEqualsTiledForQ8) {
+TEST_P(KvCacheSimd, FusedEqualsTiledForQ8) {
   const KvShape s = SmallShape();
   const int n = 33;
   Stream st = MakeStream(s, n, 3);
@@ -193,7 +196,7 @@ TEST(KvCache, FusedEqualsTiledForQ8) {
 // both must give the same attention. 300 tokens = two full chunks and a partial one; block
 // codecs (KIVI: 32-token blocks + fp16 tail), a sink segment, centring, KVQuant's sparse
 // outliers, and a multi-token decode (n_q = 3).
-TEST(KvCache, PreRopeKeysChunkedDecodeEqualsTiled) {
+TEST_P(KvCacheSimd, PreRopeKeysChunkedDecodeEqualsTiled) {
   const KvShape s = SmallShape();
   const int n = 300, hd = s.head_dim, rowsz = s.n_head * hd;
   Stream st = MakeStream(s, n, 41);
@@ -312,7 +315,7 @@ TEST(KvCache, KvQuantKeysRefuseTransformsAndReserveOneBlockOfTail) {
 // lossless codec the output equals the reference, through every read path: tiled prefill, fused
 // decode, a sink segment with its own μ, a transform in front (Hadamard), pre-RoPE keys.
 // Keys carry a large common offset, as SmolLM2's keys do (59% of their energy is the mean).
-TEST(KvCache, CenteringIsExactOnEveryPath) {
+TEST_P(KvCacheSimd, CenteringIsExactOnEveryPath) {
   const KvShape s = SmallShape();
   const int n = 45;
   Stream st = MakeStream(s, n, 31);

@@ -9,6 +9,7 @@
 
 #include "kv/cache.h"
 #include "kv/policies/common.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -177,9 +178,11 @@ TEST(Positions, TruncateThenAttendEqualsFreshCache) {
 }  // namespace
 }  // namespace kvc::kv
 
+KVC_PER_TARGET_SUITE(PositionsSimd);  // once per Highway target (per_target.h)
+
 // The cos/sin table (used by caches that store pre-RoPE keys) must give the same bits as the
 // direct double-angle path, inside the table, at its edge and beyond it.
-TEST(Positions, RopeTableBitIdenticalToDirectPath) {
+TEST_P(PositionsSimd, RopeTableBitIdenticalToDirectPath) {
   for (bool neox : {false, true}) {
     kvc::kv::RopeParams p;
     p.n_rot = 64;
@@ -203,7 +206,7 @@ TEST(Positions, RopeTableBitIdenticalToDirectPath) {
 // q·R(pos)μ from the cos/sin table (centred post-RoPE keys) equals rotating μ and dotting, for
 // both pair layouts, a partial rotation (rot_offset / n_rot < dim), runs of consecutive positions,
 // gaps, and positions outside the table.
-TEST(Positions, AddDotRotatedEqualsRotateThenDot) {
+TEST_P(PositionsSimd, AddDotRotatedEqualsRotateThenDot) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
   for (bool neox : {false, true}) {

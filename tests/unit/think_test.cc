@@ -13,6 +13,7 @@
 #include "kv/cache.h"
 #include "kv/calibration_file.h"
 #include "kv/transforms/think.h"
+#include "per_target.h"
 
 namespace kvc::kv {
 namespace {
@@ -93,7 +94,9 @@ TEST(Think, CacheExactWhenPrunedChannelsAreSilent) {
   EXPECT_LT((*ct)->Memory().KvBytes(), (*cf)->Memory().KvBytes());
 }
 
-TEST(Think, FusedEqualsTiledOnGeneralData) {
+KVC_PER_TARGET_SUITE(ThinkSimd);  // once per Highway target (per_target.h)
+
+TEST_P(ThinkSimd, FusedEqualsTiledOnGeneralData) {
   // No silent channels: pruning is lossy, but both read paths must agree.
   KvShape s;
   s.n_layer = 1;

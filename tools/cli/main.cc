@@ -17,6 +17,8 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "cpu/targets.h"
+#include "hwy/targets.h"
 #include "cpu/ops.h"
 #include "calibrate.h"
 #include "engine/engine.h"
@@ -105,6 +107,12 @@ int Fail(const Status& s) {
 StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
   if (c.model.empty()) c.model = DefaultModelPath();
   cpu::SetNumThreads(c.threads);
+  // Every x86-64 CPU runs kvcrunch: without SSSE3 the kernels take the portable C++ path.
+  if (const std::string w = cpu::ApplySimdLimitFromEnv(); !w.empty()) spdlog::warn("{}", w);
+  if (const std::string t = cpu::ActiveTargetName(); t == "SCALAR" || t == "EMU128") {
+    spdlog::warn("the SIMD kernels run their portable {} path (no SSSE3/SSE4/AVX2/AVX-512 on this "
+                 "CPU, or KVC_SIMD): several times slower (see README, 'Supported CPUs')", t);
+  }
   return Model::Load(c.model);
 }
 
@@ -158,6 +166,9 @@ int CmdInfo(Common& c) {
              mc.rope.neox ? "neox" : "normal");
   fmt::print("tied output  {}\nweights      {:.1f} MiB (file {:.1f} MiB)\n", mc.tied_output,
              (*m)->weight_bytes() / 1048576.0, (*m)->file().file_size() / 1048576.0);
+  std::string runnable;
+  for (int64_t t : cpu::RunnableTargets()) runnable += std::string(runnable.empty() ? "" : " ") + hwy::TargetName(t);
+  fmt::print("SIMD         {} (runnable here: {})\n", cpu::ActiveTargetName(), runnable);
   const double f16_tok = mc.KvBytesPerToken(16, 16);
   const double mha_tok = f16_tok * mc.n_head / mc.n_head_kv;
   if ((*m)->mla()) {
@@ -497,7 +508,11 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   res->text = opt.text_path;
   if (json) std::printf("%s\n", ToJson(*res).dump(2).c_str());
   else if (csv) std::printf("%s", ToCsv(*res).c_str());
-  else std::printf("%s", FormatTable(*res).c_str());
+  else {
+    std::printf("%s", FormatTable(*res).c_str());
+    // Speed in its own section, with how it was measured (never a column of the quality table).
+    if (const std::string sp = FormatSpeed(*res); !sp.empty()) std::printf("\nbench: decode speed\n%s", sp.c_str());
+  }
   if (!report.empty()) {
     Status st = WriteReport(*res, report);
     if (!st.ok()) return Fail(st);

@@ -481,9 +481,14 @@ StatusOr<CalibrationData> LoadCalibrationJson(const std::string& path) {
   }
   std::ifstream f(path, std::ios::binary);
   if (!f) return NotFound(fmt::format("calibration file {} not found", path));
+  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return ParseCalibrationJson(text, path);
+}
+
+StatusOr<CalibrationData> ParseCalibrationJson(const std::string& text, const std::string& path) {
   CalibrationData c;
   try {
-    nlohmann::json j = nlohmann::json::parse(f);
+    nlohmann::json j = nlohmann::json::parse(text);
     c.source = j.value("source", path);
     for (auto& [k, v] : j.at("tensors").items()) c.tensors[k] = v.get<std::vector<float>>();
   } catch (const std::exception& e) {

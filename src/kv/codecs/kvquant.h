@@ -63,5 +63,7 @@ StatusOr<CalibrationData> CalibrateKvQuant(const KvQuantSamples& s, double lo_pc
 // JSON {"source": ..., "tensors": {name: [floats]}}; written to PATH.tmp then renamed (atomic).
 Status SaveCalibrationJson(const CalibrationData& c, const std::string& path);
 StatusOr<CalibrationData> LoadCalibrationJson(const std::string& path);
+// The same from the file's text (`path` only names it in messages; the fuzzer's entry point).
+StatusOr<CalibrationData> ParseCalibrationJson(const std::string& text, const std::string& path);
 
 }  // namespace kvc::kv

@@ -91,22 +91,51 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
       prog.Step(1, r.row.method);
     }
   }
-  // Decode speed: after the last chunk, feed decode_tokens more tokens one at a time.
+  // Decode speed: after the last chunk every configuration decodes decode_tokens more tokens
+  // (the text's continuation, wrapping to its start) one at a time, interleaved: step i of every
+  // configuration, in an order rotated each step, before step i + 1 of any. A burst of load from
+  // other jobs then hits all configurations alike instead of the one that happened to run then.
+  // Each step is timed in process CPU time and wall time, on one thread: with more, the CPU time
+  // also counts OpenMP threads spin-waiting at barriers, which grows with the machine's load (on
+  // 2 busy cores, load 6: -t 2 read 134 ms of CPU per f16 step, -t 1 7 ms, passive waiting 13 ms).
   const int64_t dec_start = n_chunks * n_ctx;
-  for (auto& r : runs) {
-    if (r.s && opt.decode_tokens > 0) {
-      // Ensure continuation tokens exist (wrap to the start of the text if needed).
-      const double t0 = NowSeconds();
-      int done = 0;
-      for (int i = 0; i < opt.decode_tokens; ++i) {
-        const int32_t tok = tokens[(dec_start + i) % tokens.size()];
-        std::vector<float> lg;
-        Status st = r.s->Eval({tok}, false, &lg);
-        if (!st.ok()) { r.row.error = st.message(); break; }
-        ++done;
+  const int threads = cpu::NumThreads();
+  cpu::SetNumThreads(1);
+  std::vector<std::vector<double>> cpu_ms(runs.size()), wall_ms(runs.size());
+  std::vector<float> lg;
+  for (int i = 0; i < opt.decode_tokens; ++i) {
+    const int32_t tok = tokens[(dec_start + i) % tokens.size()];
+    for (size_t k = 0; k < runs.size(); ++k) {
+      const size_t ri = (k + size_t(i)) % runs.size();
+      Run& r = runs[ri];
+      if (!r.s) continue;
+      const double w0 = NowSeconds(), c0 = ProcessCpuSeconds();
+      Status st = r.s->Eval({tok}, false, &lg);
+      const double c1 = ProcessCpuSeconds(), w1 = NowSeconds();
+      if (!st.ok()) {
+        r.row.error = st.message();
+        r.s.reset();
+        continue;
       }
-      const double dt = NowSeconds() - t0;
-      r.row.decode_tps = dt > 0 ? done / dt : 0;
+      cpu_ms[ri].push_back(1e3 * (c1 - c0));
+      wall_ms[ri].push_back(1e3 * (w1 - w0));
+    }
+  }
+  cpu::SetNumThreads(threads);
+  auto quantile = [](std::vector<double> v, double q) {
+    std::sort(v.begin(), v.end());
+    const double x = q * double(v.size() - 1);
+    const size_t lo = size_t(x);
+    return lo + 1 < v.size() ? v[lo] + (x - double(lo)) * (v[lo + 1] - v[lo]) : v[lo];
+  };
+  for (size_t ri = 0; ri < runs.size(); ++ri) {
+    Run& r = runs[ri];
+    if (!cpu_ms[ri].empty()) {
+      r.row.decode_steps = int(cpu_ms[ri].size());
+      r.row.decode_cpu_ms = quantile(cpu_ms[ri], 0.5);
+      r.row.decode_cpu_ms_q1 = quantile(cpu_ms[ri], 0.25);
+      r.row.decode_cpu_ms_q3 = quantile(cpu_ms[ri], 0.75);
+      r.row.decode_wall_ms = quantile(wall_ms[ri], 0.5);
     }
     if (r.s) {
       const auto mem = r.s->cache().Memory();
@@ -157,22 +186,52 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
 }
 
 std::string FormatTable(const EvalResult& r) {
-  std::string s = fmt::format("{:<34} {:>6} {:>6} {:>11} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
+  std::string s = fmt::format("{:<34} {:>6} {:>6} {:>11} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>7}\n",
                               "method", "K bpv", "V bpv", "KV bytes", "comp×", "ppl", "Δppl%",
-                              "±SE", "KLD", "KLD p99.9", "top1%", "dec t/s");
+                              "±SE", "KLD", "KLD p99.9", "top1%");
   for (const auto& x : r.rows) {
     if (!x.error.empty()) {
       s += fmt::format("{:<34} ERROR: {}\n", x.method, x.error);
       continue;
     }
-    s += fmt::format("{:<34} {:>6.2f} {:>6.2f} {:>11} {:>6.2f} {:>9.4f} {:>+8.3f} {:>6.3f} {:>9.5f} {:>9.4f} {:>7.2f} {:>8.1f}\n",
+    s += fmt::format("{:<34} {:>6.2f} {:>6.2f} {:>11} {:>6.2f} {:>9.4f} {:>+8.3f} {:>6.3f} {:>9.5f} {:>9.4f} {:>7.2f}\n",
                      x.method.substr(0, 34), x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl,
-                     x.dppl_pct, x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
+                     x.dppl_pct, x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct);
   }
   s += fmt::format("\n{} chunks x {} tokens ({} scored per config), {} threads, peak RSS {:.1f} MiB\n",
                    r.n_chunks, r.n_ctx, r.rows.empty() ? 0 : r.rows[0].n_scored, r.threads,
                    r.peak_rss / 1048576.0);
   return s;
+}
+
+// How the speed section was measured, for the table and the report.
+static std::string SpeedMethod(const EvalResult& r) {
+  const int steps = r.rows.empty() ? 0 : r.rows[0].decode_steps;
+  return fmt::format(
+      "Decode speed: {} single-token steps per configuration at depth {} (after the last chunk), "
+      "interleaved across configurations (step i of every one, in a rotated order, before step "
+      "i + 1 of any), on 1 thread (the chunks above ran on {}). CPU ms = process CPU time per "
+      "step: the work a step costs, whatever else runs on the machine (on one thread no OpenMP "
+      "thread spin-waits, which would count as CPU time and grow with the load); median "
+      "[quartiles] over the steps; x f16 = ratio of medians to the baseline. Wall ms = elapsed "
+      "time per step (median): it includes waiting for a CPU on a busy machine, so it is not "
+      "comparable across rows or runs. Compare codecs' cost by CPU ms, where the quartile "
+      "ranges do not overlap.",
+      steps, r.n_ctx, r.threads);
+}
+
+std::string FormatSpeed(const EvalResult& r) {
+  if (r.rows.empty() || r.rows[0].decode_steps == 0) return "";
+  const double base = r.rows[0].decode_cpu_ms;
+  std::string s = fmt::format("{:<34} {:>9} {:>17} {:>7} {:>9}\n", "method", "CPU ms", "[q1, q3]",
+                              "x f16", "wall ms");
+  for (const auto& x : r.rows) {
+    if (!x.error.empty() || x.decode_steps == 0) continue;
+    s += fmt::format("{:<34} {:>9.2f} {:>17} {:>7.2f} {:>9.2f}\n", x.method.substr(0, 34),
+                     x.decode_cpu_ms, fmt::format("[{:.2f}, {:.2f}]", x.decode_cpu_ms_q1, x.decode_cpu_ms_q3),
+                     base > 0 ? x.decode_cpu_ms / base : 0.0, x.decode_wall_ms);
+  }
+  return s + "\n" + SpeedMethod(r) + "\n";
 }
 
 nlohmann::json ToJson(const EvalResult& r) {
@@ -202,7 +261,11 @@ nlohmann::json ToJson(const EvalResult& r) {
       o["kld_mean"] = x.kld_mean;
       o["kld_p999"] = x.kld_p999;
       o["top1_pct"] = x.top1_pct;
-      o["decode_tokens_per_second"] = x.decode_tps;
+      o["decode_steps"] = x.decode_steps;
+      o["decode_cpu_ms_per_step"] = x.decode_cpu_ms;
+      o["decode_cpu_ms_q1"] = x.decode_cpu_ms_q1;
+      o["decode_cpu_ms_q3"] = x.decode_cpu_ms_q3;
+      o["decode_wall_ms_per_step"] = x.decode_wall_ms;
       o["prefill_tokens_per_second"] = x.prefill_tps;
       o["n_scored"] = x.n_scored;
     }
@@ -212,11 +275,12 @@ nlohmann::json ToJson(const EvalResult& r) {
 }
 
 std::string ToCsv(const EvalResult& r) {
-  std::string s = "method,k_bits,v_bits,kv_bytes,compression,ppl,dppl_pct,dppl_se_pct,kld_mean,kld_p999,top1_pct,decode_tps,error\n";
+  std::string s = "method,k_bits,v_bits,kv_bytes,compression,ppl,dppl_pct,dppl_se_pct,kld_mean,kld_p999,top1_pct,decode_cpu_ms,decode_cpu_ms_q1,decode_cpu_ms_q3,decode_wall_ms,error\n";
   for (const auto& x : r.rows) {
-    s += fmt::format("\"{}\",{:.4f},{:.4f},{},{:.4f},{:.6f},{:.4f},{:.4f},{:.6f},{:.6f},{:.3f},{:.2f},\"{}\"\n",
+    s += fmt::format("\"{}\",{:.4f},{:.4f},{},{:.4f},{:.6f},{:.4f},{:.4f},{:.6f},{:.6f},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},\"{}\"\n",
                      x.method, x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl, x.dppl_pct,
-                     x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps, x.error);
+                     x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_cpu_ms,
+                     x.decode_cpu_ms_q1, x.decode_cpu_ms_q3, x.decode_wall_ms, x.error);
   }
   return s;
 }
@@ -242,16 +306,28 @@ Status WriteReport(const EvalResult& r, const std::string& dir) {
     md << "# kvcrunch eval\n\n";
     md << fmt::format("Model `{}`, text `{}`, {} chunks x {} tokens, {} threads, peak RSS {:.1f} MiB.\n\n",
                       r.model, r.text, r.n_chunks, r.n_ctx, r.threads, r.peak_rss / 1048576.0);
-    md << "| method | K bits | V bits | KV bytes | compression x | ppl | Δppl % | ± SE | mean KLD | KLD p99.9 | top-1 % | decode t/s |\n";
-    md << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md << "| method | K bits | V bits | KV bytes | compression x | ppl | Δppl % | ± SE | mean KLD | KLD p99.9 | top-1 % |\n";
+    md << "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const auto& x : r.rows) {
       if (!x.error.empty()) {
-        md << fmt::format("| {} | error: {} ||||||||||| \n", x.method, x.error);
+        md << fmt::format("| {} | error: {} |||||||||| \n", x.method, x.error);
         continue;
       }
-      md << fmt::format("| {} | {:.2f} | {:.2f} | {} | {:.2f} | {:.4f} | {:+.3f} | {:.3f} | {:.5f} | {:.4f} | {:.2f} | {:.1f} |\n",
+      md << fmt::format("| {} | {:.2f} | {:.2f} | {} | {:.2f} | {:.4f} | {:+.3f} | {:.3f} | {:.5f} | {:.4f} | {:.2f} |\n",
                         x.method, x.k_bits, x.v_bits, x.kv_bytes, x.compression, x.ppl, x.dppl_pct,
-                        x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct, x.decode_tps);
+                        x.dppl_se_pct, x.kld_mean, x.kld_p999, x.top1_pct);
+    }
+    if (!r.rows.empty() && r.rows[0].decode_steps > 0) {
+      const double base = r.rows[0].decode_cpu_ms;
+      md << "\n## Decode speed (bench)\n\n";
+      md << "| method | CPU ms / step | [q1, q3] | x f16 | wall ms / step |\n|---|---|---|---|---|\n";
+      for (const auto& x : r.rows) {
+        if (!x.error.empty() || x.decode_steps == 0) continue;
+        md << fmt::format("| {} | {:.2f} | [{:.2f}, {:.2f}] | {:.2f} | {:.2f} |\n", x.method,
+                          x.decode_cpu_ms, x.decode_cpu_ms_q1, x.decode_cpu_ms_q3,
+                          base > 0 ? x.decode_cpu_ms / base : 0.0, x.decode_wall_ms);
+      }
+      md << "\n" << SpeedMethod(r) << "\n";
     }
     md << "\n![quality vs KV bytes](quality_vs_bytes.svg)\n";
   }

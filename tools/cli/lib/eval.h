@@ -12,7 +12,9 @@ namespace kvc {
 
 struct EvalOptions {
   PerplexityOptions ppl;
-  int decode_tokens = 32;   // single-token steps timed after the last chunk (decode tokens/s)
+  // Single-token decode steps timed per configuration after the last chunk, interleaved across
+  // configurations (step i of every configuration before step i + 1 of any; see RunEval).
+  int decode_tokens = 32;
   std::string text_path;
 };
 
@@ -31,8 +33,13 @@ struct EvalRow {
   double dppl_se_pct = 0;
   double kld_mean = 0, kld_p999 = 0;  // vs baseline (nats)
   double top1_pct = 0;       // argmax agreement with the baseline
-  double decode_tps = 0;
-  double prefill_tps = 0;
+  // Decode speed, measured apart from the quality numbers (FormatSpeed): per single-token step at
+  // depth n_ctx, the process CPU time (all threads: what the step costs, whatever else runs on
+  // the machine) and the wall time; median and quartiles over decode_steps interleaved steps.
+  int decode_steps = 0;
+  double decode_cpu_ms = 0, decode_cpu_ms_q1 = 0, decode_cpu_ms_q3 = 0;
+  double decode_wall_ms = 0;
+  double prefill_tps = 0;   // wall clock over the scored chunks (busy-machine noise included)
   int64_t n_scored = 0;
   std::string error;         // non-empty: this configuration failed (shown, never dropped)
 };
@@ -49,6 +56,9 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
                              std::vector<KvRunConfig> configs, const EvalOptions& opt);
 
 std::string FormatTable(const EvalResult& r);
+// The decode-speed section: CPU ms per step (median, quartiles, ratio to the baseline) and wall
+// ms, with a line saying how it was measured. Empty when no decode steps were timed.
+std::string FormatSpeed(const EvalResult& r);
 nlohmann::json ToJson(const EvalResult& r);
 std::string ToCsv(const EvalResult& r);
 // Writes DIR/report.md and DIR/quality_vs_bytes.svg (Pareto front drawn).
