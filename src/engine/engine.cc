@@ -171,6 +171,12 @@ Status Engine::Validate(const Request& r) const {
     }
   }
   if (r.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  // Checked before the KV plan is measured: measuring writes past the sink segment, so a huge
+  // count would cost minutes and gigabytes on the submitting thread.
+  if (r.kv.cache.sink_tokens < 0 || r.kv.cache.sink_tokens > opt_.n_ctx) {
+    return InvalidArgument(fmt::format("sink tokens ({}) must be in [0, n_ctx = {}]",
+                                       r.kv.cache.sink_tokens, opt_.n_ctx));
+  }
   KVC_RETURN_IF_ERROR(ValidateSampling(r.gen.sampling));
   KVC_RETURN_IF_ERROR(ValidateStops(r.gen.stop));
   return Status::Ok();

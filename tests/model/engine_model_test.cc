@@ -5,6 +5,7 @@
 // caches allocate.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -255,6 +256,17 @@ TEST_F(EngineModel, RefusalsAndCancel) {
   EXPECT_EQ(e->Submit(bad).status().code(), StatusCode::kInvalidArgument);
   bad.kv = Kv("f16", "nosuchpolicy:budget=3");
   EXPECT_EQ(e->Submit(bad).status().code(), StatusCode::kInvalidArgument);
+  // More sink tokens than the context can hold: refused at once. (Measuring the KV plan of a
+  // 1M-token sink segment took minutes and > 1 GB on the submitting thread.)
+  bad.kv = Kv("f16");
+  bad.kv.cache.sink_tokens = 1 << 20;
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    st = e->Submit(bad).status();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+    EXPECT_NE(st.message().find("sink"), std::string::npos) << st.ToString();
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  }
   // Can never fit: 250 tokens of f16 need ~6 MB > 4 MiB.
   bad.kv = Kv("f16");
   bad.prompt = Prompt(200, 0);
