@@ -200,7 +200,7 @@ TEST_F(EngineModel, TinyBudgetQueuesAndPreempts) {
   o.kv_budget_bytes = 2 * (*plan)->Bytes(kPrompt + kGen) + (*plan)->Bytes(16);
   auto e = Make(o);
   std::vector<Result> res(6);
-  for (int i = 0; i < 6; ++i) Submit(*e, Prompt(kPrompt, i), Kv("f16"), kGen, &res[size_t(i)], false);
+  for (int i = 0; i < 6; ++i) Submit(*e, Prompt(kPrompt, i), Kv("f16"), kGen, &res[size_t(i)]);
   int64_t max_used = 0;
   while (e->Step()) {
     const Stats st = e->GetStats();
@@ -218,6 +218,22 @@ TEST_F(EngineModel, TinyBudgetQueuesAndPreempts) {
     EXPECT_EQ(r.reason, FinishReason::kLength) << r.error.ToString();
     EXPECT_EQ(int(r.tokens.size()), kGen);
     EXPECT_EQ(r.finals, 1);
+  }
+  // Preemption does not change a greedy request's tokens: each equals its run without preemption
+  // (the recompute replays generated tokens as they were decoded; a prefill chunk takes the tiled
+  // attention path, whose rounding differs, and the greedy text diverged).
+  EngineOptions big = o;
+  big.kv_budget_bytes = int64_t(512) << 20;
+  auto eb = Make(big);
+  std::vector<Result> ref(6);
+  for (int i = 0; i < 6; ++i) Submit(*eb, Prompt(kPrompt, i), Kv("f16"), kGen, &ref[size_t(i)]);
+  eb->RunUntilIdle();
+  EXPECT_EQ(eb->GetStats().preemptions_total, 0);
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(res[size_t(i)].tokens, ref[size_t(i)].tokens)
+        << "request " << i << " preempted " << res[size_t(i)].usage.preemptions << " times";
+    EXPECT_TRUE(res[size_t(i)].logits == ref[size_t(i)].logits)
+        << "request " << i << " preempted " << res[size_t(i)].usage.preemptions << " times";
   }
   // Compressed KV holds more sequences in the same bytes.
   EngineOptions o4 = o;
