@@ -171,6 +171,12 @@ Status Engine::Validate(const Request& r) const {
     }
   }
   if (r.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  // Checked before the KV plan is measured: measuring writes past the sink segment, so a huge
+  // count would cost minutes and gigabytes on the submitting thread.
+  if (r.kv.cache.sink_tokens < 0 || r.kv.cache.sink_tokens > opt_.n_ctx) {
+    return InvalidArgument(fmt::format("sink tokens ({}) must be in [0, n_ctx = {}]",
+                                       r.kv.cache.sink_tokens, opt_.n_ctx));
+  }
   KVC_RETURN_IF_ERROR(ValidateSampling(r.gen.sampling));
   KVC_RETURN_IF_ERROR(ValidateStops(r.gen.stop));
   return Status::Ok();
@@ -426,7 +432,12 @@ bool Engine::Step() {
     }
     for (auto& s : running_) {
       if (!s->prefilling()) continue;
-      const int64_t left = int64_t(s->feed.size()) - s->n_fed;
+      // After a preemption the feed is prompt + generated tokens. The prompt keeps its chunks;
+      // the generated tokens are replayed one row per step, as they were decoded: a multi-row
+      // chunk takes the tiled attention path, whose rounding differs from the decode path's, and
+      // the recomputed cache (and greedy text) would differ from the uninterrupted run.
+      const int64_t n_prompt = int64_t(s->req.prompt.size());
+      const int64_t left = s->n_fed < n_prompt ? n_prompt - s->n_fed : 1;
       const int64_t to_boundary = opt_.prefill_chunk - s->n_fed % opt_.prefill_chunk;
       const int n = int(std::min(left, to_boundary));
       if (n > budget && !items.empty()) break;  // whole chunks only; admission order

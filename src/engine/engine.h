@@ -19,8 +19,9 @@
 //      sampling, stop conditions, events.
 // Batch invariance: a sequence's tokens do not depend on which other sequences share its steps
 // (forward.h; per-request sampler state; fixed chunk boundaries). A preempted sequence recomputes
-// its prompt and generated tokens as one prompt: with per-token codecs its cache equals the
-// uninterrupted one; eviction policies see one longer prompt instead (documented difference).
+// its prompt in the same chunks, then replays its generated tokens one row per step, as they were
+// decoded: with per-token codecs its cache and logits equal the uninterrupted ones (tested);
+// eviction policies see one longer prompt instead (documented difference).
 //
 // Memory: "KV bytes" are KvCache::Memory().TotalBytes() summed over running sequences (allocated
 // capacities: packed blocks, fp16 windows, cell bookkeeping, transform parameters), checked against

@@ -79,6 +79,8 @@ check "kv-budget"         "$BIN" serve -m "$MODEL" --port 0 --kv-budget 12parsec
 check "unknown cache type" "$BIN" serve -m "$MODEL" --port 0 -ctk q3_wat
 check "unknown eviction"  "$BIN" serve -m "$MODEL" --port 0 --kv-evict nosuch
 check "cannot listen"     "$BIN" serve -m "$MODEL" --host 203.0.113.7 --port 0
+# More sinks than the context: refused at once (measuring its KV plan took minutes before listening).
+check "exceeds the context" "$BIN" serve -m "$MODEL" --port 0 -c 512 --kv-sinks 1048576
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));

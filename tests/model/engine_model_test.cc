@@ -5,6 +5,7 @@
 // caches allocate.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -199,7 +200,7 @@ TEST_F(EngineModel, TinyBudgetQueuesAndPreempts) {
   o.kv_budget_bytes = 2 * (*plan)->Bytes(kPrompt + kGen) + (*plan)->Bytes(16);
   auto e = Make(o);
   std::vector<Result> res(6);
-  for (int i = 0; i < 6; ++i) Submit(*e, Prompt(kPrompt, i), Kv("f16"), kGen, &res[size_t(i)], false);
+  for (int i = 0; i < 6; ++i) Submit(*e, Prompt(kPrompt, i), Kv("f16"), kGen, &res[size_t(i)]);
   int64_t max_used = 0;
   while (e->Step()) {
     const Stats st = e->GetStats();
@@ -217,6 +218,22 @@ TEST_F(EngineModel, TinyBudgetQueuesAndPreempts) {
     EXPECT_EQ(r.reason, FinishReason::kLength) << r.error.ToString();
     EXPECT_EQ(int(r.tokens.size()), kGen);
     EXPECT_EQ(r.finals, 1);
+  }
+  // Preemption does not change a greedy request's tokens: each equals its run without preemption
+  // (the recompute replays generated tokens as they were decoded; a prefill chunk takes the tiled
+  // attention path, whose rounding differs, and the greedy text diverged).
+  EngineOptions big = o;
+  big.kv_budget_bytes = int64_t(512) << 20;
+  auto eb = Make(big);
+  std::vector<Result> ref(6);
+  for (int i = 0; i < 6; ++i) Submit(*eb, Prompt(kPrompt, i), Kv("f16"), kGen, &ref[size_t(i)]);
+  eb->RunUntilIdle();
+  EXPECT_EQ(eb->GetStats().preemptions_total, 0);
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(res[size_t(i)].tokens, ref[size_t(i)].tokens)
+        << "request " << i << " preempted " << res[size_t(i)].usage.preemptions << " times";
+    EXPECT_TRUE(res[size_t(i)].logits == ref[size_t(i)].logits)
+        << "request " << i << " preempted " << res[size_t(i)].usage.preemptions << " times";
   }
   // Compressed KV holds more sequences in the same bytes.
   EngineOptions o4 = o;
@@ -255,6 +272,17 @@ TEST_F(EngineModel, RefusalsAndCancel) {
   EXPECT_EQ(e->Submit(bad).status().code(), StatusCode::kInvalidArgument);
   bad.kv = Kv("f16", "nosuchpolicy:budget=3");
   EXPECT_EQ(e->Submit(bad).status().code(), StatusCode::kInvalidArgument);
+  // More sink tokens than the context can hold: refused at once. (Measuring the KV plan of a
+  // 1M-token sink segment took minutes and > 1 GB on the submitting thread.)
+  bad.kv = Kv("f16");
+  bad.kv.cache.sink_tokens = 1 << 20;
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    st = e->Submit(bad).status();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+    EXPECT_NE(st.message().find("sink"), std::string::npos) << st.ToString();
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  }
   // Can never fit: 250 tokens of f16 need ~6 MB > 4 MiB.
   bad.kv = Kv("f16");
   bad.prompt = Prompt(200, 0);

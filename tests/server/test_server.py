@@ -212,6 +212,8 @@ def test_bad_inputs_get_error_objects_and_server_keeps_serving(server):
         ("/v1/completions", b'{"prompt": "x", ', 400, None, "invalid_json"),
         ("/v1/completions", b"[1, 2, 3]", 400, None, "invalid_json"),
         ("/v1/completions", b"\xff\xfe", 400, None, "invalid_json"),
+        # A number out of double's range was a 500 (nlohmann's out_of_range, not parse_error).
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', 400, None, "invalid_json"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", None),
         ("/v1/completions", {"prompt": "x", "temperature": "warm"}, 400, "temperature", None),
         ("/v1/completions", {"prompt": "x", "stop": 7}, 400, "stop", None),
@@ -236,6 +238,10 @@ def test_bad_inputs_get_error_objects_and_server_keeps_serving(server):
         ("/v1/completions", {"prompt": "x", "kv": {"evict": "h2o"}}, 400, "kv.evict", "kv_not_allowed"),
         ("/v1/completions", {"prompt": "x", "kv": {"k": "q4_0:bits=banana"}}, 400, None, None),
         ("/v1/completions", {"prompt": "x", "kv": "q4_0"}, 400, "kv", None),
+        # More sinks than the context: refused at once (the handler measured a KV plan for 1M
+        # sink tokens for minutes, over 1 GB, and SIGTERM could not stop the server).
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "kv": {"sinks": 1 << 20}}, 400, "kv",
+         None),
         ("/v1/completions", {"prompt": "x" * (70 * 1024)}, 413, None, "body_too_large"),
         ("/tokenize", {"content": 3}, 400, "content", None),
         ("/detokenize", {"tokens": [-4]}, 400, "tokens", None),

@@ -180,7 +180,9 @@ TEST(ServerApi, MalformedJson) {
   json j;
   ApiError e;
   for (const char* bad : {"", "{", "{\"prompt\": }", "[1, 2]", "\"str\"", "nul", "{\"a\":1}x",
-                          "{\"prompt\": \"\xff\xfe\"}"}) {
+                          "{\"prompt\": \"\xff\xfe\"}",
+                          // Out of double's range: nlohmann throws out_of_range, not parse_error.
+                          "{\"max_tokens\": 1e400}", "{\"a\": [-1e999]}"}) {
     EXPECT_FALSE(ParseJsonObject(bad, &j, &e)) << bad;
     EXPECT_EQ(e.status, 400);
     EXPECT_EQ(e.code, "invalid_json");

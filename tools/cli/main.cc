@@ -682,6 +682,10 @@ int CmdServe(Common& c, const ServeArgs& a) {
   if (!budget.ok()) return Fail(Status(budget.status().code(), "--kv-budget: " + budget.status().message()));
   eo.kv_budget_bytes = *budget;
   eo.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
+  if (rc->cache.sink_tokens > eo.n_ctx) {  // the engine refuses every such request
+    return Fail(InvalidArgument(fmt::format("--kv-sinks {} exceeds the context -c {}",
+                                            rc->cache.sink_tokens, eo.n_ctx)));
+  }
   eo.max_batch_tokens = a.max_batch_tokens;
   eo.prefill_chunk = std::min(a.prefill_chunk, a.max_batch_tokens);
   eo.max_running = a.max_running;

@@ -250,7 +250,7 @@ bool KvPolicy::Resolve(const json& kvj, KvRunConfig* out, ApiError* err) const {
 bool ParseJsonObject(std::string_view body, json* out, ApiError* err) {
   try {
     *out = json::parse(body.begin(), body.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for numbers like 1e400
     *err = BadRequest(fmt::format("malformed JSON body: {}", e.what()), "", "invalid_json");
     return false;
   }
