@@ -229,6 +229,23 @@ class Server {
   // Reads and drops the body of a refused request (up to max_body_bytes), so that it is not
   // parsed as the next request on a kept-alive connection.
   void Drain(const httplib::Request& req, const httplib::ContentReader& reader);
+  // The common start of every JSON POST route: Gate (auth, limits, an inference slot held in
+  // *slot), read the body, parse it as a JSON object into *j. false: the response is already set.
+  bool BeginJsonPost(const httplib::Request& req, httplib::Response& res,
+                     const httplib::ContentReader& reader, std::shared_ptr<Slot>* slot, json* j) {
+    if (!Gate(req, res, true, true, slot)) {
+      Drain(req, reader);
+      return false;
+    }
+    std::string body;
+    if (!ReadBody(req, res, reader, &body)) return false;
+    ApiError err;
+    if (!ParseJsonObject(body, j, &err)) {
+      Error(res, err);
+      return false;
+    }
+    return true;
+  }
 
   void Completion(const httplib::Request& req, httplib::Response& res,
                   const httplib::ContentReader& reader, bool chat);
@@ -379,12 +396,8 @@ void Server::Models(httplib::Response& res) {
 void Server::Tokenize(const httplib::Request& req, httplib::Response& res,
                       const httplib::ContentReader& reader) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
-  std::string body;
-  if (!ReadBody(req, res, reader, &body)) return;
   json j;
-  ApiError err;
-  if (!ParseJsonObject(body, &j, &err)) return Error(res, err);
+  if (!BeginJsonPost(req, res, reader, &slot, &j)) return;
   auto c = j.find("content");
   if (c == j.end() || !c->is_string()) {
     return Error(res, BadRequest("'content' must be a string", "content"));
@@ -410,12 +423,8 @@ void Server::Tokenize(const httplib::Request& req, httplib::Response& res,
 void Server::Detokenize(const httplib::Request& req, httplib::Response& res,
                         const httplib::ContentReader& reader) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
-  std::string body;
-  if (!ReadBody(req, res, reader, &body)) return;
   json j;
-  ApiError err;
-  if (!ParseJsonObject(body, &j, &err)) return Error(res, err);
+  if (!BeginJsonPost(req, res, reader, &slot, &j)) return;
   auto t = j.find("tokens");
   if (t == j.end() || !t->is_array()) {
     return Error(res, BadRequest("'tokens' must be an array of token ids", "tokens"));
@@ -447,12 +456,9 @@ struct Job {
 void Server::Completion(const httplib::Request& req, httplib::Response& res,
                         const httplib::ContentReader& reader, bool chat) {
   std::shared_ptr<Slot> slot;
-  if (!Gate(req, res, true, true, &slot)) return Drain(req, reader);
-  std::string body;
-  if (!ReadBody(req, res, reader, &body)) return;
   json j;
+  if (!BeginJsonPost(req, res, reader, &slot, &j)) return;
   ApiError err;
-  if (!ParseJsonObject(body, &j, &err)) return Error(res, err);
   CompletionRequest r;
   if (!ParseCompletion(j, chat, opt_.limits, kv_, &r, &err)) return Error(res, err);
 
