@@ -29,7 +29,7 @@ PY="${PYTHON:-python3}"
 APT_PACKAGES=(
   build-essential cmake pkg-config ccache
   libhwy-dev libpcre2-dev libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
-  libcpp-httplib-dev libssl-dev
+  libcpp-httplib-dev libssl-dev libxxhash-dev
   libopenblas-dev libeigen3-dev liblapacke-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-pip unzip

@@ -19,6 +19,8 @@ enum class StatusCode {
   kResourceExhausted, // cache full (a status, not a crash)
   kInternal,
   kUnavailable,       // not serving now (shutting down); retry elsewhere or later
+  kFailedPrecondition,  // valid input that does not fit this state: KV saved with another model,
+                        // KV configuration or format version
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -47,6 +49,9 @@ inline Status OutOfRange(std::string m) { return {StatusCode::kOutOfRange, std::
 inline Status ResourceExhausted(std::string m) { return {StatusCode::kResourceExhausted, std::move(m)}; }
 inline Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
 inline Status Unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
+inline Status FailedPrecondition(std::string m) {
+  return {StatusCode::kFailedPrecondition, std::move(m)};
+}
 
 template <typename T>
 class [[nodiscard]] StatusOr {

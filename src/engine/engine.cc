@@ -9,6 +9,7 @@
 #include "engine/text_stream.h"
 #include "kv/policy.h"
 #include "model/model.h"
+#include "store/prefix_cache.h"
 
 namespace kvc::engine {
 
@@ -83,6 +84,11 @@ struct Engine::Seq {
   double t_last = -1;          // time of the last emitted token
   RequestUsage usage;
   std::vector<float> logits;   // [n_vocab] of the last row fed
+  int64_t n_cached = 0;        // prompt tokens restored from stored KV (0: none)
+  std::unique_ptr<store::BlockExporter> exporter;  // null: not exporting
+  store::KvFingerprint kv_fp;  // of this sequence's configuration (export, save)
+  std::vector<store::Digest> chain;  // chain keys of the blocks cut so far
+  bool window_free = false;
   bool prefilling() const { return n_fed < int64_t(feed.size()); }
 };
 
@@ -179,6 +185,27 @@ Status Engine::Validate(const Request& r) const {
   }
   KVC_RETURN_IF_ERROR(ValidateSampling(r.gen.sampling));
   KVC_RETURN_IF_ERROR(ValidateStops(r.gen.stop));
+  if (r.restore_sequence && !r.restore_blocks.empty()) {
+    return InvalidArgument("restore from a sequence record or from blocks, not both");
+  }
+  // The restored tokens must be a proper prefix of the prompt.
+  int64_t t = 0;
+  auto check = [&](const store::Record& rec) -> Status {
+    if (rec.info.t0 != t) return InvalidArgument("stored KV records are not consecutive from token 0");
+    const auto& tk = rec.info.tokens;
+    if (rec.info.t1 >= int64_t(r.prompt.size()) ||
+        !std::equal(tk.begin(), tk.end(), r.prompt.begin() + rec.info.t0)) {
+      return InvalidArgument("the stored KV's tokens are not a prefix of the prompt (with at least "
+                             "one token after it)");
+    }
+    t = rec.info.t1;
+    return Status::Ok();
+  };
+  if (r.restore_sequence) KVC_RETURN_IF_ERROR(check(*r.restore_sequence));
+  for (const auto& b : r.restore_blocks) KVC_RETURN_IF_ERROR(check(*b));
+  if (r.export_block_tokens < 0 || (r.export_block_tokens > 0 && !r.on_block)) {
+    return InvalidArgument("export_block_tokens needs on_block");
+  }
   return Status::Ok();
 }
 
@@ -301,6 +328,19 @@ void Engine::Finish(Seq& s, FinishReason reason, Status err) {
   if (reason != FinishReason::kError && !s.text->stopped()) ev.text = s.text->Finish();
   s.usage.t_finish = Now();
   s.usage.completion_tokens = int64_t(s.generated.size());
+  if (s.cache && s.req.save_state && reason != FinishReason::kError) {
+    std::vector<int32_t> all = s.req.prompt;
+    all.insert(all.end(), s.generated.begin(), s.generated.end());
+    const size_t n = size_t(s.n_past);
+    auto rec = store::EncodeSequence(*s.cache, s.policy.get(), store::FingerprintOf(model_), s.kv_fp,
+                                     std::vector<int32_t>(all.begin(), all.begin() + n),
+                                     std::vector<int32_t>(all.begin() + n, all.end()));
+    if (rec.ok()) {
+      ev.state = std::make_shared<const std::string>(std::move(*rec));
+    } else {
+      spdlog::warn("request {}: state not saved: {}", s.id, rec.status().message());
+    }
+  }
   if (s.cache) {
     s.usage.kv_cells = s.cache->Memory().Cells();
     s.usage.kv_bytes_peak = std::max<int64_t>(s.usage.kv_bytes_peak, s.cache->Memory().TotalBytes());
@@ -380,6 +420,7 @@ void Engine::Admit() {
     owned->n_fed = 0;
     owned->n_past = 0;
     owned->next_token = -1;
+    RestoreStored(*owned, cfg);
     owned->reserved = need;
     owned->bytes = int64_t(owned->cache->Memory().TotalBytes());
     owned->usage.kv_bytes_reserved = std::max(owned->usage.kv_bytes_reserved, need);
@@ -391,6 +432,68 @@ void Engine::Admit() {
       stats_.prompt_tokens_total += owned->usage.prompt_tokens;
     }
     running_.push_back(std::move(owned));
+  }
+}
+
+void Engine::RestoreStored(Seq& s, const kv::KvCacheConfig& cfg) {
+  const Request& r = s.req;
+  s.kv_fp = store::FingerprintOf(*s.cache, s.policy ? s.policy->Name() : "");
+  int64_t t = 0;
+  if (r.restore_sequence || !r.restore_blocks.empty()) {
+    Status st = r.restore_sequence ? store::ApplySequence(*r.restore_sequence, s.cache.get(), s.policy.get())
+                                   : store::ApplyBlocks(r.restore_blocks, s.cache.get());
+    if (st.ok()) {
+      t = s.cache->n_consumed();
+    } else {
+      spdlog::warn("request {}: stored KV not used ({}); computing the whole prompt", s.id,
+                   st.message());
+      auto fresh = kv::KvCache::Create(model_.kv_shape(), cfg);
+      auto pol = kv::MakePolicy(r.kv.evict, model_.kv_shape());
+      if (fresh.ok() && pol.ok()) {
+        s.cache = std::move(*fresh);
+        s.policy = std::move(*pol);
+        if (s.policy) s.cache->SetStatsRequest(s.policy->StatsNeeded());
+      }
+    }
+  }
+  s.n_fed = t;
+  s.n_past = t;
+  s.n_cached = t;
+  s.usage.cached_tokens = t;
+  // Export blocks from here on (not after a preemption: the blocks before it were exported).
+  s.exporter.reset();
+  s.chain.clear();
+  if (r.export_block_tokens > 0 && !s.policy && s.usage.preemptions == 0) {
+    s.exporter = std::make_unique<store::BlockExporter>();
+    s.exporter->StartAt(*s.cache);
+    s.window_free = store::BlockExporter::WindowFree(*s.cache);
+  }
+}
+
+void Engine::ExportBlocks(Seq& s) {
+  const int64_t B = s.req.export_block_tokens;
+  const int64_t target = (s.n_past / B) * B;
+  if (target <= s.exporter->t1()) return;
+  if (!s.window_free && target != s.n_past) return;  // cut only at the current length
+  std::vector<int32_t> all = s.req.prompt;
+  all.insert(all.end(), s.generated.begin(), s.generated.end());
+  // Chain keys up to the target block.
+  while (int64_t(s.chain.size()) * B < target) {
+    const store::Digest& parent = s.chain.empty() ? s.req.prefix_root : s.chain.back();
+    s.chain.push_back(store::ChainKey(parent, all.data() + s.chain.size() * B, int(B)));
+  }
+  const store::ModelFingerprint& mfp = store::FingerprintOf(model_);
+  const int64_t step = s.window_free ? B : target - s.exporter->t1();
+  while (s.exporter->t1() < target) {
+    const int64_t t0 = s.exporter->t1(), t1 = t0 + step;
+    std::vector<int32_t> toks(all.begin() + t0, all.begin() + t1);
+    auto rec = s.exporter->Next(*s.cache, t1, mfp, s.kv_fp, s.chain[size_t(t1 / B) - 1], toks);
+    if (!rec.ok()) {
+      spdlog::debug("request {}: prefix blocks no longer exported: {}", s.id, rec.status().message());
+      s.exporter.reset();
+      return;
+    }
+    s.req.on_block(s.chain[size_t(t1 / B) - 1], t0, t1, std::move(*rec));
   }
 }
 
@@ -523,6 +626,7 @@ bool Engine::Step() {
       failed.push_back({&s, hook});
       continue;
     }
+    if (s.exporter) ExportBlocks(s);
     if (s.prefilling()) continue;  // more chunks to come; no token yet
     // The prompt (or the last token) is in: sample the next token unless done.
     if (int64_t(s.generated.size()) >= s.req.gen.max_tokens) {

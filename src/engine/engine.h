@@ -51,6 +51,7 @@
 #include "kv/cache.h"
 #include "kvcrunch/status.h"
 #include "model/forward.h"
+#include "store/kv_format.h"
 
 namespace kvc {
 class Model;
@@ -91,6 +92,7 @@ struct RequestUsage {
   int64_t kv_cells = 0;              // cells held (Σ layers, heads) at the end
   double k_bits_per_value = 0, v_bits_per_value = 0;
   std::string kv_label;              // KvSettings::Label()
+  int64_t cached_tokens = 0;         // prompt tokens restored from stored KV, not computed
   double t_arrival = 0, t_scheduled = -1, t_first_token = -1, t_finish = -1;
 };
 
@@ -106,6 +108,10 @@ struct Event {
   FinishReason reason = FinishReason::kNone;
   Status error;                // reason == kError: why (e.g. non-finite activations)
   RequestUsage usage;          // filled when finished
+  // Request::save_state: the encoded kSequence record (kv_format.h) of the state at the end:
+  // every token the cache consumed, and the sampled token not yet fed as pending. Null when the
+  // request failed or was cancelled before its cache existed.
+  std::shared_ptr<const std::string> state;
 };
 using EventSink = std::function<void(const Event&)>;
 
@@ -114,6 +120,26 @@ struct Request {
   GenerationParams gen;
   KvSettings kv;
   EventSink sink;               // required
+
+  // --- stored KV (src/store/, docs/store.md) ---
+  // Start from saved KV instead of computing the first t prompt tokens: one kSequence record
+  // (a saved session) or kBlock records covering [0, t) in order (the prefix cache). The caller
+  // verified them (DecodeRecord + CheckMatches for this model and KV configuration); Submit checks
+  // that their tokens are the first t tokens of `prompt` and t < prompt size (INVALID_ARGUMENT
+  // otherwise). If rebuilding the cache fails anyway, the request computes its whole prompt and
+  // logs why. usage.cached_tokens = t when used.
+  std::shared_ptr<const store::Record> restore_sequence;
+  std::vector<std::shared_ptr<const store::Record>> restore_blocks;
+  // Prefix-cache export: with export_block_tokens = B > 0, each time the tokens the cache consumed
+  // (prompt and generated) pass a multiple of B, on_block gets kBlock records (kv_format.h
+  // BlockExporter) keyed by ChainKey from prefix_root (prefix_cache.h), on the engine thread (it
+  // must not block). Export stops for good when the sequence's cells stop being the token indices
+  // (an eviction policy), or its streams are centred.
+  int export_block_tokens = 0;
+  store::Digest prefix_root{};
+  std::function<void(const store::Digest& key, int64_t t0, int64_t t1, std::string record)> on_block;
+  // The final event carries the encoded state (Event::state).
+  bool save_state = false;
 };
 
 struct EngineOptions {
@@ -201,6 +227,9 @@ class Engine {
   int64_t Reservation(const Seq& s);  // KV bytes reserved for s at the ratio in force
   void Finish(Seq& s, FinishReason reason, Status err = Status::Ok());
   void Preempt(Seq& s);
+  // Rebuilds the cache from the request's stored KV (if any) and sets up block export.
+  void RestoreStored(Seq& s, const kv::KvCacheConfig& cfg);
+  void ExportBlocks(Seq& s);
   double Now() const;
 
   const Model& model_;

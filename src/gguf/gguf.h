@@ -65,6 +65,8 @@ class GgufFile {
 
   uint32_t version() const { return version_; }
   size_t file_size() const { return size_; }
+  // The whole file as mapped [file_size()] (model fingerprints hash it).
+  const uint8_t* file_bytes() const { return base_; }
   const std::map<std::string, MetaValue>& metadata() const { return meta_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
 

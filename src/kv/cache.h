@@ -188,6 +188,11 @@ class KvCache {
   const Codec& body_codec(int layer, KvKind kind) const;  // head 0's instance
 
   struct Impl;  // internal (cache.cc / attention.cc)
+  // Raw state, for the stored-KV format only (src/store/kv_format.h reads and rebuilds it; it
+  // verifies every count against the codecs before writing into a freshly created cache).
+  Impl& impl() { return *impl_; }
+  const Impl& impl() const { return *impl_; }
+  void set_n_consumed(int64_t n) { n_consumed_ = n; }
 
  private:
   KvCache() = default;

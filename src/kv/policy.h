@@ -37,6 +37,11 @@ class EvictionPolicy {
   // Default: no bound below n_total (a policy that only compresses the prompt still holds the
   // whole prompt until AfterPrefill, and every generated token).
   virtual int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const { return n_total; }
+  // The policy's own state outside the cache (budgets fixed at the first prompt, step counters),
+  // for save / restore (src/store/kv_format.h). LoadState gets what SaveState returned from a
+  // policy with the same Name(); INVALID_ARGUMENT when the count does not match.
+  virtual std::vector<int64_t> SaveState() const { return {}; }
+  virtual Status LoadState(const std::vector<int64_t>& state);
 };
 
 using PolicyFactory =

@@ -26,6 +26,14 @@ const std::vector<PolicyInfo>& RegisteredPolicies() {
   return kPolicies;
 }
 
+Status EvictionPolicy::LoadState(const std::vector<int64_t>& state) {
+  if (!state.empty()) {
+    return InvalidArgument(fmt::format("policy {} keeps no state, but {} values were given", Name(),
+                                       state.size()));
+  }
+  return Status::Ok();
+}
+
 StatusOr<std::unique_ptr<EvictionPolicy>> MakePolicy(const std::string& text, const KvShape& shape) {
   if (text.empty() || text == "none") return std::unique_ptr<EvictionPolicy>();
   if (text.find('+') != std::string::npos) return MakeChainPolicy(text, shape);

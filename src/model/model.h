@@ -101,6 +101,10 @@ class Session {
   const kv::EvictionPolicy* policy() const { return policy_.get(); }
   const Model& model() const { return model_; }
   const Options& options() const { return opt_; }
+  // For restore (src/store/session_file.h): the policy whose state is reloaded, and the token
+  // count after the cache was rebuilt.
+  kv::EvictionPolicy* mutable_policy() { return policy_.get(); }
+  void set_n_past(int64_t n) { n_past_ = n; }
 
  private:
   Session(const Model& m) : model_(m) {}

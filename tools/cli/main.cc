@@ -32,6 +32,7 @@
 #include "retrieval.h"
 #include "runner.h"
 #include "server.h"
+#include "store/session_file.h"
 
 using namespace kvc;
 
@@ -226,7 +227,8 @@ int CmdInfo(Common& c) {
 }
 
 int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, const std::string& ids,
-                bool chat, int n_predict, float temp, float top_p, uint32_t seed, bool print_ids) {
+                bool chat, int n_predict, float temp, float top_p, uint32_t seed, bool print_ids,
+                const std::string& session_path) {
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
   const Model& model = **m;
@@ -242,16 +244,20 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
       if (!t.ok()) return Fail(t.status());
       text = *t;
     }
-    if (text.empty()) return Fail(InvalidArgument("empty prompt: give -p TEXT, -f FILE or --tokens"));
-    if (chat) {
+    if (text.empty() && session_path.empty()) {
+      return Fail(InvalidArgument("empty prompt: give -p TEXT, -f FILE or --tokens"));
+    }
+    if (chat && !text.empty()) {
       auto t = model.tokenizer().ApplyChatTemplate({{"user", text}}, true);
       if (!t.ok()) return Fail(t.status());
       text = *t;
     }
-    auto r = model.tokenizer().Encode(text, false, /*parse_special=*/chat);
-    if (!r.ok()) return Fail(r.status());
-    toks = *r;
-    if (toks.empty()) return Fail(InvalidArgument("the prompt tokenizes to nothing"));
+    if (!text.empty()) {
+      auto r = model.tokenizer().Encode(text, false, /*parse_special=*/chat);
+      if (!r.ok()) return Fail(r.status());
+      toks = *r;
+      if (toks.empty()) return Fail(InvalidArgument("the prompt tokenizes to nothing"));
+    }
   }
   if (n_predict < 0) return Fail(InvalidArgument("-n must be >= 0 (number of tokens to generate; generation also stops at EOS)"));
   if (!(temp >= 0) || !std::isfinite(temp) || !(top_p > 0 && top_p <= 1)) {
@@ -270,9 +276,30 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   }
   auto s = Session::Create(model, rc->cache, rc->evict, so);
   if (!s.ok()) return Fail(s.status());
+  // --session FILE: continue the saved conversation (its pending token, then this prompt), and
+  // save the state again at the end. A missing file starts a new session.
+  store::SessionTokens saved;
+  if (!session_path.empty() && std::filesystem::exists(session_path)) {
+    auto l = store::LoadSession(s->get(), session_path);
+    if (!l.ok()) return Fail(l.status());
+    saved = std::move(*l);
+    std::fprintf(stderr, "session: restored %zu tokens (%zu pending) from %s\n", saved.tokens.size(),
+                 saved.pending.size(), session_path.c_str());
+    toks.insert(toks.begin(), saved.pending.begin(), saved.pending.end());
+  }
+  if (toks.empty()) {
+    return Fail(InvalidArgument("nothing to evaluate: the session has no pending token; give a prompt"));
+  }
+  if (rc->evict.empty() && (*s)->n_past() + int64_t(toks.size()) > so.n_ctx) {
+    return Fail(OutOfRange(fmt::format("the session ({} tokens) + the prompt ({}) exceed the context "
+                                       "size {} (raise -c)",
+                                       (*s)->n_past(), toks.size(), so.n_ctx)));
+  }
+  std::vector<int32_t> consumed = saved.tokens;  // every token the cache consumed, in order
   std::vector<float> logits;
   const double t0 = NowSeconds();
   Status st = (*s)->Eval(toks, false, &logits);
+  consumed.insert(consumed.end(), toks.begin(), toks.end());
   if (!st.ok()) return Fail(st);
   const double t1 = NowSeconds();
   std::mt19937 rng(seed);
@@ -314,8 +341,19 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
     }
     st = (*s)->Eval({next}, false, &logits);
     if (!st.ok()) return Fail(st);
+    consumed.push_back(next);
   }
   const double t2 = NowSeconds();
+  if (!session_path.empty()) {
+    store::SessionTokens t;
+    t.tokens = consumed;
+    // The last sampled token was not fed when generation stopped at EOS or the context limit.
+    const size_t fed_out = consumed.size() - saved.tokens.size() - toks.size();
+    if (fed_out < out.size()) t.pending.assign(out.begin() + fed_out, out.end());
+    if (Status ss = store::SaveSession(**s, t, session_path); !ss.ok()) return Fail(ss);
+    std::fprintf(stderr, "session: saved %zu tokens (%zu pending) to %s\n", t.tokens.size(),
+                 t.pending.size(), session_path.c_str());
+  }
   if (print_ids) {
     std::string line;
     for (size_t i = 0; i < out.size(); ++i) line += (i ? "," : "") + std::to_string(out[i]);
@@ -791,7 +829,7 @@ int main(int argc, char** argv) {
   auto* info = app.add_subcommand("info", "model hyper-parameters and KV bytes per token per codec");
   AddModelFlags(info, c);
 
-  std::string prompt, file, ids, out_path, report;
+  std::string prompt, file, ids, out_path, report, session_path;
   bool chat = false, print_ids = false, json = false, csv = false;
   int n_predict = 128, decode_tokens = 32;
   float temp = 0.8f, top_p = 0.95f;
@@ -811,6 +849,9 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", top_p, "nucleus sampling threshold");
   gen->add_option("--seed", seed, "sampling seed");
   gen->add_flag("--print-ids", print_ids, "print generated token ids (comma-separated) instead of text");
+  gen->add_option("--session", session_path,
+                  "session file: continue the conversation saved there (its KV, compressed as saved; "
+                  "the prompt is appended), then save it again; a missing file starts one (docs/store.md)");
 
   auto* lg = app.add_subcommand("logits", "write logits of every position as raw f32 [n_tokens, n_vocab]");
   AddModelFlags(lg, c);
@@ -913,7 +954,7 @@ int main(int argc, char** argv) {
     if (*bn) return CmdBench(c, bench_p, bench_n, bench_depth, bench_reps, json);
     if (*bbc) return CmdBatchedBench(c, bb, json);
     if (*info) return CmdInfo(c);
-    if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids);
+    if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids, session_path);
     if (*lg) return CmdLogits(c, ids, out_path);
     if (*ppl) return CmdPerplexity(c, file, chunks, json);
     if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);

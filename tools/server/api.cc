@@ -52,6 +52,11 @@ ApiError ErrorFromStatus(const Status& s, std::string param) {
       e.type = "rate_limit_error";
       e.code = "queue_full";
       break;
+    case StatusCode::kFailedPrecondition:
+      e.status = 409;
+      e.type = "invalid_request_error";
+      e.code = "kv_mismatch";
+      break;
     case StatusCode::kUnavailable:
       e.status = 503;
       e.type = "unavailable_error";

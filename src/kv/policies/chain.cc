@@ -44,6 +44,29 @@ class ChainPolicy : public EvictionPolicy {
     for (auto& s : stages_) KVC_RETURN_IF_ERROR(s->AfterStep(c));
     return Status::Ok();
   }
+  // Per stage: its value count, then its values.
+  std::vector<int64_t> SaveState() const override {
+    std::vector<int64_t> out;
+    for (auto& s : stages_) {
+      auto v = s->SaveState();
+      out.push_back(int64_t(v.size()));
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    return out;
+  }
+  Status LoadState(const std::vector<int64_t>& state) override {
+    size_t i = 0;
+    for (auto& s : stages_) {
+      if (i >= state.size() || state[i] < 0 || size_t(state[i]) > state.size() - i - 1) {
+        return InvalidArgument("policy chain: malformed saved state");
+      }
+      std::vector<int64_t> v(state.begin() + i + 1, state.begin() + i + 1 + state[i]);
+      i += 1 + size_t(state[i]);
+      KVC_RETURN_IF_ERROR(s->LoadState(v));
+    }
+    if (i != state.size()) return InvalidArgument("policy chain: malformed saved state");
+    return Status::Ok();
+  }
 
  private:
   std::vector<std::unique_ptr<EvictionPolicy>> stages_;

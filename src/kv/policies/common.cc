@@ -163,6 +163,17 @@ Status ScoredPolicy::CompressAll(KvCache& cache, int64_t reserve, bool use_targe
   return Status::Ok();
 }
 
+Status ScoredPolicy::LoadState(const std::vector<int64_t>& state) {
+  if (state.size() != 3) {
+    return InvalidArgument(fmt::format("policy {}: saved state has {} values, expected 3", Name(),
+                                       state.size()));
+  }
+  fixed_budget_ = state[0];
+  steps_ = state[1];
+  prompts_ = state[2];
+  return Status::Ok();
+}
+
 Status ScoredPolicy::BeforeWrite(KvCache& cache, int n_incoming) {
   if (p_.when == When::kStep && fixed_budget_ < 0 && p_.budget.tokens >= 0) {
     fixed_budget_ = p_.budget.tokens;

@@ -92,6 +92,8 @@ class ScoredPolicy : public EvictionPolicy {
   // every generated token).
   int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override;
   const CommonParams& params() const { return p_; }
+  std::vector<int64_t> SaveState() const override { return {fixed_budget_, steps_, prompts_}; }
+  Status LoadState(const std::vector<int64_t>& state) override;
 
   // scores [n_cells] of (layer, head); higher = more important. Non-const: may cache.
   virtual void Score(KvCache& cache, int layer, int head, std::vector<float>* scores) = 0;

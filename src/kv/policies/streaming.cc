@@ -31,6 +31,12 @@ class StreamingPolicy : public EvictionPolicy {
   int64_t MaxCells(int64_t n_prompt, int64_t n_total, int chunk) const override {
     return std::min(n_total, std::max(sink_ + window_, sink_ + int64_t(chunk)));
   }
+  std::vector<int64_t> SaveState() const override { return {limit_set_ ? 1 : 0}; }
+  Status LoadState(const std::vector<int64_t>& state) override {
+    if (state.size() != 1) return InvalidArgument("streaming: saved state must hold 1 value");
+    limit_set_ = state[0] != 0;
+    return Status::Ok();
+  }
 
  private:
   // Keeps sinks then the most recent tokens, at most `cap` per (layer, head).
