@@ -465,7 +465,7 @@ void Engine::RestoreStored(Seq& s, const kv::KvCacheConfig& cfg) {
   s.chain.clear();
   if (r.export_block_tokens > 0 && !s.policy && s.usage.preemptions == 0) {
     s.exporter = std::make_unique<store::BlockExporter>();
-    s.exporter->StartAt(*s.cache);
+    if (!s.exporter->StartAt(*s.cache, r.export_block_tokens)) s.exporter.reset();
     s.window_free = store::BlockExporter::WindowFree(*s.cache);
   }
 }
@@ -493,7 +493,14 @@ void Engine::ExportBlocks(Seq& s) {
       s.exporter.reset();
       return;
     }
-    s.req.on_block(s.chain[size_t(t1 / B) - 1], t0, t1, std::move(*rec));
+    Request::BlockOut out;
+    out.keys.assign(s.chain.begin() + t0 / B, s.chain.begin() + t1 / B);
+    out.parent = t0 == 0 ? s.req.prefix_root : s.chain[size_t(t0 / B) - 1];
+    out.t0 = t0;
+    out.t1 = t1;
+    out.tokens = std::move(toks);
+    out.record = std::move(*rec);
+    s.req.on_block(std::move(out));
   }
 }
 

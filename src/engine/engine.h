@@ -137,7 +137,15 @@ struct Request {
   // (an eviction policy), or its streams are centred.
   int export_block_tokens = 0;
   store::Digest prefix_root{};
-  std::function<void(const store::Digest& key, int64_t t0, int64_t t1, std::string record)> on_block;
+  struct BlockOut {
+    std::vector<store::Digest> keys;  // chain keys of the blocks in [t0, t1); the record is stored
+                                      // under keys.back()
+    store::Digest parent;             // chain key before t0 (prefix_root when t0 = 0)
+    int64_t t0 = 0, t1 = 0;
+    std::vector<int32_t> tokens;      // [t1 - t0]
+    std::string record;               // encoded kBlock record
+  };
+  std::function<void(BlockOut)> on_block;
   // The final event carries the encoded state (Event::state).
   bool save_state = false;
 };

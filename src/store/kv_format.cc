@@ -39,13 +39,22 @@ class Writer {
     out.append(reinterpret_cast<const char*>(&v), sizeof(T));
   }
   void Bytes(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
+  // LEB128 (unsigned) and zigzag LEB128 (signed): counts and positions take 1-3 bytes.
+  void Var(uint64_t v) {
+    while (v >= 0x80) {
+      out.push_back(char(uint8_t(v) | 0x80));
+      v >>= 7;
+    }
+    out.push_back(char(uint8_t(v)));
+  }
+  void SVar(int64_t v) { Var((uint64_t(v) << 1) ^ uint64_t(v >> 63)); }
   void Str(const std::string& s) {
     Put<uint32_t>(uint32_t(s.size()));
     Bytes(s.data(), s.size());
   }
   template <typename T>
   void Vec(const std::vector<T>& v) {
-    Put<uint64_t>(uint64_t(v.size()));
+    Var(uint64_t(v.size()));
     Bytes(v.data(), v.size() * sizeof(T));
   }
 };
@@ -71,9 +80,24 @@ class Reader {
     pos_ += n;
     return s;
   }
+  uint64_t Var(const char* what) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      const uint8_t b = Get<uint8_t>(what);
+      if (!ok_) return 0;
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    Fail(fmt::format("{}: malformed variable-length integer (offset {})", what, pos_));
+    return 0;
+  }
+  int64_t SVar(const char* what) {
+    const uint64_t u = Var(what);
+    return int64_t(u >> 1) ^ -int64_t(u & 1);
+  }
   template <typename T>
   std::vector<T> Vec(const char* what) {
-    const uint64_t n = Get<uint64_t>(what);
+    const uint64_t n = Var(what);
     if (!ok_) return {};
     if (n > kMaxCount || n * sizeof(T) > b_.size() - pos_) {
       Fail(fmt::format("{}: count {} runs past the end of the record", what, n));
@@ -90,7 +114,7 @@ class Reader {
     pos_ += n;
   }
   std::string Blob(const char* what) {
-    const uint64_t n = Get<uint64_t>(what);
+    const uint64_t n = Var(what);
     if (!ok_) return {};
     if (n > b_.size() - pos_) {
       Fail(fmt::format("{}: {} bytes run past the end of the record", what, n));
@@ -236,9 +260,9 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
   w.Str(seq ? model.text : "");
   w.Str(seq ? kvfp.text : "");
   w.Str(seq && policy ? policy->Name() : "");
-  w.Put<int64_t>(t0);
-  w.Put<int64_t>(t1);
-  w.Put<int64_t>(n_consumed);
+  w.SVar(t0);
+  w.SVar(t1);
+  w.SVar(n_consumed);
   w.Vec(tokens);
   w.Vec(pending);
   w.Vec(policy ? policy->SaveState() : std::vector<int64_t>{});
@@ -247,14 +271,14 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
   const uint32_t n_layer = uint32_t(impl.layers.size());
   const uint32_t n_head_kv = uint32_t(impl.layers[0].size());
   const uint32_t n_seg = uint32_t(impl.layers[0][0].segs.size());
-  w.Put(n_layer);
-  w.Put(n_head_kv);
-  w.Put(n_seg);
+  w.Var(n_layer);
+  w.Var(n_head_kv);
+  w.Var(n_seg);
   size_t mi = 0;
   for (const auto& layer : impl.layers) {
     for (const auto& hc : layer) {
-      w.Put<int64_t>(hc.shift);
-      w.Put<int64_t>(hc.limit_tokens);
+      w.SVar(hc.shift);
+      w.SVar(hc.limit_tokens);
       if (!identity) {
         w.Vec(hc.seq);
         w.Vec(hc.pos);
@@ -267,24 +291,24 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
               ranges ? (*ranges)[mi] : std::array<int64_t, 4>{0, st->n_packed, 0, st->n()};
           ++mi;
           const int64_t pb = rg[0], pe = rg[1], nb = rg[2], ne = rg[3];
-          w.Put<int64_t>(pb);
-          w.Put<int64_t>(pe);
-          w.Put<int64_t>(nb);
-          w.Put<int64_t>(ne);
-          w.Put<int64_t>(st->limit_tokens);
+          w.SVar(pb);
+          w.SVar(pe);
+          w.SVar(nb);
+          w.SVar(ne);
+          w.SVar(st->limit_tokens);
           w.Vec(st->mu);
           const int bt = st->block_tokens();
           const size_t bb = st->block_bytes();
           const size_t off = size_t(pb / bt) * bb;
           const size_t len = size_t((pe - pb) / bt) * bb;
-          w.Put<uint64_t>(len);
+          w.Var(len);
           w.Bytes(st->packed.data() + off, len);
           // Tail rows of the range's own tokens still in the tail at ne (exact cuts only: a cut
           // before n() has pe == ne, no rows).
           const int64_t tail_begin = std::max(pe, nb);
           const int64_t rows = ne - tail_begin;
-          w.Put<uint32_t>(uint32_t(st->dim));
-          w.Put<uint64_t>(uint64_t(rows));
+          w.Var(uint64_t(st->dim));
+          w.Var(uint64_t(rows));
           w.Bytes(st->tail.data() + size_t(tail_begin - st->n_packed) * st->dim,
                   size_t(rows) * st->dim * sizeof(uint16_t));
         }
@@ -308,9 +332,19 @@ StatusOr<std::string> EncodeSequence(const kv::KvCache& cache, const kv::Evictio
     return InvalidArgument(fmt::format("{} token ids given for a cache that consumed {}",
                                        tokens.size(), cache.n_consumed()));
   }
+  // Cells that are the token indices (no eviction) are not stored.
+  bool identity = true;
+  const int64_t n = cache.n_consumed();
+  for (const auto& layer : cache.impl().layers) {
+    for (const auto& hc : layer) {
+      if (hc.n() != n || hc.shift != 0 || !hc.acc.empty()) identity = false;
+      for (int64_t i = 0; identity && i < hc.n(); ++i) {
+        if (hc.seq[size_t(i)] != i || hc.pos[size_t(i)] != i) identity = false;
+      }
+    }
+  }
   return Encode(RecordKind::kSequence, cache, policy, model, kv, Digest{}, 0,
-                int64_t(tokens.size()), cache.n_consumed(), tokens, pending, /*identity=*/false,
-                nullptr);
+                int64_t(tokens.size()), cache.n_consumed(), tokens, pending, identity, nullptr);
 }
 
 bool BlockExporter::WindowFree(const kv::KvCache& cache) {
@@ -326,8 +360,14 @@ bool BlockExporter::WindowFree(const kv::KvCache& cache) {
   return true;
 }
 
-void BlockExporter::StartAt(const kv::KvCache& cache) {
+bool BlockExporter::StartAt(const kv::KvCache& cache, int block_tokens) {
+  const int64_t t = cache.n_consumed();
   marks_.clear();
+  if (WindowFree(cache)) {
+    t1_ = t / block_tokens * block_tokens;
+    return true;
+  }
+  if (t % block_tokens != 0) return false;
   for (const auto& layer : cache.impl().layers) {
     for (const auto& hc : layer) {
       for (const auto& sg : hc.segs) {
@@ -335,7 +375,8 @@ void BlockExporter::StartAt(const kv::KvCache& cache) {
       }
     }
   }
-  t1_ = cache.n_consumed();
+  t1_ = t;
+  return true;
 }
 
 StatusOr<std::string> BlockExporter::Next(const kv::KvCache& cache, int64_t t1,
@@ -475,16 +516,16 @@ StatusOr<Record> DecodeRecord(std::string_view b) {
   r.info.model_text = rd.Str("model description");
   r.info.kv_text = rd.Str("KV configuration");
   r.info.policy_name = rd.Str("policy name");
-  r.info.t0 = rd.Get<int64_t>("t0");
-  r.info.t1 = rd.Get<int64_t>("t1");
-  r.info.n_consumed = rd.Get<int64_t>("n_consumed");
+  r.info.t0 = rd.SVar("t0");
+  r.info.t1 = rd.SVar("t1");
+  r.info.n_consumed = rd.SVar("n_consumed");
   r.info.tokens = rd.Vec<int32_t>("tokens");
   r.info.pending = rd.Vec<int32_t>("pending tokens");
   st->policy_state = rd.Vec<int64_t>("policy state");
   st->cells_identity = rd.Get<uint8_t>("cells flag") != 0;
-  st->n_layer = rd.Get<uint32_t>("n_layer");
-  st->n_head_kv = rd.Get<uint32_t>("n_head_kv");
-  st->n_seg = rd.Get<uint32_t>("segments");
+  st->n_layer = uint32_t(std::min<uint64_t>(rd.Var("n_layer"), UINT32_MAX));
+  st->n_head_kv = uint32_t(std::min<uint64_t>(rd.Var("n_head_kv"), UINT32_MAX));
+  st->n_seg = uint32_t(std::min<uint64_t>(rd.Var("segments"), UINT32_MAX));
   if (!rd.ok()) return DataLoss("KV record: " + rd.error());
   if (r.info.t0 < 0 || r.info.t1 < r.info.t0 || r.info.tokens.size() != size_t(r.info.t1 - r.info.t0) ||
       r.info.n_consumed < r.info.t1) {
@@ -498,8 +539,8 @@ StatusOr<Record> DecodeRecord(std::string_view b) {
   }
   st->heads.resize(size_t(st->n_layer) * st->n_head_kv);
   for (auto& h : st->heads) {
-    h.shift = rd.Get<int64_t>("shift");
-    h.limit_tokens = rd.Get<int64_t>("limit");
+    h.shift = rd.SVar("shift");
+    h.limit_tokens = rd.SVar("limit");
     if (!st->cells_identity) {
       h.seq = rd.Vec<int64_t>("cell seq");
       h.pos = rd.Vec<int64_t>("cell pos");
@@ -507,15 +548,15 @@ StatusOr<Record> DecodeRecord(std::string_view b) {
     }
     h.streams.resize(size_t(st->n_seg) * 2);
     for (auto& s : h.streams) {
-      s.n_packed_begin = rd.Get<int64_t>("packed begin");
-      s.n_packed_end = rd.Get<int64_t>("packed end");
-      s.n_begin = rd.Get<int64_t>("stream begin");
-      s.n_end = rd.Get<int64_t>("stream end");
-      s.limit_tokens = rd.Get<int64_t>("stream limit");
+      s.n_packed_begin = rd.SVar("packed begin");
+      s.n_packed_end = rd.SVar("packed end");
+      s.n_begin = rd.SVar("stream begin");
+      s.n_end = rd.SVar("stream end");
+      s.limit_tokens = rd.SVar("stream limit");
       s.mu = rd.Vec<float>("centring mean");
       s.packed = rd.Blob("packed blocks");
-      s.dim = rd.Get<uint32_t>("dim");
-      const uint64_t rows = rd.Get<uint64_t>("tail rows");
+      s.dim = uint32_t(std::min<uint64_t>(rd.Var("dim"), UINT32_MAX));
+      const uint64_t rows = rd.Var("tail rows");
       if (!rd.ok()) return DataLoss("KV record: " + rd.error());
       if (s.dim == 0 || s.dim > 65536 || rows > kMaxCount) {
         return DataLoss(fmt::format("KV record: implausible stream dim {} / tail rows {}", s.dim, rows));

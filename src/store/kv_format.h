@@ -119,8 +119,10 @@ class BlockExporter {
                              const KvFingerprint& kv, const Digest& key,
                              const std::vector<int32_t>& tokens);
   int64_t t1() const { return t1_; }
-  // Continues from a cache rebuilt from stored KV: the next record starts at t = n_consumed().
-  void StartAt(const kv::KvCache& cache);
+  // Continues from a cache rebuilt from stored KV, t = n_consumed(): the next record starts at
+  // t rounded down to block_tokens (window-free caches can cut back there), or at t when that is a
+  // block boundary. False (do not export) for a cache with a window and t not on a boundary.
+  bool StartAt(const kv::KvCache& cache, int block_tokens);
 
  private:
   struct Mark {

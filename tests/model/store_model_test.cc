@@ -292,13 +292,15 @@ TEST_F(StoreModel, EnginePrefixBlocksContinueLikeComputingThePrompt) {
     ra.export_block_tokens = B;
     ra.prefix_root = Digest{};
     ra.prefix_root[0] = 7;
-    ra.on_block = [&](const Digest& key, int64_t t0, int64_t t1, std::string rec) {
-      auto d = DecodeRecord(rec);
+    ra.on_block = [&](engine::Request::BlockOut o) {
+      auto d = DecodeRecord(o.record);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
-      EXPECT_EQ(d->info.key, key);
-      EXPECT_EQ(d->info.t0, t0);
-      EXPECT_EQ(d->info.t1, t1);
-      blocks[DigestHex(key)] = std::make_shared<const Record>(std::move(*d));
+      EXPECT_EQ(d->info.key, o.keys.back());
+      EXPECT_EQ(d->info.t0, o.t0);
+      EXPECT_EQ(d->info.t1, o.t1);
+      EXPECT_EQ(o.keys.size(), size_t((o.t1 - o.t0) / B));
+      EXPECT_EQ(ChainKey(o.parent, o.tokens.data(), B), o.keys[0]);
+      blocks[DigestHex(o.keys.back())] = std::make_shared<const Record>(std::move(*d));
     };
     ASSERT_TRUE((*e)->Submit(std::move(ra)).ok());
     (*e)->RunUntilIdle();

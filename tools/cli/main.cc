@@ -668,6 +668,9 @@ struct ServeArgs {
   std::string api_key_file;
   std::string max_body = "4MiB";
   int max_connections = 64;
+  std::string prefix_cache = "256MiB";  // local prefix cache budget ("0": off)
+  int prefix_block = 64;
+  std::string session_dir;
   std::string model_alias;
   int default_max_tokens = 256;
   double shutdown_grace = 30;
@@ -786,7 +789,28 @@ int CmdServe(Common& c, const ServeArgs& a) {
   so.limits.default_max_tokens = a.default_max_tokens;
   so.shutdown_grace_seconds = a.shutdown_grace;
   so.sse_ping_seconds = a.sse_ping;
-  return server::Serve(**eng, model.tokenizer(), *kvp, so);
+  server::StoreOptions sto;
+  auto pc = server::ParseByteSize(a.prefix_cache);
+  if (!pc.ok() && a.prefix_cache != "0") {
+    return Fail(Status(pc.status().code(), "--prefix-cache: " + pc.status().message()));
+  }
+  sto.prefix_cache_bytes = pc.ok() ? *pc : 0;
+  sto.block_tokens = a.prefix_block;
+  sto.session_dir = a.session_dir;
+  if (!sto.session_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(sto.session_dir, ec);
+    if (ec || !std::filesystem::is_directory(sto.session_dir)) {
+      return Fail(InvalidArgument(fmt::format("--session-dir {}: cannot create the directory ({})",
+                                              sto.session_dir, ec.message())));
+    }
+  }
+  server::KvStore store(model, std::move(sto));
+  if (store.prefix_enabled()) {
+    std::fprintf(stderr, "kvcrunch: prefix cache: %s in memory, blocks of %d tokens\n",
+                 a.prefix_cache.c_str(), a.prefix_block);
+  }
+  return server::Serve(**eng, model.tokenizer(), *kvp, so, &store);
 }
 
 int CmdBatchedBench(Common& c, const BatchedBenchOptions& o, bool json) {
@@ -929,6 +953,9 @@ int main(int argc, char** argv) {
   sv->add_option("--api-key-file", sa.api_key_file, "file with one API key per line");
   sv->add_option("--max-body-bytes", sa.max_body, "largest request body (413 beyond): bytes or 4MiB");
   sv->add_option("--max-connections", sa.max_connections, "inference requests served at once, streams included (503 beyond)")->check(CLI::Range(1, 900));
+  sv->add_option("--prefix-cache", sa.prefix_cache, "bytes of KV blocks kept to reuse shared prompt prefixes (LRU; 0: off; docs/store.md)");
+  sv->add_option("--prefix-block", sa.prefix_block, "tokens per prefix-cache block")->check(CLI::Range(16, 4096));
+  sv->add_option("--session-dir", sa.session_dir, "directory for named sessions (\"session\": NAME in a request; /v1/sessions)");
   sv->add_option("--model-alias", sa.model_alias, "model id in /v1/models and responses (default: the GGUF file name)");
   sv->add_option("--default-max-tokens", sa.default_max_tokens, "max_tokens of a request that sets none (capped by the context)")->check(CLI::Range(1, 1 << 24));
   sv->add_option("--sse-ping-interval", sa.sse_ping, "seconds without tokens after which a stream gets an SSE comment (0: never)")->check(CLI::Range(0.0, 3600.0));

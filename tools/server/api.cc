@@ -1,4 +1,5 @@
 #include "api.h"
+#include "kv_store.h"
 
 #include <openssl/evp.h>
 
@@ -51,6 +52,11 @@ ApiError ErrorFromStatus(const Status& s, std::string param) {
       e.status = 429;
       e.type = "rate_limit_error";
       e.code = "queue_full";
+      break;
+    case StatusCode::kDataLoss:  // uploaded KV bytes that fail verification
+      e.status = 400;
+      e.type = "invalid_request_error";
+      e.code = "kv_corrupt";
       break;
     case StatusCode::kFailedPrecondition:
       e.status = 409;
@@ -631,7 +637,7 @@ json UsageJson(const engine::RequestUsage& u) {
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
           {"total_tokens", u.prompt_tokens + u.completion_tokens},
-          {"prompt_tokens_details", {{"cached_tokens", 0}}}};
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
 }
 
 json KvJson(const engine::RequestUsage& u, const KvRunConfig& kv) {
@@ -812,6 +818,40 @@ std::string RenderMetrics(const engine::Stats& s, const HttpCounters& h, const s
   w.Hist("inter_token_latency_seconds", s.itl, "Time between consecutive generated tokens.");
   w.Hist("e2e_request_latency_seconds", s.e2e, "Arrival to finish.");
   w.Hist("request_queue_time_seconds", s.queue_time, "Arrival to first scheduled.");
+  return w.out;
+}
+
+std::string RenderStoreMetrics(const StoreCounters& c, const std::string& model) {
+  Writer w;
+  w.labels = fmt::format("model_name=\"{}\"", EscapeLabel(model));
+  w.Counter("prefix_cache_queries_total", double(c.queries_tokens),
+            "Prompt tokens looked up in the prefix cache (vLLM: prefix_cache_queries).");
+  w.Counter("prefix_cache_hits_total", double(c.hit_tokens),
+            "Prompt tokens restored from the prefix cache instead of computed (vLLM: prefix_cache_hits).");
+  w.Counter("prefix_cache_local_hits_total", double(c.local_hit_tokens), "Hit tokens found in local memory.");
+  w.Counter("prefix_cache_remote_hits_total", double(c.remote_hit_tokens), "Hit tokens fetched from the shared tier.");
+  w.Counter("prefix_cache_blocks_stored_total", double(c.blocks_stored), "Block records stored in local memory.");
+  w.Counter("prefix_cache_evictions_total", double(c.local.evictions), "Block records evicted (LRU).");
+  w.Gauge("prefix_cache_entries", double(c.local.entries), "Block records held in local memory.");
+  w.Gauge("prefix_cache_bytes", double(c.local.bytes), "Bytes of block records held in local memory.");
+  w.Gauge("prefix_cache_bytes_budget", double(c.local.budget_bytes), "--prefix-cache budget.");
+  w.Counter("prefix_cache_writes_dropped_total", double(c.writes_dropped),
+            "Exported blocks dropped because the store's queue was full.");
+  if (c.remote_configured) {
+    w.Gauge("kv_store_up", c.remote_up ? 1.0 : 0.0, "1 while the shared tier (--kv-store) answers.");
+    w.Counter("kv_store_gets_total", double(c.remote_gets), "Values read from the shared tier.");
+    w.Counter("kv_store_get_bytes_total", double(c.remote_get_bytes), "Bytes read from the shared tier.");
+    w.Counter("kv_store_sets_total", double(c.remote_sets), "Values written to the shared tier.");
+    w.Counter("kv_store_set_bytes_total", double(c.remote_set_bytes), "Bytes written to the shared tier.");
+    w.Counter("kv_store_errors_total", double(c.remote_errors),
+              "Shared-tier calls that failed (down, slow, refused).");
+    w.Counter("kv_store_rejected_total", double(c.remote_rejected),
+              "Values refused on read: bad checksum, another model, KV configuration or key.");
+  }
+  w.Counter("sessions_restored_total", double(c.sessions_restored), "Saved sessions continued.");
+  w.Counter("sessions_saved_total", double(c.sessions_saved), "Session states written.");
+  w.Counter("sessions_rejected_total", double(c.sessions_rejected),
+            "Saved sessions not used: corrupt, or another model or KV configuration.");
   return w.out;
 }
 

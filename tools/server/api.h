@@ -149,6 +149,9 @@ struct HttpCounters {
 // Prometheus text exposition format 0.0.4 (# HELP, # TYPE, cumulative le buckets, _sum, _count),
 // every series labelled model_name. Names mirror vLLM's with the kvcrunch: prefix.
 std::string RenderMetrics(const engine::Stats& s, const HttpCounters& h, const std::string& model);
+// The stored-KV counters (kv_store.h), same conventions.
+struct StoreCounters;
+std::string RenderStoreMetrics(const StoreCounters& c, const std::string& model);
 
 // --- flags -------------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class EventQueue {
     copy.reason = e.reason;
     copy.error = e.error;
     copy.usage = e.usage;
+    copy.state = e.state;  // (logits are not copied: the server never returns them)
     {
       std::lock_guard<std::mutex> lk(mu_);
       q_.push_back(std::move(copy));
@@ -196,8 +197,9 @@ const char* StatusText(int status) {
 
 class Server {
  public:
-  Server(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt)
-      : eng_(eng), tok_(tok), kv_(kv), opt_(opt), started_(UnixNow()) {}
+  Server(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt,
+         KvStore* store)
+      : eng_(eng), tok_(tok), kv_(kv), opt_(opt), store_(store), started_(UnixNow()) {}
 
   bool Bind();    // routes, limits, the listening socket; false if the port cannot be bound
   bool Listen();  // serves until Shutdown stops the listener
@@ -255,11 +257,16 @@ class Server {
                   const httplib::ContentReader& reader);
   void Models(httplib::Response& res);
   void Track(engine::RequestId id, bool add);
+  // The tenant salt of a request: its API key's digest (when keys are configured) + cache_salt.
+  std::string Salt(const httplib::Request& req, const std::string& cache_salt) const;
+  void Sessions(const httplib::Request& req, httplib::Response& res, const std::string& method,
+                const std::string& name, bool raw, const std::string& body);
 
   engine::Engine& eng_;
   const Tokenizer& tok_;
   const KvPolicy& kv_;
   const ServerOptions& opt_;
+  KvStore* store_;  // may be null
   const int64_t started_;
   httplib::Server svr_;
 
@@ -494,6 +501,37 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
   er.gen = r.gen;
   er.kv.cache = r.kv.cache;
   er.kv.evict = r.kv.evict;
+  // Stored KV (kvcrunch extensions: "cache_salt" like vLLM's, "session": NAME).
+  std::string cache_salt, session;
+  for (const char* k : {"cache_salt", "session"}) {
+    auto it = j.find(k);
+    if (it == j.end() || it->is_null()) continue;
+    if (!it->is_string() || it->get<std::string>().empty()) {
+      return Error(res, BadRequest(fmt::format("'{}' must be a non-empty string", k), k));
+    }
+    (std::string(k) == "session" ? session : cache_salt) = it->get<std::string>();
+  }
+  if (!session.empty() && !store_) {
+    return Error(res, BadRequest("sessions are off on this server (start it with --session-dir DIR)",
+                                 "session"));
+  }
+  const std::string salt = store_ ? Salt(req, cache_salt) : "";
+  if (store_) {
+    store_->PreparePrefix(&er, salt);
+    if (!session.empty()) {
+      if (Status st = store_->PrepareSession(&er, salt, session); !st.ok()) {
+        return Error(res, ErrorFromStatus(st, "session"));
+      }
+    }
+  }
+  auto save_session = [store = store_, salt, session](const engine::Event& e) {
+    if (!store || session.empty() || !e.state) return;
+    if (Status st = store->SaveSession(salt, session, *e.state); !st.ok()) {
+      spdlog::error("session {}: not saved: {}", session, st.message());
+    }
+  };
+  // The session file is written on the handler thread (not the engine's), before the response
+  // ends, so a client's next turn finds it.
   er.sink = [q = job->q](const engine::Event& e) { q->Push(e); };
   auto id = eng_.Submit(std::move(er));
   if (!id.ok()) {
@@ -529,6 +567,7 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
         if (!e.finished) continue;
         job->finished = true;
         Track(job->id, false);
+        save_session(e);
         if (e.reason == engine::FinishReason::kStop || e.reason == engine::FinishReason::kLength) {
           res.set_content(Dump(CompletionJson(job->meta, text, e.reason, e.usage, job->kv)),
                           "application/json");
@@ -582,7 +621,7 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
   auto guard = std::make_shared<StreamGuard>(this, job, slot);
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, job, guard, fail_after_submit](size_t, httplib::DataSink& sink) {
+      [this, job, guard, fail_after_submit, save_session](size_t, httplib::DataSink& sink) {
         std::string out;
         if (job->meta.chat && !job->sent_role) {
           job->sent_role = true;
@@ -600,6 +639,7 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
           if (!e.finished) continue;
           job->finished = true;
           Track(job->id, false);
+          save_session(e);
           done = true;
           if (e.reason == engine::FinishReason::kStop ||
               e.reason == engine::FinishReason::kLength) {
@@ -624,6 +664,72 @@ void Server::Completion(const httplib::Request& req, httplib::Response& res,
         return true;
       },
       [guard](bool) {});
+}
+
+std::string Server::Salt(const httplib::Request& req, const std::string& cache_salt) const {
+  const Digest* key = nullptr;
+  if (!opt_.api_keys.empty()) {
+    const std::string presented(BearerToken(req.get_header_value("Authorization")));
+    for (const Digest& k : opt_.api_keys) {
+      if (KeyMatches(presented, {k})) {
+        key = &k;
+        break;
+      }
+    }
+  }
+  return KvStore::TenantSalt(key, cache_salt);
+}
+
+// /v1/sessions (GET: list), /v1/sessions/NAME (GET: info, DELETE), /v1/sessions/NAME/kv (GET: the
+// record bytes, PUT: upload record bytes). Sessions belong to the API key's tenant.
+void Server::Sessions(const httplib::Request& req, httplib::Response& res, const std::string& method,
+                      const std::string& name, bool raw, const std::string& body) {
+  if (!store_ || !store_->sessions_enabled()) {
+    ApiError e = BadRequest("sessions are off on this server (start it with --session-dir DIR)", "");
+    e.status = 404;
+    return Error(res, e);
+  }
+  const std::string salt = Salt(req, req.get_param_value("cache_salt"));
+  auto info_json = [](const KvStore::SessionInfo& i) {
+    return json{{"name", i.name}, {"bytes", i.bytes}, {"tokens", i.tokens}, {"pending", i.pending},
+                {"modified", i.modified}, {"kv", i.kv}, {"object", "kvcrunch.session"}};
+  };
+  if (name.empty()) {
+    auto l = store_->ListSessions(salt);
+    if (!l.ok()) return Error(res, ErrorFromStatus(l.status(), ""));
+    json data = json::array();
+    for (const auto& i : *l) data.push_back(info_json(i));
+    return res.set_content(Dump(json{{"object", "list"}, {"data", data}}), "application/json");
+  }
+  Status st;
+  if (method == "GET" && raw) {
+    auto b = store_->ReadSessionBytes(salt, name);
+    if (!b.ok()) st = b.status();
+    else return res.set_content(*b, "application/octet-stream");
+  } else if (method == "GET") {
+    auto i = store_->GetSession(salt, name);
+    if (!i.ok()) st = i.status();
+    else return res.set_content(Dump(info_json(*i)), "application/json");
+  } else if (method == "PUT" && raw) {
+    st = store_->PutSessionBytes(salt, name, body);
+    if (st.ok()) {
+      auto i = store_->GetSession(salt, name);
+      if (i.ok()) return res.set_content(Dump(info_json(*i)), "application/json");
+      st = i.status();
+    }
+  } else if (method == "DELETE" && !raw) {
+    st = store_->DeleteSession(salt, name);
+    if (st.ok()) {
+      return res.set_content(Dump(json{{"name", name}, {"deleted", true}}), "application/json");
+    }
+  } else {
+    ApiError e = BadRequest(fmt::format("{} is not supported on this path", method), "");
+    e.status = 405;
+    return Error(res, e);
+  }
+  ApiError e = ErrorFromStatus(st, "session");
+  if (st.code() == StatusCode::kNotFound) e.status = 404;
+  Error(res, e);
 }
 
 void Server::Shutdown(bool force) {
@@ -688,10 +794,14 @@ bool Server::Bind() {
       Error(res, e);
     }
   };
-  // Methods other than GET/HEAD/POST: refused before routing (no body is read: close after).
+  // Methods other than GET/HEAD/POST: refused before routing (no body is read: close after),
+  // except PUT and DELETE on /v1/sessions/...
   svr_.set_pre_routing_handler([this, not_found](const httplib::Request& req,
                                                  httplib::Response& res) {
     if (req.method == "GET" || req.method == "HEAD" || req.method == "POST") {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    if ((req.method == "PUT" || req.method == "DELETE") && req.path.rfind("/v1/sessions/", 0) == 0) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
     if (Gate(req, res, true, false, nullptr)) not_found(req, res);
@@ -719,8 +829,28 @@ bool Server::Bind() {
       std::lock_guard<std::mutex> lk(mu_);
       h = http_;
     }
-    res.set_content(RenderMetrics(eng_.GetStats(), h, opt_.model_id),
-                    "text/plain; version=0.0.4; charset=utf-8");
+    std::string text = RenderMetrics(eng_.GetStats(), h, opt_.model_id);
+    if (store_) text += RenderStoreMetrics(store_->GetCounters(), opt_.model_id);
+    res.set_content(text, "text/plain; version=0.0.4; charset=utf-8");
+  });
+  // Sessions (docs/store.md). Names are checked by the store ([A-Za-z0-9_.-]).
+  svr_.Get("/v1/sessions", [this](const httplib::Request& req, httplib::Response& res) {
+    if (Gate(req, res, true, false, nullptr)) Sessions(req, res, "GET", "", false, "");
+  });
+  svr_.Get(R"(/v1/sessions/([^/]+)(/kv)?)", [this](const httplib::Request& req, httplib::Response& res) {
+    if (Gate(req, res, true, false, nullptr)) {
+      Sessions(req, res, "GET", req.matches[1], req.matches[2].length() > 0, "");
+    }
+  });
+  svr_.Delete(R"(/v1/sessions/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    if (Gate(req, res, true, false, nullptr)) Sessions(req, res, "DELETE", req.matches[1], false, "");
+  });
+  svr_.Put(R"(/v1/sessions/([^/]+)/kv)", [this](const httplib::Request& req, httplib::Response& res,
+                                                const httplib::ContentReader& rd) {
+    if (!Gate(req, res, true, false, nullptr)) return Drain(req, rd);
+    std::string body;
+    if (!ReadBody(req, res, rd, &body)) return;
+    Sessions(req, res, "PUT", req.matches[1], true, body);
   });
   svr_.Get(".*", [this, not_found](const httplib::Request& req, httplib::Response& res) {
     if (Gate(req, res, true, false, nullptr)) not_found(req, res);
@@ -813,8 +943,9 @@ void InstallTerminationHandlers() {
   signal(SIGPIPE, SIG_IGN);
 }
 
-int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt) {
-  Server srv(eng, tok, kv, opt);
+int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt,
+          KvStore* store) {
+  Server srv(eng, tok, kv, opt, store);
   if (!srv.Bind()) {
     std::fprintf(stderr, "kvcrunch: error: UNAVAILABLE: cannot listen on %s:%d (in use, or not "
                          "an address of this machine)\n", opt.host.c_str(), opt.port);

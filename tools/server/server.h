@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "api.h"
+#include "kv_store.h"
 #include "engine/engine.h"
 #include "kvcrunch/status.h"
 #include "tokenizer/tokenizer.h"
@@ -53,7 +54,9 @@ struct ServerOptions {
 // process exit code (0 after a signal; 1 when the port cannot be bound). The engine must be
 // created but not started; InstallTerminationHandlers must have run (first thing in the command,
 // so that a signal during model loading drains an empty server instead of killing the process).
-int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt);
+// store (may be null): the prefix cache, shared tier and sessions (kv_store.h, docs/store.md).
+int Serve(engine::Engine& eng, const Tokenizer& tok, const KvPolicy& kv, const ServerOptions& opt,
+          KvStore* store = nullptr);
 
 // SIGTERM/SIGINT handlers that hand the signal to Serve; SIGPIPE ignored (a write to a client
 // that went away fails instead).
