@@ -34,11 +34,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(extra=(), max_conn=MAX_CONN):
+def start_server(extra=(), max_conn=MAX_CONN, ctx=CTX, kv_allow="q4_0,snapkv"):
     port = free_port()
-    cmd = [BIN, "serve", "-m", MODEL, "--host", "127.0.0.1", "--port", str(port), "-c", str(CTX),
+    cmd = [BIN, "serve", "-m", MODEL, "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
            "-t", "2", "--kv-budget", "48MiB", "--max-connections", str(max_conn),
-           "--api-key", KEY, "--kv-allow", "q4_0,snapkv", "--max-body-bytes", "64KiB",
+           "--api-key", KEY, "--kv-allow", kv_allow, "--max-body-bytes", "64KiB",
            "--default-max-tokens", "16", *extra]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

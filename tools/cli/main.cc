@@ -667,6 +667,7 @@ struct ServeArgs {
   std::vector<std::string> api_keys;
   std::string api_key_file;
   std::string max_body = "4MiB";
+  std::string max_session_bytes = "1GiB";
   int max_connections = 64;
   std::string prefix_cache = "256MiB";  // local prefix cache budget ("0": off)
   int prefix_block = 64;
@@ -782,6 +783,11 @@ int CmdServe(Common& c, const ServeArgs& a) {
   auto body = server::ParseByteSize(a.max_body);
   if (!body.ok()) return Fail(Status(body.status().code(), "--max-body-bytes: " + body.status().message()));
   so.max_body_bytes = *body;
+  auto sbody = server::ParseByteSize(a.max_session_bytes);
+  if (!sbody.ok()) {
+    return Fail(Status(sbody.status().code(), "--max-session-bytes: " + sbody.status().message()));
+  }
+  so.max_session_bytes = *sbody;
   so.max_connections = a.max_connections;
   for (const auto& k : keys) so.api_keys.push_back(server::Sha256(k));
   so.limits.n_ctx = eo.n_ctx;
@@ -954,6 +960,7 @@ int main(int argc, char** argv) {
   sv->add_option("--max-body-bytes", sa.max_body, "largest request body (413 beyond): bytes or 4MiB");
   sv->add_option("--max-connections", sa.max_connections, "inference requests served at once, streams included (503 beyond)")->check(CLI::Range(1, 900));
   sv->add_option("--prefix-cache", sa.prefix_cache, "bytes of KV blocks kept to reuse shared prompt prefixes (LRU; 0: off; docs/store.md)");
+  sv->add_option("--max-session-bytes", sa.max_session_bytes, "largest session upload (PUT /v1/sessions/NAME/kv): bytes or 1GiB");
   sv->add_option("--prefix-block", sa.prefix_block, "tokens per prefix-cache block")->check(CLI::Range(16, 4096));
   sv->add_option("--session-dir", sa.session_dir, "directory for named sessions (\"session\": NAME in a request; /v1/sessions)");
   sv->add_option("--model-alias", sa.model_alias, "model id in /v1/models and responses (default: the GGUF file name)");

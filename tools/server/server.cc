@@ -226,8 +226,9 @@ class Server {
   bool Gate(const httplib::Request& req, httplib::Response& res, bool guarded, bool inference,
             std::shared_ptr<Slot>* slot);
   void Error(httplib::Response& res, const ApiError& e);
+  // limit: bytes (0: max_body_bytes).
   bool ReadBody(const httplib::Request& req, httplib::Response& res,
-                const httplib::ContentReader& reader, std::string* body);
+                const httplib::ContentReader& reader, std::string* body, int64_t limit = 0);
   // Reads and drops the body of a refused request (up to max_body_bytes), so that it is not
   // parsed as the next request on a kept-alive connection.
   void Drain(const httplib::Request& req, const httplib::ContentReader& reader);
@@ -328,17 +329,18 @@ bool Server::Gate(const httplib::Request& req, httplib::Response& res, bool guar
 }
 
 bool Server::ReadBody(const httplib::Request& req, httplib::Response& res,
-                      const httplib::ContentReader& reader, std::string* body) {
+                      const httplib::ContentReader& reader, std::string* body, int64_t limit) {
+  if (limit <= 0) limit = opt_.max_body_bytes;
   ApiError too_big;
   too_big.status = 413;
   too_big.code = "body_too_large";
-  too_big.message = fmt::format("the request body exceeds {} bytes (--max-body-bytes)",
-                                opt_.max_body_bytes);
+  too_big.message = fmt::format("the request body exceeds {} bytes ({})", limit,
+                                limit == opt_.max_body_bytes ? "--max-body-bytes" : "--max-session-bytes");
   if (req.has_header("Content-Length")) {
     const std::string v = req.get_header_value("Content-Length");
     char* end = nullptr;
     const unsigned long long n = std::strtoull(v.c_str(), &end, 10);
-    if (*end || n > uint64_t(opt_.max_body_bytes)) {
+    if (*end || n > uint64_t(limit)) {
       Error(res, too_big);
       res.set_header("Connection", "close");
       return false;
@@ -346,7 +348,7 @@ bool Server::ReadBody(const httplib::Request& req, httplib::Response& res,
   }
   bool over = false;
   const bool ok = reader([&](const char* data, size_t n) {
-    if (body->size() + n > size_t(opt_.max_body_bytes)) {
+    if (body->size() + n > size_t(limit)) {
       over = true;
       return false;
     }
@@ -769,7 +771,7 @@ bool Server::Bind() {
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
-  svr_.set_payload_max_length(size_t(opt_.max_body_bytes));
+  svr_.set_payload_max_length(size_t(std::max(opt_.max_body_bytes, opt_.max_session_bytes)));
   svr_.set_keep_alive_timeout(5);
   svr_.set_read_timeout(30);
   svr_.set_write_timeout(30);
@@ -849,7 +851,7 @@ bool Server::Bind() {
                                                 const httplib::ContentReader& rd) {
     if (!Gate(req, res, true, false, nullptr)) return Drain(req, rd);
     std::string body;
-    if (!ReadBody(req, res, rd, &body)) return;
+    if (!ReadBody(req, res, rd, &body, opt_.max_session_bytes)) return;
     Sessions(req, res, "PUT", req.matches[1], true, body);
   });
   svr_.Get(".*", [this, not_found](const httplib::Request& req, httplib::Response& res) {

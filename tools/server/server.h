@@ -40,7 +40,8 @@ struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;                    // 0: any free port (printed)
   std::string model_id;               // /v1/models id and the "model" of responses
-  int64_t max_body_bytes = 4 << 20;   // 413 beyond
+  int64_t max_body_bytes = 4 << 20;   // 413 beyond (JSON bodies)
+  int64_t max_session_bytes = int64_t(1) << 30;  // PUT /v1/sessions/NAME/kv bodies (413 beyond)
   int max_connections = 64;           // inference requests in flight (streams included)
   std::vector<Digest> api_keys;       // empty: no auth
   Limits limits;                      // n_ctx, n_vocab, default max_tokens
