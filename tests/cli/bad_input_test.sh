@@ -81,6 +81,25 @@ check "unknown eviction"  "$BIN" serve -m "$MODEL" --port 0 --kv-evict nosuch
 check "cannot listen"     "$BIN" serve -m "$MODEL" --host 203.0.113.7 --port 0
 # More sinks than the context: refused at once (measuring its KV plan took minutes before listening).
 check "exceeds the context" "$BIN" serve -m "$MODEL" --port 0 -c 512 --kv-sinks 1048576
+# Session files (generate --session): corrupt, truncated, another codec, not a session, a
+# directory, no prompt and nothing pending. Each refused with the file named, the file untouched.
+"$BIN" generate -m "$MODEL" -p "Hello there" -n 2 -ctk q4_0 -ctv q4_0 --session "$tmp/s.kvc" >/dev/null 2>&1
+python3 - "$tmp" <<'PY'
+import sys
+d = sys.argv[1]
+b = bytearray(open(d + "/s.kvc", "rb").read())
+open(d + "/trunc.kvc", "wb").write(b[: len(b) // 2])
+b[len(b) // 2] ^= 1
+open(d + "/flip.kvc", "wb").write(b)
+PY
+check "truncated"          "$BIN" generate -m "$MODEL" -p x -n 1 -ctk q4_0 -ctv q4_0 --session "$tmp/trunc.kvc"
+check "checksum mismatch"  "$BIN" generate -m "$MODEL" -p x -n 1 -ctk q4_0 -ctv q4_0 --session "$tmp/flip.kvc"
+check "another KV configuration" "$BIN" generate -m "$MODEL" -p x -n 1 -ctk q8_0 --session "$tmp/s.kvc"
+python3 -c "print('not a session ' * 40)" > "$tmp/text.kvc"
+check "not a kvcrunch KV record" "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/text.kvc"
+check "s.kvc"              "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/s.kvc"
+"$BIN" generate -m "$MODEL" -p "Hi" -n 0 --session "$tmp/s0.kvc" >/dev/null 2>&1
+check "no pending token"   "$BIN" generate -m "$MODEL" -n 1 --session "$tmp/s0.kvc"
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));
