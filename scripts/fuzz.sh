@@ -6,6 +6,8 @@
 #   kv_spec_fuzz       --config strings and every codec / transform / policy spec, built into a cache
 #   kvquant_json_fuzz  KVQuant calibration JSON, built into kvquant codecs
 #   kvccal_fuzz        the binary .kvccal calibration file (Palu / ThinK)
+#   kv_record_fuzz     stored-KV records (sessions, prefix blocks): raw, and mutated behind a
+#                      recomputed checksum, applied into a cache and attended through
 # New inputs go to build-fuzz/corpus/<target>/ (not the repository). A crash, sanitizer report,
 # leak, timeout (>10 s per input) or out-of-memory (>2 GiB) fails: the input is saved as
 # build-fuzz/artifacts/<target>-crash-<sha1>; fix the bug and add the input to the corpus as a
@@ -16,7 +18,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 BUILD_DIR="${FUZZ_BUILD_DIR:-build-fuzz}"
 seconds="${FUZZ_SECONDS:-60}"
-read -r -a targets <<<"${FUZZ_TARGETS:-gguf_fuzz kv_spec_fuzz kvquant_json_fuzz kvccal_fuzz}"
+read -r -a targets <<<"${FUZZ_TARGETS:-gguf_fuzz kv_spec_fuzz kvquant_json_fuzz kvccal_fuzz kv_record_fuzz}"
 
 sudo_() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 # Debian 12: libFuzzer is in libclang-rt-14-dev, clang's OpenMP runtime in libomp-14-dev.

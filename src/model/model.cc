@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include <xxhash.h>
+
 #include <spdlog/spdlog.h>
 #include <fmt/format.h>
 
@@ -201,6 +203,14 @@ kv::KvShape Model::kv_shape() const {
   s.attn_scale = cfg_.attn_scale;
   s.rope = cfg_.rope;
   return s;
+}
+
+const std::string& Model::file_checksum() const {
+  std::call_once(checksum_once_, [this] {
+    const XXH128_hash_t h = XXH3_128bits(file_->file_bytes(), file_->file_size());
+    file_checksum_ = fmt::format("{:016x}{:016x}", h.high64, h.low64);
+  });
+  return file_checksum_;
 }
 
 size_t Model::weight_bytes() const {

@@ -21,7 +21,6 @@
 #include <fmt/format.h>
 
 #include "kv/cache_internal.h"
-#include "model/model.h"
 
 namespace kvc::store {
 
@@ -178,26 +177,6 @@ Digest Sha256(std::string_view bytes) {
   Digest d{};
   SHA256(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), d.data());
   return d;
-}
-
-const ModelFingerprint& FingerprintOf(const Model& model) {
-  static std::mutex mu;
-  static std::map<const Model*, ModelFingerprint> cache;
-  std::lock_guard<std::mutex> lk(mu);
-  auto it = cache.find(&model);
-  if (it != cache.end()) return it->second;
-  const auto& c = model.config();
-  const kv::KvShape sh = model.kv_shape();
-  const auto& f = model.file();
-  const XXH128_hash_t h = XXH3_128bits(f.file_bytes(), f.file_size());
-  ModelFingerprint fp;
-  fp.text = fmt::format(
-      "n_layer={} n_head={} n_head_kv={} head_dim={} head_dim_v={} n_vocab={} rope_base={} "
-      "file_bytes={} file_xxh128={:016x}{:016x}",
-      sh.n_layer, sh.n_head, sh.n_head_kv, sh.head_dim, sh.DimV(), c.n_vocab, sh.rope.theta,
-      f.file_size(), h.high64, h.low64);
-  fp.digest = Sha256(fp.text);
-  return cache.emplace(&model, fp).first->second;
 }
 
 KvFingerprint FingerprintOf(const kv::KvCache& cache, const std::string& policy_name,
@@ -671,6 +650,25 @@ Status ApplyOne(const Record& r, kv::KvCache* cache) {
       }
       for (float v : h.acc) {
         if (!std::isfinite(v)) return DataLoss("KV record: non-finite attention statistics");
+      }
+      // Cells: causal clock strictly increasing below n_consumed, positions >= 0 and bounded
+      // (attention indexes RoPE tables by them), a shift no larger than the clock.
+      for (size_t i = 0; i < h.seq.size(); ++i) {
+        if (h.seq[i] < 0 || h.seq[i] >= r.info.n_consumed || (i > 0 && h.seq[i] <= h.seq[i - 1]) ||
+            h.pos[i] < 0 || h.pos[i] > (int64_t(1) << 40)) {
+          return DataLoss(fmt::format("KV record: cell {} has seq {} / pos {} out of order or range",
+                                      i, h.seq[i], h.pos[i]));
+        }
+      }
+      if (h.shift < 0 || h.shift > r.info.n_consumed || h.limit_tokens < -1) {
+        return DataLoss(fmt::format("KV record: RoPE shift {} / storage limit {} out of range",
+                                    h.shift, h.limit_tokens));
+      }
+      for (const auto& rs : h.streams) {
+        if (rs.limit_tokens < -1) return DataLoss("KV record: stream storage limit out of range");
+        for (float v : rs.mu) {
+          if (!std::isfinite(v)) return DataLoss("KV record: non-finite centring mean");
+        }
       }
     }
   }

@@ -55,12 +55,12 @@ Digest Sha256(std::string_view bytes);
 enum class RecordKind : uint32_t { kSequence = 1, kBlock = 2 };
 
 // What the KV depends on in the model: architecture, shapes, RoPE, tokenizer size and a checksum
-// of every byte of the GGUF file (XXH3-128; ~30 ms per 100 MB). Computed once per Model.
+// of every byte of the GGUF file (XXH3-128, Model::file_checksum: computed once per Model).
 struct ModelFingerprint {
   std::string text;  // e.g. "llama n_layer=30 n_head=9 n_head_kv=3 head_dim=64 ... file_xxh128=..."
   Digest digest{};   // SHA-256 of text
 };
-const ModelFingerprint& FingerprintOf(const Model& model);
+ModelFingerprint FingerprintOf(const Model& model);
 
 // What the KV depends on in the configuration: per layer the codecs' canonical specs (aliases
 // expanded, every parameter), transforms, centring, sink segment and codec, position mode, seed,
