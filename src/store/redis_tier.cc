@@ -563,6 +563,10 @@ class RedisTier::Impl {
       redisFree(c);
       return nullptr;
     }
+    // Keep the reply buffer between replies: hiredis frees it after each reply when more than
+    // 16 KiB is unused, and regrowing it for every multi-MiB value cost ~2/3 of GET throughput at
+    // 4 MiB (bench/store/run.sh). Memory: one buffer of the largest value per pooled connection.
+    c->reader->maxbuf = 0;
     auto run = [&](std::vector<const char*> argv, std::vector<size_t> lens) -> bool {
       const int64_t l = MsLeft(dl);
       if (l <= 0) {
