@@ -182,6 +182,10 @@ class KvEventPublisher::Impl {
       if (replay_ == nullptr) return Internal("kv events: zmq_socket(ROUTER) failed");
       const int zero = 0;
       zmq_setsockopt(replay_, ZMQ_LINGER, &zero, sizeof(zero));
+      // A replay sends up to buffer_steps + 1 messages at once; the default high-water mark (1000)
+      // would silently drop the rest.
+      const int replay_hwm = o.buffer_steps + 16;
+      zmq_setsockopt(replay_, ZMQ_SNDHWM, &replay_hwm, sizeof(replay_hwm));
       if (zmq_bind(replay_, rep.c_str()) != 0) {
         const int e = zmq_errno();
         const std::string msg = "kv events: bind replay '" + rep + "': " + zmq_strerror(e);

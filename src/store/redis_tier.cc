@@ -479,6 +479,12 @@ class RedisTier::Impl {
   Status Pipeline(Node* node, const std::vector<std::vector<const char*>>& argvs,
                   const std::vector<std::vector<size_t>>& lens, Deadline dl,
                   std::vector<ReplyPtr>* out) {
+    // A deadline spent elsewhere (another node of an MGet, a slot refresh) is not this node's fault:
+    // fail the call without marking the node down.
+    if (MsLeft(dl) <= 0) {
+      return Unavailable("redis " + node->name + ": call deadline (" +
+                         std::to_string(opt_.timeout_ms) + " ms) passed before sending");
+    }
     uint64_t gen = 0;
     KVC_ASSIGN_OR_RETURN(redisContext * c, Acquire(node, dl, &gen));
     out->clear();
@@ -496,7 +502,7 @@ class RedisTier::Impl {
       redisSetTimeout(c, ToTimeval(left));
       void* reply = nullptr;
       if (redisGetReply(c, &reply) != REDIS_OK || reply == nullptr) {
-        const bool timeout = c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK);
+        const bool timeout = c->err == REDIS_ERR_IO && MsLeft(dl) <= 0;
         return Fail(node, c, timeout ? "timed out after " + std::to_string(opt_.timeout_ms) + " ms"
                                      : std::string(c->errstr[0] ? c->errstr : "connection lost"));
       }

@@ -31,7 +31,8 @@ struct RedisOptions {
   // "redis://[USER:PASSWORD@]HOST[:PORT][/DB]" (port 6379, db 0 by default), or
   // "redis-cluster://[USER:PASSWORD@]H1:P1,H2:P2,..." (seed nodes; the rest are found with
   // CLUSTER SLOTS; db must be 0). "redis://:PASSWORD@HOST" sends AUTH PASSWORD (requirepass);
-  // with a user, AUTH USER PASSWORD (ACL). HOST is a name or an IPv4 address.
+  // with a user, AUTH USER PASSWORD (ACL). HOST is a name or an IPv4 address; name resolution
+  // (getaddrinfo, on each new connection) is not bounded by timeout_ms: prefer an address.
   std::string url;
   int64_t ttl_s = 3600;   // seconds; SET ... EX ttl_s on every value; 0 = no expiry (LRU only)
   int timeout_ms = 200;   // connect + command deadline per call, in milliseconds (> 0)

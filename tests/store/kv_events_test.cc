@@ -305,6 +305,32 @@ TEST(KvEvents, ReplayReturnsTheBoundedBufferThenTheEndMarker) {
   EXPECT_EQ(ask(3), (std::vector<uint64_t>{3, 4}));
 }
 
+TEST(KvEvents, ReplayOfMoreThanTheDefaultHighWaterMark) {
+  KvEventOptions o = Loopback();
+  o.buffer_steps = 1500;  // > ZMQ's default SNDHWM of 1000 messages
+  auto p = MustCreate(o);
+  ASSERT_TRUE(p);
+  for (int i = 0; i < 1500; ++i) {
+    p->AllBlocksCleared();
+    p->Flush();
+  }
+  ASSERT_EQ(p->batches_sent(), 1500);
+  Zmq z;
+  void* dealer = z.Socket(ZMQ_DEALER, p->replay_endpoint());
+  const char zero[8] = {0};
+  zmq_send(dealer, "", 0, ZMQ_SNDMORE);
+  zmq_send(dealer, zero, 8, 0);
+  uint64_t next = 0;
+  Msg m;
+  while (Recv(dealer, &m, 3000)) {
+    ASSERT_EQ(m.frames.size(), 3u);
+    if (Be64(m.frames[1]) == UINT64_MAX) break;
+    ASSERT_EQ(Be64(m.frames[1]), next);
+    ++next;
+  }
+  EXPECT_EQ(next, 1500u);
+}
+
 TEST(KvEvents, ManyEventsFromManyThreadsAllArrive) {
   auto p = MustCreate(Loopback());
   ASSERT_TRUE(p);
