@@ -73,7 +73,7 @@ start_cluster() {
   ports=$(free_ports 3)
   for p in $ports; do
     start_server "$dir" "$p" "$mem" --cluster-enabled yes --cluster-config-file "nodes-$p.conf" \
-      --cluster-node-timeout 5000
+      --cluster-node-timeout 5000 --cluster-require-full-coverage no
     addrs+=("127.0.0.1:$p")
   done
   redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes > "$dir/create.log" 2>&1 \

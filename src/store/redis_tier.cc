@@ -151,6 +151,17 @@ struct Redirect {
   Endpoint to;
 };
 
+// An error reply: UNAVAILABLE for the transient states of a server or cluster (a cluster that lost
+// a master without cluster-require-full-coverage no, a node loading its data, a busy script),
+// INTERNAL for anything else (e.g. WRONGTYPE: a key of another type under our name).
+Status ErrorReply(const char* op, const redisReply* r) {
+  const std::string msg(r->str, r->len);
+  for (const char* transient : {"CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "BUSY"}) {
+    if (msg.rfind(transient, 0) == 0) return Unavailable(std::string("redis ") + op + ": " + msg);
+  }
+  return Internal(std::string("redis ") + op + ": " + msg);
+}
+
 bool ParseRedirect(const redisReply* r, Redirect* out) {
   if (r == nullptr || r->type != REDIS_REPLY_ERROR) return false;
   std::string_view s(r->str, r->len);
@@ -276,7 +287,7 @@ class RedisTier::Impl {
     if (rep->type == REDIS_REPLY_ERROR) {
       std::string msg(rep->str, rep->len);
       if (msg.rfind("OOM", 0) == 0) return CountError(ResourceExhausted("redis SET: " + msg));
-      return CountError(Internal("redis SET: " + msg));
+      return CountError(ErrorReply("SET", rep));
     }
     return CountError(Internal("redis SET: unexpected reply type " + std::to_string(rep->type)));
   }
@@ -288,7 +299,7 @@ class RedisTier::Impl {
     auto r = KeyCommand(key, 2, argv, lens, dl);
     if (!r.ok()) return CountError(r.status());
     if (r->get()->type == REDIS_REPLY_ERROR) {
-      return CountError(Internal("redis DEL: " + std::string(r->get()->str, r->get()->len)));
+      return CountError(ErrorReply("DEL", r->get()));
     }
     return Status::Ok();
   }
@@ -335,7 +346,7 @@ class RedisTier::Impl {
         misses_.fetch_add(1, std::memory_order_relaxed);
         return NotFound("redis: no such key");
       case REDIS_REPLY_ERROR:
-        return CountError(Internal("redis GET: " + std::string(r->str, r->len)));
+        return CountError(ErrorReply("GET", r));
       default:
         return CountError(Internal("redis GET: unexpected reply type " + std::to_string(r->type)));
     }

@@ -50,8 +50,9 @@ class RedisTier {
   RedisTier& operator=(const RedisTier&) = delete;
 
   // The value (binary-safe). NOT_FOUND on a miss (absent, expired or evicted), UNAVAILABLE when the
-  // node is down, slow (deadline passed) or its pool is exhausted for the whole deadline, INTERNAL
-  // for an unexpected reply (e.g. a key of another type).
+  // node is down, slow (deadline passed), its pool is exhausted for the whole deadline, or it
+  // answers a transient error (CLUSTERDOWN, TRYAGAIN, LOADING, MASTERDOWN, BUSY); INTERNAL for any
+  // other error reply (e.g. WRONGTYPE: a key of another type).
   StatusOr<std::string> Get(const std::string& key);
 
   // One result per key, in order, with Get's codes per key. Pipelined: one round trip per node

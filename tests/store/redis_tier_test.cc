@@ -6,7 +6,9 @@
 
 #include <chrono>
 #include <random>
+#include <algorithm>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "redis_test_util.h"
@@ -172,6 +174,23 @@ TEST(RedisTierStandalone, EveryValueHasTheTtl) {
     gone = short_ttl->Get("short").status().code() == StatusCode::kNotFound;
   }
   EXPECT_TRUE(gone);
+}
+
+TEST(RedisTierStandalone, AKeyOfAnotherTypeIsInternalNotDown) {
+  REQUIRE_FIXTURE();
+  auto t = MustCreate(StandaloneUrl());
+  ASSERT_TRUE(t);
+  const std::string key = UniqueKey("list");
+  const std::string port = ReadFile(FixtureDir() + "/standalone/port");
+  ASSERT_EQ(Sh("redis-cli -h 127.0.0.1 -p " + port + " LPUSH " + key + " x >/dev/null"), 0);
+  auto g = t->Get(key);
+  EXPECT_EQ(g.status().code(), StatusCode::kInternal);
+  EXPECT_NE(g.status().message().find("WRONGTYPE"), std::string::npos) << g.status().ToString();
+  auto m = t->MGet({key});
+  EXPECT_EQ(m[0].status().code(), StatusCode::kInternal);
+  EXPECT_TRUE(t->up());
+  EXPECT_TRUE(t->Set(key, "now a string").ok());  // SET replaces any type
+  EXPECT_EQ(*t->Get(key), "now a string");
 }
 
 TEST(RedisTierStandalone, MGetKeepsOrderWithHitsAndMisses) {
@@ -429,6 +448,53 @@ TEST(RedisTierCluster, FollowsAskAndMovedWhileASlotIsResharded) {
   ASSERT_TRUE(m2[0].ok() && m2[1].ok());
   EXPECT_EQ(*m2[0], "value-1b");
   EXPECT_EQ(t->GetStats().errors, 0) << t->GetStats().last_error;
+}
+
+TEST(RedisTierCluster, OneNodeKilledOnlyItsKeysAreUnavailable) {
+  // A private cluster: this test kills one of its masters.
+  char tmpl[] = "/tmp/kvc-cluster-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  struct Stop {
+    std::string d;
+    ~Stop() { Sh("bash " + RedisScript() + " stop " + d); }
+  } stop{dir};
+  ASSERT_EQ(Sh("bash " + RedisScript() + " start cluster " + dir + " >/dev/null"), 0);
+  std::istringstream in(ReadFile(dir + "/ports"));
+  std::vector<int> ports;
+  for (int p; in >> p;) ports.push_back(p);
+  ASSERT_EQ(ports.size(), 3u);
+  auto t = MustCreate("redis-cluster://127.0.0.1:" + std::to_string(ports[0]), 3600, 200,
+                      /*retry_ms=*/300);
+  ASSERT_TRUE(t);
+  std::vector<std::string> keys;
+  for (int i = 0; i < 30; ++i) {
+    keys.push_back("k" + std::to_string(i));
+    ASSERT_TRUE(t->Set(keys.back(), "v" + std::to_string(i)).ok());
+  }
+  std::vector<bool> on_victim;
+  for (const auto& k : keys) on_victim.push_back(Trim(Cli(ports[2], "EXISTS " + k)) == "1");
+  ASSERT_GT(std::count(on_victim.begin(), on_victim.end(), true), 0);
+  ASSERT_EQ(Sh("kill -9 $(cat " + dir + "/redis-" + std::to_string(ports[2]) + ".pid)"), 0);
+  for (int round = 0; round < 3; ++round) {
+    const auto t0 = Clock::now();
+    auto r = t->MGet(keys);
+    EXPECT_LT(MsSince(t0), 1000);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (on_victim[i]) {
+        EXPECT_EQ(r[i].status().code(), StatusCode::kUnavailable) << keys[i];
+      } else {
+        ASSERT_TRUE(r[i].ok()) << keys[i] << " " << r[i].status().ToString();
+        EXPECT_EQ(*r[i], round == 0 ? "v" + std::to_string(i) : "w");
+      }
+    }
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (!on_victim[i]) {
+        EXPECT_TRUE(t->Set(keys[i], "w").ok()) << keys[i];
+      }
+    }
+  }
+  EXPECT_FALSE(t->up());
 }
 
 TEST(RedisTierCluster, NoSeedReachableIsUnavailable) {
