@@ -7,8 +7,11 @@
 #include <spdlog/spdlog.h>
 #include <zmq.h>
 
+#include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -105,15 +108,14 @@ StatusOr<std::string> OffsetEndpoint(const std::string& ep, int dp_rank) {
   if (ep.find("tcp") != std::string::npos) {
     const size_t colon = ep.rfind(':');
     if (colon == std::string::npos) return ep;
-    try {
-      size_t used = 0;
-      const std::string port = ep.substr(colon + 1);
-      const int p = std::stoi(port, &used);
-      if (used != port.size()) throw std::invalid_argument(port);
-      return ep.substr(0, colon + 1) + std::to_string(p + dp_rank);
-    } catch (const std::exception&) {
+    int port = 0;
+    const char* b = ep.data() + colon + 1;
+    const char* e = ep.data() + ep.size();
+    auto [p, ec] = std::from_chars(b, e, port);
+    if (ec != std::errc() || p != e || b == e) {
       return InvalidArgument("kv events: endpoint '" + ep + "' needs a numeric port with dp_rank > 0");
     }
+    return ep.substr(0, colon + 1) + std::to_string(port + dp_rank);
   }
   return InvalidArgument("kv events: endpoint '" + ep + "' must be tcp:// or inproc:// with dp_rank > 0");
 }

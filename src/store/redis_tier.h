@@ -14,7 +14,8 @@
 //
 // Thread-safety: all methods may be called concurrently from any number of threads. Each node has a
 // pool of at most pool_size connections; a caller that finds all of them busy waits for one, but
-// never past its deadline (then UNAVAILABLE, without marking the node down).
+// never past its deadline (then UNAVAILABLE, without marking the node down). The RedisTier must
+// outlive every call (destroy it after the threads that use it have stopped).
 #pragma once
 
 #include <cstdint>
