@@ -33,6 +33,7 @@ APT_PACKAGES=(
   libopenblas-dev libeigen3-dev liblapacke-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-pip unzip
+  redis-server redis-tools libhiredis-dev libzmq3-dev libmsgpack-cxx-dev nginx
 )
 
 sudo_() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): set-up (idempotent), build, then
 #   1. unit tests (no model; seconds)            ctest -L unit
+#   1b. redis tests (ctest -L redis): src/store against throw-away Redis servers (scripts/redis.sh)
 #   2. model tests (real SmolLM2 GGUF)           ctest -L model, which includes the forward pass
 #      vs the independent numpy reference (tests/reference/check_forward.py), the CLI
 #      bad-input cases (tests/cli/bad_input_test.sh) and `kvcrunch serve` end to end
@@ -17,5 +18,7 @@ BUILD_DIR="${BUILD_DIR:-build}"
 jobs=$(nproc)
 echo "== unit tests"
 ctest --test-dir "$BUILD_DIR" -L unit --output-on-failure -j "$jobs" --timeout 300
+echo "== redis tests (KV store tier + KV events; real Redis servers started by the ctest fixture)"
+ctest --test-dir "$BUILD_DIR" -L redis --output-on-failure -j "$jobs" --timeout 300
 echo "== model tests"
 ctest --test-dir "$BUILD_DIR" -L model --output-on-failure --timeout 1200
