@@ -1,8 +1,9 @@
 """Stored KV in `kvcrunch serve` end to end (docs/store.md): the prefix cache, tenant isolation,
-named sessions, and (when --redis URL is given) the shared Redis tier between two servers.
+named sessions, the shared Redis tier between servers (standalone, cluster, corrupt values, Redis
+killed and restarted, a tiny memory cap), another model file, and KV events in vLLM's format.
+Redis servers are started by the test itself (scripts/redis.sh); KVC_NO_REDIS=1 skips those.
 
     python3 tests/server/test_store.py --bin build/kvcrunch --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--redis redis://127.0.0.1:PORT] [--redis-cli redis-cli]
     (exit 77 when the model is missing; otherwise pytest's exit status)
 """
 import glob
@@ -22,8 +23,6 @@ import test_server as ts  # noqa: E402  (start_server, free_port, helpers)
 
 KEY = ts.KEY
 KEY2 = "second-tenant-key"
-REDIS = os.environ.get("KVC_REDIS", "")
-REDIS_CLI = os.environ.get("KVC_REDIS_CLI", "redis-cli")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -180,49 +179,224 @@ def test_small_prefix_cache_evicts_without_errors(sdir):
 
 
 # --- the shared tier (Redis) ---------------------------------------------------------------------
+# Each test module run starts its own throw-away Redis servers with scripts/redis.sh (loopback,
+# free ports, no persistence, LRU cap): a standalone server, a 3-master cluster, and a tiny one.
 
-needs_redis = pytest.mark.skipif(not REDIS, reason="no --redis URL given")
+REDIS_SH = os.path.join(ROOT, "scripts", "redis.sh")
 
 
-def redis_cli(*args):
-    host, port = REDIS.split("//")[1].split(":")
-    return subprocess.run([REDIS_CLI, "-h", host, "-p", port.split("/")[0], *args],
+def redis_sh(*args):
+    r = subprocess.run(["bash", REDIS_SH, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def redis():
+    if os.environ.get("KVC_NO_REDIS") == "1":
+        pytest.skip("KVC_NO_REDIS=1")
+    d = tempfile.mkdtemp(prefix="kvc-redis-")
+    redis_sh("start", "both", d, "256mb")
+    tiny = os.path.join(d, "tiny")
+    redis_sh("start", "standalone", tiny, "6mb")
+    port = open(os.path.join(d, "standalone", "port")).read().split()[0]
+    ports = open(os.path.join(d, "cluster", "ports")).read().split()
+    tport = open(os.path.join(tiny, "port")).read().split()[0]
+    env = {"dir": d, "url": f"redis://127.0.0.1:{port}", "port": port,
+           "cluster": "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:2]),
+           "tiny": f"redis://127.0.0.1:{tport}", "tiny_port": tport}
+    try:
+        yield env
+    finally:
+        redis_sh("stop", tiny)
+        redis_sh("stop", d)
+
+
+def cli(port, *args):
+    return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
                           capture_output=True, text=True, timeout=30)
 
 
-@needs_redis
-def test_two_servers_share_prefixes_through_redis():
-    redis_cli("FLUSHALL")
-    a_proc, a = start(["--kv-store", REDIS])
-    b_proc, b = start(["--kv-store", REDIS])
+def wait_stored(url, n_before, at_least=1, timeout=20):
+    ts.wait_for(lambda: metric(url, "kv_store_sets_total") >= n_before + at_least, timeout,
+                "blocks written to Redis")
+
+
+def test_two_servers_share_prefixes_through_redis(redis):
+    cli(redis["port"], "FLUSHALL")
+    a_proc, a = start(["--kv-store", redis["url"]])
+    b_proc, b = start(["--kv-store", redis["url"]])
     try:
         ids = book_tokens(a, 1000, offset=200000)
+        s0 = metric(a, "kv_store_sets_total")
         ans_a, c = complete(a, ids)
         assert c == 0
-        time.sleep(1.0)  # blocks are written to Redis by a worker thread
+        wait_stored(a, s0, 15)
         ans_b, c = complete(b, ids)
         assert c >= 960
         assert ans_b == ans_a
         assert metric(b, "prefix_cache_remote_hits_total") >= 960
-        # A value corrupted in Redis (one flipped byte): refused, recomputed, same answer.
-        ids2 = book_tokens(a, 600, offset=260000)
-        ans2, _ = complete(a, ids2)
-        time.sleep(1.0)
-        keys = [k for k in redis_cli("--scan", "--pattern", "kvc:v1:*").stdout.split() if k]
-        assert keys
-        c_proc, c_url = start(["--kv-store", REDIS])
-        try:
-            for k in keys:
-                redis_cli("SETRANGE", k, "300", "\x7f")
-            rej = metric(c_url, "kv_store_rejected_total")
-            ans3, cached = complete(c_url, ids2)
-            assert ans3 == ans2 and cached == 0
-            assert metric(c_url, "kv_store_rejected_total") > rej
-        finally:
-            ts.stop_server(c_proc)
+        assert metric(b, "kv_store_up") == 1
+        # Another tenant, salt or codec on B: misses in Redis too.
+        assert complete(b, ids, key=KEY2)[1] == 0
+        assert complete(b, ids, cache_salt="s")[1] == 0
+        assert complete(b, ids, kv={"k": "q4_0", "v": "q4_0"})[1] == 0
+        # Stored bytes in Redis: the record sizes (header + checksum included).
+        keys = [k for k in cli(redis["port"], "--scan", "--pattern", "kvc:v1:*").stdout.split() if k]
+        sizes = [int(cli(redis["port"], "STRLEN", k).stdout) for k in keys]
+        # Each value is one 64-token record of f16 (23,040 B/token) or q4_0 (6,480) plus < 1 %.
+        assert sizes and all(any(64 * c < n < 64 * c * 1.01 for c in (23040, 6480)) for n in sizes), sizes
     finally:
         ts.stop_server(a_proc)
         ts.stop_server(b_proc)
+
+
+def test_corrupt_value_in_redis_is_a_miss_and_recomputed(redis):
+    cli(redis["port"], "FLUSHALL")
+    a_proc, a = start(["--kv-store", redis["url"]])
+    try:
+        ids = book_tokens(a, 600, offset=260000)
+        s0 = metric(a, "kv_store_sets_total")
+        ans, _ = complete(a, ids)
+        wait_stored(a, s0, 9)
+    finally:
+        ts.stop_server(a_proc)
+    keys = [k for k in cli(redis["port"], "--scan", "--pattern", "kvc:v1:*").stdout.split() if k]
+    assert len(keys) >= 9
+    for k in keys:  # a few bytes overwritten inside each value's payload
+        cli(redis["port"], "SETRANGE", k, "5000", "Zq!~")
+    c_proc, c_url = start(["--kv-store", redis["url"]])
+    try:
+        ans2, cached = complete(c_url, ids)
+        assert ans2 == ans and cached == 0
+        assert metric(c_url, "kv_store_rejected_total") >= 9
+    finally:
+        ts.stop_server(c_proc)
+
+
+def test_another_model_file_misses(redis, tmp_path):
+    cli(redis["port"], "FLUSHALL")
+    other = tmp_path / "other.gguf"
+    data = bytearray(open(ts.MODEL, "rb").read())
+    data[-1] ^= 1  # a different weights file (the last tensor's data)
+    other.write_bytes(bytes(data))
+    a_proc, a = start(["--kv-store", redis["url"]])
+    saved = ts.MODEL
+    try:
+        ids = book_tokens(a, 400, offset=300000)
+        s0 = metric(a, "kv_store_sets_total")
+        complete(a, ids)
+        wait_stored(a, s0, 6)
+        ts.MODEL = str(other)
+        b_proc, b = start(["--kv-store", redis["url"]])
+    finally:
+        ts.MODEL = saved
+    try:
+        assert complete(b, ids)[1] == 0
+    finally:
+        ts.stop_server(a_proc)
+        ts.stop_server(b_proc)
+
+
+def test_redis_down_then_back(redis):
+    cli(redis["port"], "FLUSHALL")
+    a_proc, a = start(["--kv-store", redis["url"], "--kv-store-timeout-ms", "200"])
+    try:
+        ids = book_tokens(a, 300, offset=340000)
+        complete(a, ids, cache_salt="x1")
+        redis_sh("kill", redis["dir"] + "/standalone")
+        # Requests keep succeeding (from memory and by computing), and the tier is reported down.
+        for i in range(3):
+            t0 = time.time()
+            txt, _ = complete(a, book_tokens(a, 200, offset=360000 + i * 5000))
+            assert time.time() - t0 < 30
+        ts.wait_for(lambda: metric(a, "kv_store_up") == 0, 10, "kv_store_up = 0")
+        assert complete(a, ids, cache_salt="x1")[1] == 256  # the local copy still serves
+        redis_sh("resume", redis["dir"] + "/standalone")
+        # Back: new blocks reach Redis again.
+        s0 = metric(a, "kv_store_sets_total")
+        deadline = time.time() + 30
+        while time.time() < deadline and metric(a, "kv_store_sets_total") <= s0:
+            complete(a, book_tokens(a, 200, offset=380000 + int(time.time() * 1000) % 100000))
+            time.sleep(0.5)
+        assert metric(a, "kv_store_sets_total") > s0
+        assert metric(a, "kv_store_up") == 1
+    finally:
+        ts.stop_server(a_proc)
+
+
+def test_tiny_redis_memory_cap_misses_without_errors(redis):
+    a_proc, a = start(["--kv-store", redis["tiny"]])
+    b_proc, b = start(["--kv-store", redis["tiny"]])
+    try:
+        q4 = {"kv": {"k": "q4_0", "v": "q4_0"}}
+        prompts = [book_tokens(a, 500, offset=400000 + i * 20000) for i in range(6)]
+        for p in prompts:
+            complete(a, p, **q4)
+        time.sleep(2)
+        # 6 prompts x 7 blocks x 418 KB = 17.6 MB through a 6 MB Redis: most are evicted (LRU).
+        cached = [complete(b, p, **q4)[1] for p in prompts]
+        info = cli(redis["tiny_port"], "INFO", "stats").stdout
+        assert int(info.split("evicted_keys:")[1].split()[0]) > 0
+        assert min(cached) < 448  # some prefixes were evicted: recomputed, same service
+        assert metric(b, "kv_store_up") == 1
+    finally:
+        ts.stop_server(a_proc)
+        ts.stop_server(b_proc)
+
+
+def test_cluster_shares_prefixes(redis):
+    a_proc, a = start(["--kv-store", redis["cluster"]])
+    b_proc, b = start(["--kv-store", redis["cluster"]])
+    try:
+        ids = book_tokens(a, 700, offset=450000)
+        s0 = metric(a, "kv_store_sets_total")
+        ans, _ = complete(a, ids)
+        wait_stored(a, s0, 10)
+        ans_b, cached = complete(b, ids)
+        assert cached == 640 and ans_b == ans
+    finally:
+        ts.stop_server(a_proc)
+        ts.stop_server(b_proc)
+
+
+def test_kv_events_in_vllm_format(redis):
+    import msgpack
+    import zmq
+    port = ts.free_port()
+    a_proc, a = start(["--kv-events", f"tcp://*:{port}"])  # "*": bind (vLLM's rule)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        time.sleep(0.5)  # slow joiner
+        ids = book_tokens(a, 200, offset=500000)
+        complete(a, ids)
+        stored = []
+        seqs = []
+        deadline = time.time() + 20
+        while time.time() < deadline and sum(len(e[1]) for e in stored) < 3:
+            if not sub.poll(500):
+                continue
+            topic, seq, payload = sub.recv_multipart()
+            seqs.append(int.from_bytes(seq, "big"))
+            ts_, events, rank = msgpack.unpackb(payload, raw=False)
+            for e in events:
+                if e[0] == "BlockStored":
+                    stored.append(e)
+        # BlockStored: [tag, block_hashes, parent, token_ids, block_size, lora_id, medium, ...]
+        assert stored, "no BlockStored event"
+        hashes = [h for e in stored for h in e[1]]
+        toks = [t for e in stored for t in e[3]]
+        assert len(hashes) == 3 and toks == ids[:192]
+        assert all(e[4] == 64 for e in stored)
+        assert stored[0][2] is None  # the first block has no parent
+        assert seqs == sorted(seqs)
+    finally:
+        sub.close(0)
+        ctx.term()
+        ts.stop_server(a_proc)
 
 
 if __name__ == "__main__":
@@ -230,13 +404,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=ts.BIN)
     ap.add_argument("--model", default=ts.MODEL)
-    ap.add_argument("--redis", default="")
-    ap.add_argument("--redis-cli", default="redis-cli")
     args, rest = ap.parse_known_args()
     if not os.path.exists(args.model):
         print(f"model missing: {args.model}")
         sys.exit(77)
     os.environ["KVC_BIN"], os.environ["KVC_MODEL"] = args.bin, args.model
-    os.environ["KVC_REDIS"], os.environ["KVC_REDIS_CLI"] = args.redis, args.redis_cli
     ts.BIN, ts.MODEL = args.bin, args.model
     sys.exit(pytest.main([__file__, "-x", "-q", "-p", "no:cacheprovider", *rest]))

@@ -672,6 +672,9 @@ struct ServeArgs {
   std::string prefix_cache = "256MiB";  // local prefix cache budget ("0": off)
   int prefix_block = 64;
   std::string session_dir;
+  std::string kv_store, kv_events, kv_events_replay, kv_events_topic;
+  int64_t kv_store_ttl = 3600;
+  int kv_store_timeout_ms = 200;
   std::string model_alias;
   int default_max_tokens = 256;
   double shutdown_grace = 30;
@@ -811,7 +814,24 @@ int CmdServe(Common& c, const ServeArgs& a) {
                                               sto.session_dir, ec.message())));
     }
   }
+  if (!a.kv_store.empty()) {
+    auto r = server::MakeRedisRemote(a.kv_store, a.kv_store_ttl, a.kv_store_timeout_ms);
+    if (!r.ok()) return Fail(Status(r.status().code(), "--kv-store: " + r.status().message()));
+    sto.remote = std::move(*r);
+  }
+  if (!a.kv_events.empty()) {
+    auto e = server::MakeEventPublisher(a.kv_events, a.kv_events_replay, a.kv_events_topic);
+    if (!e.ok()) return Fail(Status(e.status().code(), "--kv-events: " + e.status().message()));
+    sto.events = std::move(*e);
+  }
+  if (sto.prefix_cache_bytes == 0 && (sto.remote || sto.events)) {
+    return Fail(InvalidArgument("--kv-store and --kv-events need the prefix cache (--prefix-cache > 0)"));
+  }
   server::KvStore store(model, std::move(sto));
+  if (!a.kv_store.empty()) {
+    std::fprintf(stderr, "kvcrunch: shared KV tier %s (TTL %lld s)\n", a.kv_store.c_str(),
+                 (long long)a.kv_store_ttl);
+  }
   if (store.prefix_enabled()) {
     std::fprintf(stderr, "kvcrunch: prefix cache: %s in memory, blocks of %d tokens\n",
                  a.prefix_cache.c_str(), a.prefix_block);
@@ -961,6 +981,12 @@ int main(int argc, char** argv) {
   sv->add_option("--max-connections", sa.max_connections, "inference requests served at once, streams included (503 beyond)")->check(CLI::Range(1, 900));
   sv->add_option("--prefix-cache", sa.prefix_cache, "bytes of KV blocks kept to reuse shared prompt prefixes (LRU; 0: off; docs/store.md)");
   sv->add_option("--max-session-bytes", sa.max_session_bytes, "largest session upload (PUT /v1/sessions/NAME/kv): bytes or 1GiB");
+  sv->add_option("--kv-store", sa.kv_store, "shared KV tier for prefix blocks: redis://HOST:PORT or redis-cluster://H1:P1,H2:P2 (docs/store.md)");
+  sv->add_option("--kv-store-ttl", sa.kv_store_ttl, "seconds a block lives in the shared tier (0: until Redis evicts it)")->check(CLI::Range(int64_t(0), int64_t(1) << 31));
+  sv->add_option("--kv-store-timeout-ms", sa.kv_store_timeout_ms, "per-call deadline of the shared tier; slower counts as down")->check(CLI::Range(1, 60000));
+  sv->add_option("--kv-events", sa.kv_events, "publish KV block events (vLLM's ZMQ + msgpack format): tcp://*:5557 binds; tcp://HOST:PORT connects to a subscriber that binds (vLLM's rule)");
+  sv->add_option("--kv-events-replay", sa.kv_events_replay, "ZMQ ROUTER endpoint that replays recent event batches");
+  sv->add_option("--kv-events-topic", sa.kv_events_topic, "topic frame of every event message (llm-d: kv@POD@MODEL)");
   sv->add_option("--prefix-block", sa.prefix_block, "tokens per prefix-cache block")->check(CLI::Range(16, 4096));
   sv->add_option("--session-dir", sa.session_dir, "directory for named sessions (\"session\": NAME in a request; /v1/sessions)");
   sv->add_option("--model-alias", sa.model_alias, "model id in /v1/models and responses (default: the GGUF file name)");

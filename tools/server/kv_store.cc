@@ -9,10 +9,78 @@
 
 #include "kv/policy.h"
 #include "model/model.h"
+#include "store/kv_events.h"
+#include "store/redis_tier.h"
 
 namespace kvc::server {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+class RedisRemote : public RemoteTier {
+ public:
+  explicit RedisRemote(std::unique_ptr<store::RedisTier> t, std::string url)
+      : t_(std::move(t)), url_(std::move(url)) {}
+  std::vector<StatusOr<std::string>> MGet(const std::vector<std::string>& keys) override {
+    return t_->MGet(keys);
+  }
+  Status Set(const std::string& key, std::string_view value) override { return t_->Set(key, value); }
+  bool up() const override { return t_->up(); }
+  std::string Describe() const override { return url_; }
+
+ private:
+  std::unique_ptr<store::RedisTier> t_;
+  std::string url_;
+};
+
+std::vector<std::string> AsStrings(const std::vector<store::Digest>& keys) {
+  std::vector<std::string> out;
+  out.reserve(keys.size());
+  for (const auto& k : keys) out.emplace_back(reinterpret_cast<const char*>(k.data()), k.size());
+  return out;
+}
+
+class Publisher : public EventSink {
+ public:
+  explicit Publisher(std::unique_ptr<store::KvEventPublisher> p) : p_(std::move(p)) {}
+  void Stored(const std::vector<store::Digest>& keys, const store::Digest* parent,
+              const std::vector<int32_t>& tokens, int block_tokens) override {
+    std::string par;
+    if (parent) par.assign(reinterpret_cast<const char*>(parent->data()), parent->size());
+    p_->BlockStored(AsStrings(keys), parent ? &par : nullptr, tokens, block_tokens);
+  }
+  void Removed(const std::vector<store::Digest>& keys) override { p_->BlockRemoved(AsStrings(keys)); }
+  void Cleared() override { p_->AllBlocksCleared(); }
+
+ private:
+  std::unique_ptr<store::KvEventPublisher> p_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<RemoteTier>> MakeRedisRemote(const std::string& url, int64_t ttl_s,
+                                                      int timeout_ms) {
+  store::RedisOptions o;
+  o.url = url;
+  o.ttl_s = ttl_s;
+  o.timeout_ms = timeout_ms;
+  KVC_ASSIGN_OR_RETURN(auto t, store::RedisTier::Create(o));
+  return std::unique_ptr<RemoteTier>(new RedisRemote(std::move(t), url));
+}
+
+StatusOr<std::unique_ptr<EventSink>> MakeEventPublisher(const std::string& endpoint,
+                                                        const std::string& replay,
+                                                        const std::string& topic) {
+  store::KvEventOptions o;
+  o.endpoint = endpoint;
+  o.replay_endpoint = replay;
+  o.topic = topic;
+  KVC_ASSIGN_OR_RETURN(auto p, store::KvEventPublisher::Create(o));
+  spdlog::info("KV events: publishing on {}{}", p->endpoint(),
+               p->replay_endpoint().empty() ? "" : ", replay on " + p->replay_endpoint());
+  return std::unique_ptr<EventSink>(new Publisher(std::move(p)));
+}
 
 KvStore::KvStore(const Model& model, StoreOptions opt) : model_(model), opt_(std::move(opt)) {
   if (opt_.prefix_cache_bytes > 0) local_ = std::make_unique<store::PrefixCache>(opt_.prefix_cache_bytes);
@@ -77,7 +145,8 @@ void KvStore::PreparePrefix(engine::Request* r, const std::string& salt) {
   };
   std::vector<std::shared_ptr<const store::Record>> chain = resolve();
   const int64_t local_t = chain.empty() ? 0 : chain.back()->info.t1;
-  if (opt_.remote && local_t < m * B && opt_.remote->up()) {
+  // Called even while the tier is down: it fails fast then, and reconnects after its retry delay.
+  if (opt_.remote && local_t < m * B) {
     std::vector<std::string> rkeys;
     std::vector<int64_t> js;
     for (int64_t j = 1; j <= m; ++j) {
@@ -175,7 +244,7 @@ void KvStore::Work() {
     if (opt_.events) {
       opt_.events->Stored(b.keys, b.t0 == 0 ? nullptr : &b.parent, b.tokens, opt_.block_tokens);
     }
-    if (opt_.remote && opt_.remote->up()) {
+    if (opt_.remote) {
       Status st = opt_.remote->Set(RemoteKey(key), b.record);
       std::lock_guard<std::mutex> lk(mu_);
       if (st.ok()) {

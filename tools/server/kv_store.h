@@ -60,6 +60,15 @@ class EventSink {
   virtual void Cleared() = 0;
 };
 
+// Adapters over the library's Redis client and event publisher (src/store/).
+StatusOr<std::unique_ptr<RemoteTier>> MakeRedisRemote(const std::string& url, int64_t ttl_s,
+                                                      int timeout_ms);
+// endpoint: ZMQ PUB endpoint ("tcp://*:5557"); replay: ROUTER endpoint ("" = none); topic: first
+// frame of every message (llm-d expects "kv@POD@MODEL").
+StatusOr<std::unique_ptr<EventSink>> MakeEventPublisher(const std::string& endpoint,
+                                                        const std::string& replay,
+                                                        const std::string& topic);
+
 struct StoreOptions {
   int block_tokens = 64;              // --prefix-block
   int64_t prefix_cache_bytes = 0;     // --prefix-cache (0: no local prefix cache)
