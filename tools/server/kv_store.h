@@ -7,9 +7,9 @@
 // token is always computed for its logits) are looked up by chain key (store/prefix_cache.h),
 // locally first, then in the shared tier (one pipelined MGET for the keys not held locally). Every
 // record read from the tier is verified (checksum, model, KV configuration, key) before use; a
-// corrupt or mismatched value counts as a miss and is recomputed. Blocks the engine exports go to
-// a worker thread that stores them locally and in the tier (SET with a TTL) and publishes KV
-// events; the engine thread never waits for Redis.
+// corrupt or mismatched value counts as a miss and is recomputed. Blocks the engine exports are
+// stored locally at once (on the engine thread: a copy), then a worker thread writes them to the
+// tier (SET with a TTL) and publishes KV events; the engine thread never waits for Redis.
 // Only requests without an eviction policy use and feed the prefix cache: a policy changes the
 // cells (the KV of a block then depends on tokens after it). Centred codecs (center=1) neither:
 // their mean comes from the first prefill chunk.
