@@ -47,7 +47,8 @@ class Model:
                  n_batch: int = 512, k: str = "f16", v: str = "f16", evict: str = "", sinks: int = 0,
                  sink_codec: str = "f16", kt: str = "", vt: str = "", pos: str = "") -> dict:
         """Generates up to ``n_predict`` tokens after ``prompt`` (text) or ``tokens`` (ids), exactly as
-        ``kvcrunch generate`` (greedy at temp 0; same sampler and seed otherwise; stops at EOS).
+        ``kvcrunch generate`` (greedy at temp 0, the default here; the CLI's own default is
+        ``--temp 0.8 --top-p 0.95 --seed 42``; same sampler and seed otherwise; stops at EOS).
 
         ``chat=True`` wraps the text in the model's chat template (``--chat``). ``n_ctx`` 0 means
         min(n_ctx_train, 4096). Returns a dict: ``tokens`` (list[int], EOS included when hit),
