@@ -167,33 +167,53 @@ def test_bad_configuration_raises(hf_model):
         kvcrunch.hf.Cache(hf_model.config, evict="streaming:sink=-1")
 
 
+RSS_SCRIPT = r"""
+import gc, os, sys, torch
+import kvcrunch.hf
+from transformers import DynamicCache, LlamaConfig
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+cfg = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                  intermediate_size=1536, vocab_size=256)
+g = torch.Generator().manual_seed(1)
+shape = (1, 3, 512, 64)
+chunks = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(8)]
+gc.collect()
+r0 = rss()
+if sys.argv[1] == "dynamic":
+    try:
+        cache = DynamicCache(config=cfg)
+    except TypeError:
+        cache = DynamicCache()
+else:
+    cache = kvcrunch.hf.Cache(cfg, k=sys.argv[1], v=sys.argv[1])
+with torch.no_grad():
+    for k, v in chunks:
+        for layer in range(30):
+            out = cache.update(k, v, layer)
+            del out
+gc.collect()
+print(rss() - r0, kvcrunch.hf.cache_bytes(cache))
+"""
 
 
-def test_memory_measured_by_process_rss(hf_model):
-    """4,096 tokens into every layer: the process grows by about the packed bytes, not fp32's."""
-    cfg = hf_model.config
-    shape = (1, cfg.num_key_value_heads, 512, cfg.hidden_size // cfg.num_attention_heads)
-    g = torch.Generator().manual_seed(1)
-    chunks = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(8)]
-    grow = {}
-    for name in ("dynamic", "q4_0"):
-        gc.collect()
-        r0 = rss()
-        cache = dyn(hf_model) if name == "dynamic" else kvcrunch.hf.Cache(cfg, k="q4_0", v="q4_0")
-        with torch.no_grad():
-            for k, v in chunks:
-                for layer in range(cfg.num_hidden_layers):
-                    out = cache.update(k, v, layer)
-                    del out
-        gc.collect()
-        grow[name] = rss() - r0
-        held = kvcrunch.hf.cache_bytes(cache)
-        print(f"{name}: RSS +{grow[name] / 2**20:.1f} MiB, held {held / 2**20:.1f} MiB")
-        del cache
-        gc.collect()
+def test_memory_measured_by_process_rss():
+    """4,096 tokens into each of 30 layers (3 KV heads, head_dim 64), each cache in a fresh
+    process: the process grows by about the bytes the cache says it holds."""
+    import subprocess
+    import sys
+    res = {}
+    for name in ("dynamic", "q4_0", "q8_0"):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, name], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        grow, held = (int(x) for x in out.stdout.split())
+        res[name] = (grow, held)
+        print(f"{name}: process RSS +{grow / 2**20:.1f} MiB, cache holds {held / 2**20:.1f} MiB")
     fp32_bytes = 2 * 30 * 3 * 64 * 4096 * 4
-    assert grow["dynamic"] > 0.7 * fp32_bytes
-    assert grow["q4_0"] < 0.3 * grow["dynamic"]
+    assert res["dynamic"][1] == fp32_bytes
+    assert res["dynamic"][0] > 0.8 * fp32_bytes
+    for name in ("q4_0", "q8_0"):
+        grow, held = res[name]
+        assert 0.5 * held < grow < 1.5 * held + 8 * 2**20, name  # RSS follows the held bytes
+    assert res["q4_0"][0] < 0.2 * res["dynamic"][0]
