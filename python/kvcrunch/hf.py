@@ -316,9 +316,16 @@ class Cache(_HfCache):
         return self._store.k_bits(), self._store.v_bits()
 
     def memory(self) -> dict:
-        """Bytes held now, as allocated by the C++ store: kv_bytes (packed + fp16 tails),
-        packed_bytes, tail_bytes, total_bytes (with bookkeeping), cells."""
-        return dict(self._store.memory())
+        """Bytes held now, as allocated by the C++ store: ``kv_bytes`` (packed + fp16 tails),
+        ``packed_bytes``, ``tail_bytes``, ``total_bytes`` (with bookkeeping), ``cells`` (tokens
+        held, summed over layers, KV heads and rows). For comparison, ``dense_bytes``: what dense
+        K/V tensors of the same cells take in the model's dtype (cells · head_dim · 2 · dtype
+        bytes: DynamicCache's storage for them), and ``saved_bytes`` = dense_bytes - kv_bytes."""
+        m = dict(self._store.memory())
+        dtype = next((l.dtype for l in self.layers if l.dtype is not None), torch.float32)
+        m["dense_bytes"] = m["cells"] * self.head_dim * 2 * torch.finfo(dtype).bits // 8
+        m["saved_bytes"] = m["dense_bytes"] - m["kv_bytes"]
+        return m
 
     def kept(self, layer: int, head: int = 0, row: int = 0) -> np.ndarray:
         """Store sequence numbers of the cells a (row, layer, KV head) holds [n_cells] int64 (the
@@ -344,32 +351,30 @@ def cache_bytes(cache) -> int:
 
     def add(obj):
         nonlocal total
+        if obj is None or isinstance(obj, (int, float, str, bool)):
+            return
+        if isinstance(obj, (tuple, list)):
+            for x in obj:
+                add(x)
+            return
+        if isinstance(obj, dict):
+            for x in obj.values():
+                add(x)
+            return
+        inner = getattr(obj, "_data", None)
+        if isinstance(obj, torch.Tensor) and isinstance(inner, torch.Tensor):
+            # quanto's QBitsTensor / PackedTensor wrap their storage: count the parts
+            for name in ("_data", "_scale", "_shift"):
+                add(getattr(obj, name, None))
+            return
         if isinstance(obj, torch.Tensor):
             st = obj.untyped_storage()
             key = (st.data_ptr(), st.nbytes())
             if key not in seen and st.nbytes() > 0:
                 seen.add(key)
                 total += st.nbytes()
-            return
-        if obj is None or isinstance(obj, (int, float, str, bool)):
-            return
-        # quanto QTensor / HQQ: tensors inside attributes
-        for name in ("_data", "_scale", "_shift", "W_q", "meta", "scale", "zero"):
-            sub = getattr(obj, name, None)
-            if isinstance(sub, torch.Tensor):
-                add(sub)
-            elif isinstance(sub, dict):
-                for x in sub.values():
-                    add(x)
 
     for layer in cache.layers:
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            obj = layer.__dict__.get(name, None)
-            if obj is None and name in ("keys", "values"):
-                obj = getattr(layer, name, None)
-            if isinstance(obj, (tuple, list)):
-                for x in obj:
-                    add(x)
-            else:
-                add(obj)
+            add(layer.__dict__.get(name, None))
     return total
