@@ -60,6 +60,7 @@ def make_configs(names):
         "kvcrunch kivi4": (lambda c: kvcrunch.hf.Cache(c, k="kivi4", v="kivi4"), None),
         "kvcrunch kivi2": (lambda c: kvcrunch.hf.Cache(c, k="kivi2", v="kivi2"), None),
         "kvcrunch turbo3": (lambda c: kvcrunch.hf.Cache(c, k="turbo3", v="turbo3"), None),
+        "kvcrunch turbo4": (lambda c: kvcrunch.hf.Cache(c, k="turbo4", v="turbo4"), None),
         "kvcrunch kivi4 sinks=4": (lambda c: kvcrunch.hf.Cache(c, k="kivi4", v="kivi4", sinks=4), None),
         "kvcrunch q8_0 + streaming:sink=4,window=124": (
             lambda c: kvcrunch.hf.Cache(c, k="q8_0", v="q8_0", evict="streaming:sink=4,window=124"), None),
@@ -74,6 +75,9 @@ def make_configs(names):
                 lambda c: kvcrunch.hf.Cache(c, k="q4_0", v="q4_0"), kvpress.SnapKVPress(r, window_size=32))
             rows[f"kvpress ExpectedAttention {pct}% on kvcrunch q4_0"] = (
                 lambda c: kvcrunch.hf.Cache(c, k="q4_0", v="q4_0"), kvpress.ExpectedAttentionPress(r))
+            for codec in ("kivi4", "turbo4"):
+                rows[f"kvpress ExpectedAttention {pct}% on kvcrunch {codec}"] = (
+                    lambda c, codec=codec: kvcrunch.hf.Cache(c, k=codec, v=codec), kvpress.ExpectedAttentionPress(r))
             rows[f"kvcrunch snapkv {pct}% (PolicyPress) on kvcrunch q8_0"] = (
                 lambda c: kvcrunch.hf.Cache(c, k="q8_0", v="q8_0"), PolicyPress("snapkv", compression_ratio=r))
     if names:
