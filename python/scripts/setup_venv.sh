@@ -12,6 +12,16 @@ V1="${KVC_PY_VENV:-$HOME/.cache/kvcrunch-py-venv}"
 V2="${KVC_PY_VENV_TF4:-$HOME/.cache/kvcrunch-py-venv-tf4}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Debian's python3 needs python3-venv (ensurepip) and python3-dev (Python.h for the extension).
+sudo_() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+need=()
+"$PY" -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+"$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || need+=(python3-dev)
+if (( ${#need[@]} )); then
+  echo "setup_venv: apt-get install ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
 install() {  # venv requirements
   local v="$1" req="$2" stamp="$1/.kvcrunch-req.sha256" want
   want="$(sha256sum "$req" | cut -d' ' -f1)"
