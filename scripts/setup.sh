@@ -89,4 +89,10 @@ if (( do_build )); then
   cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE"
   cmake --build "$BUILD_DIR" -j"$(nproc)"
 fi
+# --- 5. python package environment (python/, docs/python.md) -------------------
+# Pinned venvs under ~/.cache, installed once (torch from PyPI, ~6 GB, ~2 min): the newest
+# transformers, and transformers 4.57 + kvpress. KVCRUNCH_PYTHON=0 skips (and test.sh's python tests).
+if [[ "${KVCRUNCH_PYTHON:-1}" != 0 ]]; then
+  PYTHON="$PY" bash python/scripts/setup_venv.sh
+fi
 echo "setup: done"

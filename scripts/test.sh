@@ -6,6 +6,7 @@
 #      vs the independent numpy reference (tests/reference/check_forward.py), the CLI
 #      bad-input cases (tests/cli/bad_input_test.sh) and `kvcrunch serve` end to end
 #      (tests/server/test_server.py: a real server on a loopback port, the OpenAI client)
+#   3. the Python package (python/scripts/test.sh; KVCRUNCH_PYTHON=0 skips)
 # Exit status is non-zero if anything fails.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,3 +23,8 @@ echo "== redis tests (KV store tier + KV events; real Redis servers started by t
 ctest --test-dir "$BUILD_DIR" -L redis --output-on-failure -j "$jobs" --timeout 300
 echo "== model tests"
 ctest --test-dir "$BUILD_DIR" -L model --output-on-failure --timeout 1200
+# Python package (python/, docs/python.md): built from source, tested under two transformers versions.
+if [[ "${KVCRUNCH_PYTHON:-1}" != 0 ]]; then
+  echo "== python package"
+  BUILD_DIR="$BUILD_DIR" bash python/scripts/test.sh
+fi
