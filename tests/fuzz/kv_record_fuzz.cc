@@ -90,7 +90,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // 2. A valid record, mutated behind the checksum.
   auto cache = Fresh(codec, sinks);
   const kv::KvShape s = Shape();
-  std::vector<int64_t> seq(size_t(n));
+  std::vector<int64_t> seq(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) seq[size_t(i)] = i;
   std::vector<float> x = fuzz::Wave(size_t(n) * s.n_head_kv * s.head_dim, 1.f + data[3] % 7);
   for (int l = 0; l < s.n_layer; ++l) {
