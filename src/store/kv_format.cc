@@ -37,7 +37,9 @@ class Writer {
   void Put(T v) {
     out.append(reinterpret_cast<const char*>(&v), sizeof(T));
   }
-  void Bytes(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
+  void Bytes(const void* p, size_t n) {
+    if (n > 0) out.append(static_cast<const char*>(p), n);  // (an empty vector's data() may be null)
+  }
   // LEB128 (unsigned) and zigzag LEB128 (signed): counts and positions take 1-3 bytes.
   void Var(uint64_t v) {
     while (v >= 0x80) {
@@ -103,12 +105,12 @@ class Reader {
       return {};
     }
     std::vector<T> v(n);
-    std::memcpy(v.data(), b_.data() + pos_, n * sizeof(T));
+    if (n > 0) std::memcpy(v.data(), b_.data() + pos_, n * sizeof(T));
     pos_ += n * sizeof(T);
     return v;
   }
   void Raw(void* dst, size_t n, const char* what) {
-    if (!Need(n, what)) return;
+    if (!Need(n, what) || n == 0) return;
     std::memcpy(dst, b_.data() + pos_, n);
     pos_ += n;
   }
