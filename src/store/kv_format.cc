@@ -283,15 +283,17 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
           const size_t off = size_t(pb / bt) * bb;
           const size_t len = size_t((pe - pb) / bt) * bb;
           w.Var(len);
-          w.Bytes(st->packed.data() + off, len);
+          if (len > 0) w.Bytes(st->packed.data() + off, len);
           // Tail rows of the range's own tokens still in the tail at ne (exact cuts only: a cut
           // before n() has pe == ne, no rows).
           const int64_t tail_begin = std::max(pe, nb);
           const int64_t rows = ne - tail_begin;
           w.Var(uint64_t(st->dim));
           w.Var(uint64_t(rows));
-          w.Bytes(st->tail.data() + size_t(tail_begin - st->n_packed) * st->dim,
-                  size_t(rows) * st->dim * sizeof(uint16_t));
+          if (rows > 0) {  // (pointer arithmetic only into a tail that holds those rows)
+            w.Bytes(st->tail.data() + size_t(tail_begin - st->n_packed) * st->dim,
+                    size_t(rows) * st->dim * sizeof(uint16_t));
+          }
         }
       }
     }

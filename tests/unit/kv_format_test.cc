@@ -137,7 +137,9 @@ TEST(KvFormat, BlocksRebuildTheCache) {
       ASSERT_TRUE(d.ok());
       recs.push_back(std::make_shared<const Record>(std::move(*d)));
     }
-    if (wf) EXPECT_EQ(recs.size(), 5u);  // cuts at 32, 96, 160, 224, 256
+    if (wf) {
+      EXPECT_EQ(recs.size(), 5u);  // cuts at 32, 96, 160, 224, 256
+    }
     auto b = Make(codec, 2);
     ASSERT_TRUE(ApplyBlocks(recs, b.get()).ok());
     EXPECT_EQ(b->n_consumed(), t);
@@ -145,7 +147,9 @@ TEST(KvFormat, BlocksRebuildTheCache) {
     EXPECT_EQ(Probe(*b), Probe(*a));
     // Out of order: refused.
     auto z = Make(codec, 2);
-    if (recs.size() > 1) EXPECT_FALSE(ApplyBlocks({recs[1]}, z.get()).ok());
+    if (recs.size() > 1) {
+      EXPECT_FALSE(ApplyBlocks({recs[1]}, z.get()).ok());
+    }
   }
 }
 
