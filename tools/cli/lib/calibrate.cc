@@ -559,8 +559,15 @@ std::string DescribeSmooth(const kv::CalibrationFile& f) {
   const int nl = std::atoi(f.MetaOr("n_layer", "0").c_str());
   const int nkv = std::atoi(f.MetaOr("n_head_kv", "0").c_str());
   const int d = std::atoi(f.MetaOr("head_dim", "0").c_str());
+  // bound = (Σ_c a_q a_k)² / (Σ a_q² · Σ a_k²) over RMS amplitudes: the smallest factor by which
+  // any diagonal smoothing can lower the expected q·k error of a codec whose error is isotropic
+  // with energy ∝ ‖k‖² (a rotation codec: TurboQuant, rotated q4_0); reached at alpha=0.5 with
+  // stat=rms (Cauchy–Schwarz). Near 1 when the queries' large channels are the keys' large ones.
   std::string out = "key channels (RoPE pairs) with the largest max amplitude, x the head's median "
-                    "(head:channel), and the largest smoothing scale at alpha=0.5:";
+                    "(head:channel), the largest smoothing scale at alpha=0.5, and the bound on the "
+                    "score-error ratio any smoothing can reach for a rotation codec (rms stats):";
+  double bound_sum = 0;
+  int bound_n = 0;
   for (int l = 0; l < nl; ++l) {
     out += fmt::format("\n  L{:<2}", l);
     for (int h = 0; h < nkv; ++h) {
@@ -572,11 +579,26 @@ std::string DescribeSmooth(const kv::CalibrationFile& f) {
       const float med = sorted[d / 2];
       const int top = int(std::max_element(k->data.begin(), k->data.end()) - k->data.begin());
       const auto s = kv::SmoothScales(k->data, q->data, 0.5);
-      out += fmt::format(" {}:{} {:.1f}x s_max {:.2f}", h, top, med > 0 ? k->data[top] / med : 0.0,
-                         *std::max_element(s.begin(), s.end()));
+      double qk = 0, qq = 0, kk = 0;
+      const auto* kr = f.Find(kv::SmoothTensorName("krms", l, h));
+      const auto* qr = f.Find(kv::SmoothTensorName("qrms", l, h));
+      if (kr && qr && int(kr->data.size()) == d && int(qr->data.size()) == d) {
+        for (int c = 0; c < d; ++c) {
+          qk += double(qr->data[c]) * kr->data[c];
+          qq += double(qr->data[c]) * qr->data[c];
+          kk += double(kr->data[c]) * kr->data[c];
+        }
+      }
+      const double bound = qq > 0 && kk > 0 ? qk * qk / (qq * kk) : 1.0;
+      bound_sum += bound;
+      ++bound_n;
+      out += fmt::format(" {}:{} {:.1f}x s_max {:.2f} bound {:.2f}", h, top,
+                         med > 0 ? k->data[top] / med : 0.0, *std::max_element(s.begin(), s.end()),
+                         bound);
     }
   }
-  return out + "\n";
+  return out + fmt::format("\n  mean bound over layers and heads: {:.3f}\n",
+                            bound_n ? bound_sum / bound_n : 1.0);
 }
 
 }  // namespace kvc
