@@ -233,6 +233,15 @@ static Status ApplyRotParam(const std::string& codec_text, int dim_in, std::stri
   const bool explicit_rot = codec_text.find("rot=") != std::string::npos;
   const bool pow2 = dim_in > 0 && (dim_in & (dim_in - 1)) == 0;
   if (*rot && transform_spec->empty() && (pow2 || explicit_rot)) *transform_spec = "hadamard";
+  // Key smoothing (a diagonal scale) composes with the rotation: smooth:...,rot=1 applies the
+  // Hadamard after the scales (src/kv/transforms/smooth.h), unless the smooth spec says rot=.
+  if (*rot && (pow2 || explicit_rot) && transform_spec->rfind("smooth", 0) == 0) {
+    auto ts = ParseSpec(*transform_spec);
+    if (ts.ok() && ts->name == "smooth" && !ts->params.count("rot")) {
+      ts->params["rot"] = "1";
+      *transform_spec = ts->ToString();
+    }
+  }
   return Status::Ok();
 }
 

@@ -20,6 +20,7 @@
 #include "kv/transforms/hadamard.h"
 #include "kv/transforms/lowrank.h"
 #include "kv/transforms/think.h"
+#include "kv/transforms/smooth.h"
 
 namespace kvc::kv {
 
@@ -111,6 +112,7 @@ const std::vector<TransformInfo>& RegisteredTransforms() {
       {"hadamard", "normalized Walsh-Hadamard rotation per head (power-of-2 dim), exact query fold: hadamard[:signs=1]", MakeHadamardTransform},
       {"lowrank", "Palu low-rank latent (calibrated eigenbasis, pre-RoPE keys): lowrank:file=F,ratio=0.5", MakeLowRankTransform},
       {"think", "ThinK key-channel pruning by query-key score: think:file=F,ratio=0.4 (pruned)", MakeThinkTransform},
+      {"smooth", "static key smoothing (QServe SmoothAttention / MiKV balancer), exact query fold: smooth:file=F[,alpha=0.5][,stat=max|rms][,rot=1]", MakeSmoothTransform},
   };
   return kTransforms;
 }

@@ -100,6 +100,50 @@ check "not a kvcrunch KV record" "$BIN" generate -m "$MODEL" -p x -n 1 --session
 check "s.kvc"              "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/s.kvc"
 "$BIN" generate -m "$MODEL" -p "Hi" -n 0 --session "$tmp/s0.kvc" >/dev/null 2>&1
 check "no pending token"   "$BIN" generate -m "$MODEL" -n 1 --session "$tmp/s0.kvc"
+# KV presets and key smoothing (issue 15): unknown preset, a preset mixed with the flags it sets,
+# smoothing on values, a smoothing file made for another model, one with a NaN statistic.
+check "unknown KV preset"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-preset kvc1
+check "excludes"           "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-preset kvc3 -ctk q8_0
+check "unknown KV preset"  "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "preset=nope"
+printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. %.0s' $(seq 1 20) > "$tmp/cal.txt"
+"$BIN" calibrate -m "$MODEL" --method smooth -f "$tmp/cal.txt" -c 64 --max-tokens 128 -o "$tmp/s.kvcal" >/dev/null 2>&1
+python3 - "$tmp" <<'PY'
+import struct, sys
+d = sys.argv[1]
+b = open(d + "/s.kvcal", "rb").read()
+def fnv(data):
+    h = 0xcbf29ce484222325
+    for x in data:
+        h = ((h ^ x) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+p = b[32:]; o = 0
+def u32():
+    global o; v = struct.unpack_from("<I", p, o)[0]; o += 4; return v
+def s():
+    n = u32(); global o; v = p[o:o + n]; o += n; return v
+meta = [(s(), s()) for _ in range(u32())]
+tensors = []
+for _ in range(u32()):
+    name = s(); nd = u32(); dims = struct.unpack_from("<%dq" % nd, p, o); o += 8 * nd
+    n = 1
+    for x in dims: n *= x
+    data = list(struct.unpack_from("<%df" % n, p, o)); o += 4 * n
+    tensors.append((name, dims, data))
+def write(path, meta, tensors):
+    out = struct.pack("<I", len(meta))
+    for k, v in meta: out += struct.pack("<I", len(k)) + k + struct.pack("<I", len(v)) + v
+    out += struct.pack("<I", len(tensors))
+    for name, dims, data in tensors:
+        out += struct.pack("<I", len(name)) + name + struct.pack("<I", len(dims))
+        out += struct.pack("<%dq" % len(dims), *dims) + struct.pack("<%df" % len(data), *data)
+    open(path, "wb").write(b"KVCCALIB" + struct.pack("<IIQQ", 1, 0, len(out), fnv(out)) + out)
+write(d + "/other.kvcal", [(k, v.replace(b"name=", b"name=Other") if k == b"model_id" else v) for k, v in meta], tensors)
+bad = [(n, dm, ([float("nan")] + dt[1:]) if n == b"smooth.kmax.3.1" else dt) for n, dm, dt in tensors]
+write(d + "/nan.kvcal", meta, bad)
+PY
+check "different model"    "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "smooth:file=$tmp/other.kvcal"
+check "channel 0 is nan"   "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "smooth:file=$tmp/nan.kvcal"
+check "key channels only"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-v "smooth:file=$tmp/s.kvcal"
 # Beyond the trained context is a warning, not an error.
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));

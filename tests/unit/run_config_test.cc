@@ -2,7 +2,10 @@
 // k_codec_layer / v_codec_layer, FitLayerOverrides pads them to n_layer, and bad lists are errors.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "../../tools/cli/lib/runner.h"
+#include "kv/cache.h"
 
 namespace kvc {
 namespace {
@@ -37,6 +40,84 @@ TEST(RunConfig, PerLayerCodecErrors) {
   ASSERT_TRUE(c.ok());
   EXPECT_FALSE(FitLayerOverrides(&*c, 30).ok());  // layers 0-29 only
   EXPECT_TRUE(FitLayerOverrides(&*c, 31).ok());
+}
+
+}  // namespace
+}  // namespace kvc
+
+namespace kvc {
+namespace {
+
+TEST(RunConfigPreset, ExpandsAndOverrides) {
+  ASSERT_GE(KvPresets().size(), 4u);
+  for (const char* name : {"kvc4", "kvc3", "kvc2", "kvc-25"}) {
+    const KvPreset* p = nullptr;
+    for (const auto& x : KvPresets()) if (x.name == name) p = &x;
+    ASSERT_NE(p, nullptr) << name;
+    auto direct = ParseRunConfig(p->config);
+    auto via = ParseRunConfig(std::string("preset=") + name);
+    ASSERT_TRUE(direct.ok() && via.ok()) << name;
+    EXPECT_EQ(via->cache.k_codec, direct->cache.k_codec);
+    EXPECT_EQ(via->cache.v_codec, direct->cache.v_codec);
+    EXPECT_EQ(via->cache.k_transform, direct->cache.k_transform);
+    EXPECT_EQ(via->cache.sink_tokens, direct->cache.sink_tokens);
+    EXPECT_EQ(via->cache.k_codec_layer, direct->cache.k_codec_layer);
+    EXPECT_EQ(via->evict, direct->evict);
+    EXPECT_EQ(via->Label(), name);
+    EXPECT_FALSE(p->summary.empty());
+  }
+  // Keys after the preset override it; the label says so.
+  auto o = ParseRunConfig("preset=kvc3 sinks=4 v=q8_0");
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->cache.sink_tokens, 4);
+  EXPECT_EQ(o->cache.v_codec, "q8_0");
+  EXPECT_EQ(o->Label(), "kvc3 sinks=4 v=q8_0");
+  auto named = ParseRunConfig("name=mine preset=kvc4");
+  ASSERT_TRUE(named.ok());
+  EXPECT_EQ(named->Label(), "mine");
+  // Errors: unknown name (lists the known ones), given twice.
+  auto bad = ParseRunConfig("preset=kvc1");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("kvc3"), std::string::npos);
+  EXPECT_FALSE(ParseRunConfig("preset=kvc3 preset=kvc4").ok());
+  EXPECT_FALSE(ParseRunConfig("preset=").ok());
+}
+
+
+// Every preset stays inside its class on SmolLM2-135M's KV shape at 4,096 tokens, counting all
+// allocated bytes (sinks, fp16 windows and tails, scales, norms) as eval does.
+TEST(RunConfigPreset, AllInBitsWithinClassAt4096) {
+  kv::KvShape s;
+  s.n_layer = 30;
+  // One KV head per layer (SmolLM2 has 3): every head is stored alike, so the ratio is the same
+  // and the test runs 3x faster.
+  s.n_head = 3;
+  s.n_head_kv = 1;
+  s.head_dim = 64;
+  s.rope.theta = 100000.0;
+  s.rope.n_rot = 64;
+  const int n = 4096;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(n) * 64), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<int64_t> seq(n);
+  for (int i = 0; i < n; ++i) seq[i] = i;
+  for (const auto& p : KvPresets()) {
+    auto rc = ParseRunConfig("preset=" + p.name);
+    ASSERT_TRUE(rc.ok()) << p.name;
+    ASSERT_TRUE(FitLayerOverrides(&*rc, s.n_layer).ok()) << p.name;
+    ASSERT_TRUE(rc->evict.empty()) << p.name << ": eviction presets need a byte count with the policy";
+    auto cache = kv::KvCache::Create(s, rc->cache);
+    ASSERT_TRUE(cache.ok()) << p.name << ": " << cache.status().ToString();
+    for (int l = 0; l < s.n_layer; ++l) ASSERT_TRUE((*cache)->Write(l, seq.data(), n, k.data(), v.data()).ok());
+    (*cache)->Flush();
+    const double f16_bytes = 2.0 * s.n_layer * s.n_head_kv * s.head_dim * 2 * n;
+    const double bits = 16.0 * double((*cache)->Memory().KvBytes()) / f16_bytes;
+    std::printf("%-7s %.4f bits/value all in (class <= %.2f)\n", p.name.c_str(), bits, p.bits_limit);
+    EXPECT_LE(bits, p.bits_limit) << p.name;
+  }
 }
 
 }  // namespace

@@ -44,6 +44,7 @@ struct Common {
   int64_t ctx = 0;  // 0 = command default
   int batch = 512;
   std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos, lowrank;  // pos "": policy default
+  std::string preset;  // --kv-preset NAME: a complete KV configuration (runner.h KvPresets)
   int sinks = 0;
   std::string sink_codec = "f16";
 };
@@ -66,7 +67,13 @@ void AddKvFlags(CLI::App* app, Common& c) {
                     ->check(CLI::Range(0, 1 << 20));
   app->add_option("--kv-sink-codec", c.sink_codec, "codec of the sink segment (needs --kv-sinks)")
       ->needs(sinks);
-  app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate (default: original, or the policy's own: streaming in-cache)");
+  auto* pos = app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate (default: original, or the policy's own: streaming in-cache)");
+  // A preset is the whole KV configuration: the flags it would set cannot be combined with it.
+  auto* preset = app->add_option("--kv-preset", c.preset, "a complete KV configuration by name: " + KvPresetNames() + " (`kvcrunch info` shows what each expands to)");
+  for (const char* name : {"--cache-type-k", "--cache-type-v", "--kv-transform-k", "--kv-transform-v", "--kv-lowrank", "--kv-evict", "--kv-sinks", "--kv-sink-codec"}) {
+    if (auto* o = app->get_option_no_throw(name)) preset->excludes(o);
+  }
+  preset->excludes(pos);
 }
 
 // Eviction acts between batches: the tokens of one batch attend to each other (and to the cache)
@@ -118,6 +125,7 @@ StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
 }
 
 StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
+  if (!c.preset.empty()) return ParseRunConfig("preset=" + c.preset);
   KvRunConfig r;
   r.cache.k_codec = c.ctk;
   r.cache.v_codec = c.ctv;
@@ -216,6 +224,39 @@ int CmdInfo(Common& c) {
     fmt::print("{:<12} {:>10.3f} {:>14.1f} {:>14.0f} {:>12.1f}  {}\n", label, bpv, per_tok,
                per_tok * mc.n_ctx_train, measured, info.summary);
   }
+  // Presets: what each expands to and its bits per value, measured the way eval counts them:
+  // allocated KV bytes after 4,096 tokens (sinks, fp16 windows/tails, scales, norms included)
+  // relative to f16's 16 bits.
+  fmt::print("\nKV presets (--kv-preset NAME, or preset=NAME in eval / retrieval configs); bits/value "
+             "all in at 4,096 tokens (random vectors; body codecs + sinks + fp16 tails):\n");
+  for (const auto& p : KvPresets()) {
+    auto rc = ParseRunConfig("preset=" + p.name);
+    Status st = rc.ok() ? FitLayerOverrides(&*rc, shape.n_layer) : rc.status();
+    std::string bits = "n/a";
+    if (st.ok() && rc->evict.empty() && rc->cache.k_transform.find("file=") == std::string::npos) {
+      auto cache = kv::KvCache::Create(shape, rc->cache);
+      if (cache.ok()) {
+        const int n = 4096;
+        std::mt19937 rng(1);
+        std::normal_distribution<float> nd;
+        std::vector<float> k(size_t(n) * shape.n_head_kv * shape.head_dim), v(size_t(n) * shape.n_head_kv * shape.DimV());
+        for (auto& x : k) x = nd(rng);
+        for (auto& x : v) x = nd(rng);
+        std::vector<int64_t> seq(n);
+        for (int i = 0; i < n; ++i) seq[i] = i;
+        bool ok = true;
+        for (int l = 0; l < shape.n_layer && ok; ++l) ok = (*cache)->Write(l, seq.data(), n, k.data(), v.data()).ok();
+        (*cache)->Flush();  // window codecs encode after attention; no attention runs here
+        const double f16 = mc.KvBytesPerToken(16, 16) * n;
+        if (ok) bits = fmt::format("{:.3f} (K body {:.3f}, V body {:.3f})", 16.0 * double((*cache)->Memory().KvBytes()) / f16,
+                                   (*cache)->KBitsPerValue(), (*cache)->VBitsPerValue());
+      } else {
+        bits = "unavailable: " + std::string(cache.status().message());
+      }
+    }
+    fmt::print("  {:<7} = \"{}\"\n          class <= {:.2f} b/v; bits/value here: {}\n          {}\n", p.name,
+               p.config, p.bits_limit, bits, p.summary);
+  }
   fmt::print("\naliases:");
   for (const auto& [a, s] : kv::CodecAliases()) fmt::print(" {}={}", a, s);
   fmt::print("\ntransforms:");
@@ -266,6 +307,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
+  if (Status fs = FitLayerOverrides(&*rc, model.config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
@@ -377,6 +419,7 @@ int CmdLogits(Common& c, const std::string& ids, const std::string& out_path) {
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
@@ -404,6 +447,7 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
   WarnEvictionBatch({*rc}, std::min<int64_t>(c.batch, n_ctx), n_ctx);
@@ -491,6 +535,13 @@ int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path
   if (!f.ok()) return Fail(f.status());
   Status st = kv::WriteCalibrationFile(out_path, *f);
   if (!st.ok()) return Fail(st);
+  if (f->MetaOr("method", "") == "smooth") {
+    std::printf("%s", DescribeSmooth(*f).c_str());
+    std::printf("wrote %s: %s tokens of %s, %.1f s\nuse: --kv-transform-k smooth:file=%s  or  eval --config 'k=turbo3 v=turbo3 kt=smooth:file=%s'\n",
+                out_path.c_str(), f->MetaOr("n_tokens", "?").c_str(), file.c_str(), NowSeconds() - t0,
+                out_path.c_str(), out_path.c_str());
+    return 0;
+  }
   std::printf("%s", DescribePaluRanks(*f, std::atof(f->MetaOr("ratio", "0.5").c_str()), f->MetaOr("alloc", "uniform")).c_str());
   std::printf("wrote %s: %s tokens of %s, %.1f s\nuse: --kv-lowrank %s  or  eval --config 'kt=lowrank:file=%s vt=lowrank:file=%s'  or  kt=think:file=%s,ratio=0.4\n",
               out_path.c_str(), f->MetaOr("n_tokens", "?").c_str(), file.c_str(), NowSeconds() - t0,
@@ -588,6 +639,7 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
@@ -710,6 +762,7 @@ int CmdServe(Common& c, const ServeArgs& a) {
   const Model& model = **m;
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status fs = FitLayerOverrides(&*rc, model.config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   auto kvp = server::KvPolicy::Make(*rc, a.kv_allow);
   if (!kvp.ok()) return Fail(kvp.status());
@@ -844,6 +897,7 @@ int CmdBatchedBench(Common& c, const BatchedBenchOptions& o, bool json) {
   if (!m.ok()) return Fail(m.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   BatchedBenchOptions opt = o;
@@ -932,7 +986,7 @@ int main(int argc, char** argv) {
   auto* cal = app.add_subcommand("calibrate", "K/V statistics for low-rank (Palu) and ThinK transforms -> calibration file");
   AddModelFlags(cal, c);
   cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
-  cal->add_option("--kv-lowrank", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var]");
+  cal->add_option("--kv-lowrank,--method", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var], think, or smooth (key-smoothing statistics only)");
   cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)")
       ->check(CLI::Range(int64_t(4), int64_t(1) << 24));
   cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)")

@@ -11,6 +11,7 @@
 #include "kv/rope.h"
 #include "kv/transforms/lowrank.h"
 #include "kv/transforms/think.h"
+#include "kv/transforms/smooth.h"
 
 namespace kvc {
 
@@ -249,6 +250,72 @@ class StatsObserver final : public kv::KvObserver {
   int64_t n_q_ = 0;  // query tokens seen (layer 0)
 };
 
+// Key-smoothing statistics (src/kv/transforms/smooth.h): per (layer, KV head) and channel, the
+// max and the RMS over calibration tokens of the RoPE-pair amplitude of the keys and of the GQA
+// group's queries. Pair amplitudes are rotation-invariant, so the pre-RoPE vectors the observer
+// sees give the post-RoPE statistics. Token 0 of each chunk (the attention sink) is left out.
+class SmoothObserver final : public kv::KvObserver {
+ public:
+  explicit SmoothObserver(const kv::KvShape& s)
+      : s_(s), partner_(kv::RopePartners(s.rope, s.head_dim)) {
+    const size_t n = size_t(s.n_layer) * s.n_head_kv;
+    for (auto* v : {&kmax_, &k2_, &qmax_, &q2_}) v->assign(n, std::vector<double>(s.head_dim, 0.0));
+    nk_.assign(n, 0);
+    nq_.assign(n, 0);
+  }
+  void OnWrite(int layer, const int64_t* seq, int n, const float* k, const float*) override {
+    Accumulate(layer, seq, n, k, s_.n_head_kv, 1, &kmax_, &k2_, &nk_);
+  }
+  void OnQuery(int layer, const int64_t* q_seq, int n_q, const float* q) override {
+    Accumulate(layer, q_seq, n_q, q, s_.n_head, s_.n_head / s_.n_head_kv, &qmax_, &q2_, &nq_);
+  }
+  int64_t n_tokens() const { return nk_.empty() ? 0 : nk_[0]; }
+  void Store(kv::CalibrationFile* f) const {
+    const int hd = s_.head_dim;
+    for (int l = 0; l < s_.n_layer; ++l) {
+      for (int h = 0; h < s_.n_head_kv; ++h) {
+        const size_t i = size_t(l) * s_.n_head_kv + h;
+        auto put = [&](const char* what, const std::vector<double>& x, double div) {
+          kv::CalibrationFile::Tensor t;
+          t.dims = {hd};
+          t.data.resize(hd);
+          for (int c = 0; c < hd; ++c) t.data[c] = float(div > 0 ? std::sqrt(x[c] / div) : x[c]);
+          f->tensors[kv::SmoothTensorName(what, l, h)] = std::move(t);
+        };
+        put("kmax", kmax_[i], 0);
+        put("qmax", qmax_[i], 0);
+        put("krms", k2_[i], double(std::max<int64_t>(nk_[i], 1)));
+        put("qrms", q2_[i], double(std::max<int64_t>(nq_[i], 1)));
+      }
+    }
+  }
+
+ private:
+  // rows [n, n_heads, head_dim]; heads h*g .. h*g+g-1 belong to KV head h.
+  void Accumulate(int layer, const int64_t* seq, int n, const float* x, int n_heads, int g,
+                  std::vector<std::vector<double>>* mx, std::vector<std::vector<double>>* sq,
+                  std::vector<int64_t>* cnt) {
+    const int hd = s_.head_dim;
+    std::vector<float> a(hd);
+    for (int i = 0; i < n; ++i) {
+      if (seq[i] == 0) continue;
+      for (int qh = 0; qh < n_heads; ++qh) {
+        const size_t idx = size_t(layer) * s_.n_head_kv + qh / g;
+        kv::PairAmplitudes(x + (int64_t(i) * n_heads + qh) * hd, partner_, a.data());
+        for (int c = 0; c < hd; ++c) {
+          (*mx)[idx][c] = std::max((*mx)[idx][c], double(a[c]));
+          (*sq)[idx][c] += double(a[c]) * a[c];
+        }
+        ++(*cnt)[idx];
+      }
+    }
+  }
+  kv::KvShape s_;
+  std::vector<int> partner_;
+  std::vector<std::vector<double>> kmax_, k2_, qmax_, q2_;  // [n_layer*n_head_kv][head_dim]
+  std::vector<int64_t> nk_, nq_;                            // rows accumulated per (layer, head)
+};
+
 // palu.v.wo_gram.{l}.{h} [dv, dv] = Σ_{query heads j of KV head h} W_o,jᵀ W_o,j, W_o,j the
 // [n_embd, dv] block of attn_output that consumes head j's attention output. Skipped (with the
 // aware=1 option then unavailable for V) when the tensor is missing or unreadable.
@@ -298,13 +365,68 @@ std::string ModelIdentity(const Model& m) {
                      s.n_head_kv, s.head_dim, s.DimV(), c.n_embd, c.n_vocab, w0);
 }
 
+// `calibrate --method smooth`: only the key-smoothing statistics (one forward pass per chunk, no
+// attention recomputation: seconds, not minutes).
+static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::vector<int32_t>& tokens,
+                                                     const CalibrateOptions& opt) {
+  if (opt.n_ctx < 2) return InvalidArgument("calibrate: -c must be >= 2");
+  const int64_t n_chunks = std::min<int64_t>(int64_t(tokens.size()), opt.max_tokens) / opt.n_ctx;
+  if (n_chunks < 1) {
+    return InvalidArgument(fmt::format("calibration text has {} tokens, fewer than one chunk of {}",
+                                       tokens.size(), opt.n_ctx));
+  }
+  const kv::KvShape shape = m.kv_shape();
+  Session::Options so;
+  so.n_ctx = opt.n_ctx;
+  kv::KvCacheConfig cc;
+  cc.k_codec = cc.v_codec = "f32";
+  std::unique_ptr<Session> s;
+  KVC_ASSIGN_OR_RETURN(s, Session::Create(m, cc, "", so));
+  SmoothObserver obs(shape);
+  s->cache().SetObserver(&obs);
+  Progress prog("calibrate", n_chunks);
+  for (int64_t ch = 0; ch < n_chunks; ++ch) {
+    s->Reset();
+    std::vector<int32_t> chunk(tokens.begin() + ch * opt.n_ctx, tokens.begin() + (ch + 1) * opt.n_ctx);
+    Status st = s->Eval(chunk, false, nullptr);
+    if (!st.ok()) {
+      s->cache().SetObserver(nullptr);
+      return st;
+    }
+    prog.Step();
+  }
+  s->cache().SetObserver(nullptr);
+  kv::CalibrationFile f;
+  f.meta["kind"] = "kv-stats";
+  f.meta["model_id"] = ModelIdentity(m);
+  f.meta["n_layer"] = std::to_string(shape.n_layer);
+  f.meta["n_head_kv"] = std::to_string(shape.n_head_kv);
+  f.meta["head_dim"] = std::to_string(shape.head_dim);
+  f.meta["head_dim_v"] = std::to_string(shape.DimV());
+  f.meta["method"] = "smooth";
+  f.meta["source"] = opt.source;
+  f.meta["n_tokens"] = std::to_string(n_chunks * opt.n_ctx);
+  f.meta["n_ctx"] = std::to_string(opt.n_ctx);
+  f.meta["created_by"] = "kvcrunch calibrate --method smooth";
+  obs.Store(&f);
+  return f;
+}
+
 StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_t>& tokens,
                                         const CalibrateOptions& opt) {
   auto spec = kv::ParseSpec(opt.spec);
   if (!spec.ok()) return spec.status();
-  if (spec->name != "palu" && spec->name != "lowrank" && spec->name != "think") {
+  if (spec->name != "palu" && spec->name != "lowrank" && spec->name != "think" &&
+      spec->name != "smooth") {
     return InvalidArgument(fmt::format("calibrate: unknown method '{}' (palu:ratio=R[,alloc=uniform|"
-                                       "var], think:ratio=R)", spec->name));
+                                       "var], think:ratio=R, smooth)", spec->name));
+  }
+  if (spec->name == "smooth") {
+    if (!spec->params.empty()) {
+      return InvalidArgument("calibrate --method smooth takes no parameters (alpha and stat are "
+                             "chosen at use: kt=smooth:file=F,alpha=0.5,stat=max)");
+    }
+    return CalibrateSmooth(m, tokens, opt);
   }
   double ratio;
   std::string alloc;
@@ -431,6 +553,52 @@ std::string DescribePaluRanks(const kv::CalibrationFile& f, double ratio, const 
     }
   }
   return out;
+}
+
+std::string DescribeSmooth(const kv::CalibrationFile& f) {
+  const int nl = std::atoi(f.MetaOr("n_layer", "0").c_str());
+  const int nkv = std::atoi(f.MetaOr("n_head_kv", "0").c_str());
+  const int d = std::atoi(f.MetaOr("head_dim", "0").c_str());
+  // bound = (Σ_c a_q a_k)² / (Σ a_q² · Σ a_k²) over RMS amplitudes: the smallest factor by which
+  // any diagonal smoothing can lower the expected q·k error of a codec whose error is isotropic
+  // with energy ∝ ‖k‖² (a rotation codec: TurboQuant, rotated q4_0); reached at alpha=0.5 with
+  // stat=rms (Cauchy–Schwarz). Near 1 when the queries' large channels are the keys' large ones.
+  std::string out = "key channels (RoPE pairs) with the largest max amplitude, x the head's median "
+                    "(head:channel), the largest smoothing scale at alpha=0.5, and the bound on the "
+                    "score-error ratio any smoothing can reach for a rotation codec (rms stats):";
+  double bound_sum = 0;
+  int bound_n = 0;
+  for (int l = 0; l < nl; ++l) {
+    out += fmt::format("\n  L{:<2}", l);
+    for (int h = 0; h < nkv; ++h) {
+      const auto* k = f.Find(kv::SmoothTensorName("kmax", l, h));
+      const auto* q = f.Find(kv::SmoothTensorName("qmax", l, h));
+      if (!k || !q || int(k->data.size()) != d || int(q->data.size()) != d || d == 0) return out + " (missing)\n";
+      std::vector<float> sorted = k->data;
+      std::sort(sorted.begin(), sorted.end());
+      const float med = sorted[d / 2];
+      const int top = int(std::max_element(k->data.begin(), k->data.end()) - k->data.begin());
+      const auto s = kv::SmoothScales(k->data, q->data, 0.5);
+      double qk = 0, qq = 0, kk = 0;
+      const auto* kr = f.Find(kv::SmoothTensorName("krms", l, h));
+      const auto* qr = f.Find(kv::SmoothTensorName("qrms", l, h));
+      if (kr && qr && int(kr->data.size()) == d && int(qr->data.size()) == d) {
+        for (int c = 0; c < d; ++c) {
+          qk += double(qr->data[c]) * kr->data[c];
+          qq += double(qr->data[c]) * qr->data[c];
+          kk += double(kr->data[c]) * kr->data[c];
+        }
+      }
+      const double bound = qq > 0 && kk > 0 ? qk * qk / (qq * kk) : 1.0;
+      bound_sum += bound;
+      ++bound_n;
+      out += fmt::format(" {}:{} {:.1f}x s_max {:.2f} bound {:.2f}", h, top,
+                         med > 0 ? k->data[top] / med : 0.0, *std::max_element(s.begin(), s.end()),
+                         bound);
+    }
+  }
+  return out + fmt::format("\n  mean bound over layers and heads: {:.3f}\n",
+                            bound_n ? bound_sum / bound_n : 1.0);
 }
 
 }  // namespace kvc

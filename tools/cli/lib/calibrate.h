@@ -9,6 +9,8 @@
 //   palu.k.attcov / palu.v.outcov  attention-weighted key moment / attention-output moment
 //                      (obj=attn); the observer recomputes each layer's causal attention
 //   palu.{k,v}.jcov.{l}  joint moment of all KV heads of a layer (G-LRD energy study)
+// With --method smooth only the key-smoothing statistics (smooth.{k,q}{max,rms}.{l}.{h}, see
+// src/kv/transforms/smooth.h) are collected: one forward pass per chunk.
 // Use text disjoint from the evaluation text (docs/lowrank.md uses a PG-19 book; WikiText-2 test is
 // the evaluation text).
 #pragma once
@@ -39,6 +41,9 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
 // For every transform spec of `rc` with a file= parameter: the file must exist, be valid and
 // have been made for this model (FAILED_PRECONDITION-style INVALID_ARGUMENT naming both models).
 Status CheckRunConfigCalibration(const KvRunConfig& rc, const Model& m);
+
+// One line per layer: the largest key channel (x median) and smoothing scale per head.
+std::string DescribeSmooth(const kv::CalibrationFile& f);
 
 // One line per layer: ranks and retained variance for a ratio (for the CLI summary).
 std::string DescribePaluRanks(const kv::CalibrationFile& f, double ratio, const std::string& alloc);

@@ -68,13 +68,42 @@ StatusOr<std::vector<int>> ParseLayerList(const std::string& s, const std::strin
 
 }  // namespace
 
+std::string KvPresetNames() {
+  std::string out;
+  for (const auto& p : KvPresets()) out += (out.empty() ? "" : ", ") + p.name;
+  return out;
+}
+
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   KvRunConfig c;
   std::istringstream in(text);
   std::string tok;
   bool any = false;
   std::set<std::string> seen;
+  // preset=NAME (anywhere in the string) is applied first; the other keys then override it.
+  std::vector<std::string> toks;
+  std::string preset_name;
   while (in >> tok) {
+    if (tok.rfind("preset=", 0) == 0) {
+      if (!preset_name.empty()) return InvalidArgument(fmt::format("key 'preset' given twice in config '{}'", text));
+      preset_name = tok.substr(7);
+      const KvPreset* found = nullptr;
+      for (const auto& p : KvPresets()) if (p.name == preset_name) found = &p;
+      if (!found) {
+        return InvalidArgument(fmt::format("unknown KV preset '{}' (known: {}; `kvcrunch info` lists "
+                                           "what each expands to)", preset_name, KvPresetNames()));
+      }
+      auto base = ParseRunConfig(found->config);
+      if (!base.ok()) return base.status();
+      c = *base;
+      any = true;
+    } else {
+      toks.push_back(tok);
+    }
+  }
+  const KvRunConfig preset_base = c;
+  for (const std::string& t : toks) {
+    tok = t;
     any = true;
     const size_t eq = tok.find('=');
     // A bare codec spec (may carry its own parameters: "q4_0:rot=0") sets K = V.
@@ -103,7 +132,11 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
         if ((lay == &c.cache.k_codec_layer) ? which == "v" : which == "k") continue;
         for (int l : layers) {
           if (int(lay->size()) <= l) lay->resize(l + 1);
-          if (!(*lay)[l].empty()) {
+          const auto& base_lay = lay == &c.cache.k_codec_layer ? preset_base.cache.k_codec_layer
+                                                                : preset_base.cache.v_codec_layer;
+          const bool from_preset = l < int(base_lay.size()) && !base_lay[l].empty() &&
+                                   (*lay)[l] == base_lay[l];
+          if (!(*lay)[l].empty() && !from_preset) {
             return InvalidArgument(fmt::format("layer {} {} codec given twice in config '{}'", l,
                                                lay == &c.cache.k_codec_layer ? "K" : "V", text));
           }
@@ -128,11 +161,16 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       KVC_ASSIGN_OR_RETURN(c.cache.position_mode, kv::ParsePositionMode(val));
       c.cache.position_mode_set = true;
     } else {
-      return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (k, v, kt, vt, evict, "
-                                         "sinks, sink_codec, pos, name, k@L, v@L, kv@L)", key, text));
+      return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (preset, k, v, kt, vt, "
+                                         "evict, sinks, sink_codec, pos, name, k@L, v@L, kv@L)", key, text));
     }
   }
   if (!any) return InvalidArgument("empty KV configuration");
+  if (!preset_name.empty() && c.name.empty()) {
+    std::string rest;
+    for (const auto& t : toks) rest += " " + t;
+    c.name = preset_name + rest;
+  }
   return c;
 }
 
@@ -167,6 +205,34 @@ std::vector<KvRunConfig> DefaultRunConfigs() {
     if (r.ok()) out.push_back(*r);
   }
   return out;
+}
+
+}  // namespace kvc
+
+namespace kvc {
+
+const std::vector<KvPreset>& KvPresets() {
+  // Chosen from what docs/results.md measured ("Presets" section, -c 4096, 2 chunks of WikiText-2
+  // test, baseline f16 23.6971 on this build). All-in bits = 16 · allocated KV bytes / f16 bytes.
+  static const std::vector<KvPreset> kPresets = {
+      {"kvc4", "k=kivi:bits=4,group=64,residual=64 v=turbo:bits=4,nc=1 sinks=1", 4.5,
+       "KIVI-4 keys per channel (groups of 64 tokens, 64-token fp16 window) + TurboQuant-4 values "
+       "with norm correction, first token fp16: 4.47 b/v all in, +0.51 +- 0.31 % ppl, KLD 0.014 "
+       "(target <= +0.5 %: missed by 0.01 points, within 1 SE)"},
+      {"kvc3", "k=turbo:bits=3,nc=1,center=1 v=turbo:bits=3,nc=1 v@0=turbo:bits=2.5,nc=1 sinks=1", 3.25,
+       "TurboQuant-3 keys (norm correction, pre-RoPE mean removed) and values, layer 0's values at "
+       "2.5 bits to pay for the fp16 first token: 3.25 b/v all in, +5.79 +- 0.69 % ppl, KLD 0.065 "
+       "(target <= +2 %, KLD <= 0.03: missed by 3.8 points)"},
+      {"kvc2", "k=turbo:bits=2.5,nc=1,center=1 v=turbo:bits=1.5,nc=1 v@0=turbo:bits=1,nc=1 sinks=1", 2.5,
+       "TurboQuant-2.5 keys (32 ch at 3 b + 32 at 2 b, centred) + TurboQuant-1.5 values, layer 0's "
+       "values at 1 bit, first token fp16: 2.49 b/v all in, +38.2 +- 2.2 % ppl, KLD 0.354 "
+       "(target <= +6 %: missed by 32 points)"},
+      {"kvc-25", "k=kivi:bits=4,group=128,residual=128 v=turbo:bits=3,nc=1 sinks=1", 4.0,
+       "<= 25 % of the f16 KV bytes by quantization alone (no token evicted): KIVI-4 keys (groups of "
+       "128, 128-token fp16 window) + TurboQuant-3 values, first token fp16: 3.94 b/v = 24.6 % of "
+       "f16, +2.41 +- 0.46 % ppl, passkey 20/20 at 4k (TOVA at 25 % kept: 11/20)"},
+  };
+  return kPresets;
 }
 
 }  // namespace kvc

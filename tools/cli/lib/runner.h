@@ -26,8 +26,23 @@ struct KvRunConfig {
 // k_codec_layer / v_codec_layer; other layers keep k= / v=), e.g. "k=f16 v=f16 k@4=turbo3".
 // The lists are sized to the highest layer named: call FitLayerOverrides before building a cache.
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text);
+//   preset=NAME  starts from a named complete configuration (KvPresets); keys after it override
+//                it, e.g. "preset=kvc3 name=mine" or "preset=kvc3 sinks=4".
 // Pads the per-layer codec lists to n_layer; INVALID_ARGUMENT if a layer >= n_layer is named.
 Status FitLayerOverrides(KvRunConfig* c, int n_layer);
+
+// Named complete KV configurations (`--kv-preset NAME`, `preset=NAME` in eval/retrieval configs).
+// Each is a --config string; the numbers are what docs/results.md measured for it (WikiText-2
+// test, -c 4096, 2 chunks, f16 baseline 23.6319): all-in bits per value at 4,096 tokens
+// (= 16 · KV bytes / f16 KV bytes, every window, sink, scale and norm included) and Δppl.
+struct KvPreset {
+  std::string name;
+  std::string config;        // ParseRunConfig syntax
+  double bits_limit;         // the class: all-in bits per value it must stay within at -c 4096
+  std::string summary;       // what it is and what it measured
+};
+const std::vector<KvPreset>& KvPresets();
+std::string KvPresetNames();   // "kvc4, kvc3, ..."
 
 // The default list: every registered codec (in_default_eval) for K and V.
 std::vector<KvRunConfig> DefaultRunConfigs();
