@@ -138,6 +138,10 @@ class KvStore {
   struct Pending {
     engine::Request::BlockOut block;
     std::string kv_digest_hex;  // for logs
+    // Events go out in queue order: a BlockRemoved queued behind the BlockStored of the same key
+    // (an eviction right after the store), never before it.
+    bool announce = true;               // BlockStored for block (false: not held locally)
+    std::vector<store::Digest> removed;  // non-empty: a BlockRemoved only
   };
   const store::KvFingerprint& KvFp(const engine::KvSettings& kv);
   std::string SessionPath(const std::string& salt, const std::string& name) const;
