@@ -478,3 +478,22 @@ def test_prefix_cache_smaller_than_a_block_stores_nothing():
         assert metric(url, "prefix_cache_entries") == 0
     finally:
         ts.stop_server(proc)
+
+
+def test_session_save_failure_is_counted_and_others_still_served():
+    # The session directory replaced by a file while serving: the request is still answered, the
+    # state is not saved; that used to show nowhere but the log.
+    d = tempfile.mkdtemp(prefix="kvc-sessions-gone-")
+    proc, url = start(["--session-dir", d])
+    try:
+        complete(url, "Hello there", session="a")
+        assert metric(url, "sessions_saved_total") == 1
+        shutil.rmtree(d)
+        open(d, "w").close()
+        complete(url, "Hello there", session="a")
+        assert metric(url, "sessions_saved_total") == 1
+        assert metric(url, "sessions_save_errors_total") == 1
+        complete(url, "Hello there")  # requests without a session are unaffected
+    finally:
+        ts.stop_server(proc)
+        os.remove(d) if os.path.isfile(d) else shutil.rmtree(d, ignore_errors=True)

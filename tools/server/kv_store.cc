@@ -358,15 +358,19 @@ Status KvStore::PrepareSession(engine::Request* r, const std::string& salt, cons
 }
 
 Status KvStore::SaveSession(const std::string& salt, const std::string& name, const std::string& state) {
-  KVC_RETURN_IF_ERROR(ValidSessionName(name));
-  const std::string path = SessionPath(salt, name);
-  std::error_code ec;
-  fs::create_directories(fs::path(path).parent_path(), ec);
-  if (ec) return Internal(fmt::format("cannot create {}: {}", fs::path(path).parent_path().string(), ec.message()));
-  KVC_RETURN_IF_ERROR(store::WriteFileAtomic(path, state));
+  const Status st = [&]() -> Status {
+    KVC_RETURN_IF_ERROR(ValidSessionName(name));
+    const std::string path = SessionPath(salt, name);
+    std::error_code ec;
+    fs::create_directories(fs::path(path).parent_path(), ec);
+    if (ec) return Internal(fmt::format("cannot create {}: {}", fs::path(path).parent_path().string(), ec.message()));
+    return store::WriteFileAtomic(path, state);
+  }();
   std::lock_guard<std::mutex> lk(mu_);
-  counters_.sessions_saved += 1;
-  return Status::Ok();
+  // A failed save (session dir gone, full disk) is only logged: the response has already been
+  // answered 200; the counter makes it visible on /metrics.
+  (st.ok() ? counters_.sessions_saved : counters_.sessions_save_errors) += 1;
+  return st;
 }
 
 StatusOr<KvStore::SessionInfo> KvStore::GetSession(const std::string& salt, const std::string& name) {

@@ -88,6 +88,7 @@ struct StoreCounters {
   int64_t remote_rejected = 0;   // values that failed verification (corrupt, other model/config/key)
   int64_t writes_dropped = 0;    // blocks not stored because the worker queue was full
   int64_t sessions_restored = 0, sessions_saved = 0, sessions_rejected = 0;
+  int64_t sessions_save_errors = 0;  // states not written (logged; the response was already 200)
   store::PrefixCacheStats local;
   bool remote_configured = false, remote_up = false;
 };
