@@ -120,6 +120,24 @@ StatusOr<std::string> OffsetEndpoint(const std::string& ep, int dp_rank) {
   return InvalidArgument("kv events: endpoint '" + ep + "' must be tcp:// or inproc:// with dp_rank > 0");
 }
 
+// ZMQ takes a tcp port modulo 65536 ("tcp://*:99999" binds 34463) and says nothing: refuse a
+// numeric port outside 0..65535 (after the dp-rank offset) with the endpoint named.
+Status CheckTcpPort(const std::string& ep) {
+  if (ep.rfind("tcp://", 0) != 0) return Status::Ok();
+  const size_t colon = ep.rfind(':');
+  if (colon == std::string::npos || colon < 6) return Status::Ok();  // no port: ZMQ's own error
+  const std::string_view port(ep.data() + colon + 1, ep.size() - colon - 1);
+  if (port.empty() || port == "*") return Status::Ok();
+  long v = 0;
+  auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
+  if (ec == std::errc() && p == port.data() + port.size() && v >= 0 && v <= 65535) return Status::Ok();
+  if (ec != std::errc::result_out_of_range && (ec != std::errc() || p != port.data() + port.size())) {
+    return Status::Ok();  // not a number (a service name?): ZMQ's own error
+  }
+  return InvalidArgument("kv events: endpoint '" + ep + "': port " + std::string(port) +
+                         " is outside 0..65535");
+}
+
 std::string LastEndpoint(void* sock) {
   char buf[256];
   size_t len = sizeof(buf);
@@ -165,6 +183,8 @@ class KvEventPublisher::Impl {
     if (ctx_ == nullptr) return Internal("kv events: zmq_ctx_new failed");
     KVC_ASSIGN_OR_RETURN(std::string ep, OffsetEndpoint(o.endpoint, o.dp_rank));
     KVC_ASSIGN_OR_RETURN(std::string rep, OffsetEndpoint(o.replay_endpoint, o.dp_rank));
+    KVC_RETURN_IF_ERROR(CheckTcpPort(ep));
+    KVC_RETURN_IF_ERROR(CheckTcpPort(rep));
     pub_ = zmq_socket(ctx_, ZMQ_PUB);
     if (pub_ == nullptr) return Internal(std::string("kv events: zmq_socket: ") + zmq_strerror(zmq_errno()));
     const int hwm = 100000, linger = 1000;

@@ -61,13 +61,13 @@ size_t PrefixCache::DigestHash::operator()(const Digest& d) const {
   return h;
 }
 
-void PrefixCache::Put(const Digest& key, std::shared_ptr<const Record> rec) {
+bool PrefixCache::Put(const Digest& key, std::shared_ptr<const Record> rec) {
   std::vector<Digest> removed;
   std::function<void(const std::vector<Digest>&)> cb;
   {
     std::lock_guard<std::mutex> lk(mu_);
     const int64_t b = int64_t(rec->bytes);
-    if (b > budget_) return;
+    if (b > budget_) return false;
     auto it = map_.find(key);
     if (it != map_.end()) {
       bytes_ -= int64_t(it->second->second->bytes);
@@ -89,6 +89,7 @@ void PrefixCache::Put(const Digest& key, std::shared_ptr<const Record> rec) {
     cb = on_removed_;
   }
   if (!removed.empty() && cb) cb(removed);
+  return true;
 }
 
 std::shared_ptr<const Record> PrefixCache::Get(const Digest& key) {

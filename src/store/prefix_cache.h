@@ -53,8 +53,8 @@ class PrefixCache {
  public:
   explicit PrefixCache(int64_t budget_bytes) : budget_(budget_bytes) {}
   // Stores a verified record under key (replacing one with the same key). Records larger than the
-  // budget are not stored. Evicts least recently used entries until the bytes fit.
-  void Put(const Digest& key, std::shared_ptr<const Record> rec);
+  // budget are not stored (false). Evicts least recently used entries until the bytes fit.
+  bool Put(const Digest& key, std::shared_ptr<const Record> rec);
   // The record under key (and marks it used), or null.
   std::shared_ptr<const Record> Get(const Digest& key);
   bool Contains(const Digest& key) const;

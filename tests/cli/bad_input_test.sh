@@ -100,6 +100,10 @@ check "not a kvcrunch KV record" "$BIN" generate -m "$MODEL" -p x -n 1 --session
 check "s.kvc"              "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/s.kvc"
 "$BIN" generate -m "$MODEL" -p "Hi" -n 0 --session "$tmp/s0.kvc" >/dev/null 2>&1
 check "no pending token"   "$BIN" generate -m "$MODEL" -n 1 --session "$tmp/s0.kvc"
+# A directory, or a path under a missing directory / a file: refused before generating.
+check "is a directory"     "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp"
+check "is not a directory" "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/nodir/s.kvc"
+check "is not a directory" "$BIN" generate -m "$MODEL" -p x -n 1 --session "$tmp/s.kvc/s.kvc"
 # KV presets and key smoothing (issue 15): unknown preset, a preset mixed with the flags it sets,
 # smoothing on values, a smoothing file made for another model, one with a NaN statistic.
 check "unknown KV preset"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-preset kvc1

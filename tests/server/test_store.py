@@ -411,3 +411,89 @@ if __name__ == "__main__":
     os.environ["KVC_BIN"], os.environ["KVC_MODEL"] = args.bin, args.model
     ts.BIN, ts.MODEL = args.bin, args.model
     sys.exit(pytest.main([__file__, "-x", "-q", "-p", "no:cacheprovider", *rest]))
+
+
+def test_kv_events_removal_never_overtakes_its_store(redis):
+    # A small --prefix-cache evicts a block right after storing it. The BlockStored events wait in
+    # the store's worker queue (here behind a Redis whose writes are paused: its lookups answer);
+    # the BlockRemoved of an eviction used to be published at once, before the BlockStored of the
+    # same block, so a router replaying the stream believed the server held blocks it had dropped.
+    import msgpack
+    import zmq
+    cli(redis["port"], "FLUSHALL")
+    port = ts.free_port()
+    proc, url = start(["--prefix-cache", "3500000",  # 2 f16 records of 64 tokens (1.47 MB each)
+                       "--kv-events", f"tcp://*:{port}",
+                       "--kv-store", redis["url"],
+                       "--kv-store-timeout-ms", "1500"])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        time.sleep(0.5)  # slow joiner
+        ids = book_tokens(url, 300, offset=540000)
+        # GET answers, SET waits past the 1.5 s deadline: the worker sits on the first block's SET
+        # while the engine stores (and evicts) the others.
+        assert cli(redis["port"], "CLIENT", "PAUSE", "2500", "WRITE").returncode == 0
+        complete(url, ids)
+        stored = metric(url, "prefix_cache_blocks_stored_total")
+        evicted = metric(url, "prefix_cache_evictions_total")
+        assert stored == 4 and evicted == 2, (stored, evicted)
+        held, seen, order = set(), set(), []
+        n_s = n_r = 0
+        deadline = time.time() + 20
+        while time.time() < deadline and (n_s < stored or n_r < evicted):
+            if not sub.poll(500):
+                continue
+            _, _, payload = sub.recv_multipart()
+            for e in msgpack.unpackb(payload, raw=False)[1]:
+                if e[0] == "BlockStored":
+                    n_s += len(e[1])
+                    held |= set(e[1])
+                    seen |= set(e[1])
+                    order.append(("stored", e[1]))
+                elif e[0] == "BlockRemoved":
+                    n_r += len(e[1])
+                    assert set(e[1]) <= seen, f"BlockRemoved before its BlockStored: {order + [e]}"
+                    held -= set(e[1])
+                    order.append(("removed", e[1]))
+        assert (n_s, n_r) == (stored, evicted), order
+        assert len(held) == metric(url, "prefix_cache_entries") == 2, order
+    finally:
+        sub.close(0)
+        ctx.term()
+        ts.stop_server(proc)
+
+
+def test_prefix_cache_smaller_than_a_block_stores_nothing():
+    # --prefix-cache 1: no record fits. blocks_stored_total used to count every exported block
+    # although none was kept (entries 0, evictions 0), and KV events announced them as stored.
+    proc, url = start(["--prefix-cache", "1"])
+    try:
+        ids = book_tokens(url, 200, offset=560000)
+        assert complete(url, ids)[1] == 0
+        assert complete(url, ids)[1] == 0
+        assert metric(url, "prefix_cache_blocks_stored_total") == 0
+        assert metric(url, "prefix_cache_entries") == 0
+    finally:
+        ts.stop_server(proc)
+
+
+def test_session_save_failure_is_counted_and_others_still_served():
+    # The session directory replaced by a file while serving: the request is still answered, the
+    # state is not saved; that used to show nowhere but the log.
+    d = tempfile.mkdtemp(prefix="kvc-sessions-gone-")
+    proc, url = start(["--session-dir", d])
+    try:
+        complete(url, "Hello there", session="a")
+        assert metric(url, "sessions_saved_total") == 1
+        shutil.rmtree(d)
+        open(d, "w").close()
+        complete(url, "Hello there", session="a")
+        assert metric(url, "sessions_saved_total") == 1
+        assert metric(url, "sessions_save_errors_total") == 1
+        complete(url, "Hello there")  # requests without a session are unaffected
+    finally:
+        ts.stop_server(proc)
+        os.remove(d) if os.path.isfile(d) else shutil.rmtree(d, ignore_errors=True)

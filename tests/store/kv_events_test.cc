@@ -126,6 +126,20 @@ TEST(KvEvents, BadOptionsAreClearErrors) {
   o = Loopback();
   o.endpoint = "bogus://*:1";
   EXPECT_EQ(KvEventPublisher::Create(o).status().code(), StatusCode::kInvalidArgument);
+  // ZMQ would bind 99999 mod 65536 = 34463 without a word: refused, naming the port.
+  o = Loopback();
+  o.endpoint = "tcp://*:99999";
+  auto big = KvEventPublisher::Create(o);
+  ASSERT_FALSE(big.ok()) << (*big)->endpoint();
+  EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(big.status().message().find("99999"), std::string::npos) << big.status().ToString();
+  o = Loopback();
+  o.replay_endpoint = "tcp://127.0.0.1:65536";
+  EXPECT_EQ(KvEventPublisher::Create(o).status().code(), StatusCode::kInvalidArgument);
+  o = Loopback();
+  o.endpoint = "tcp://*:65535";
+  o.dp_rank = 1;  // vLLM's offset takes it to 65536
+  EXPECT_EQ(KvEventPublisher::Create(o).status().code(), StatusCode::kInvalidArgument);
   // A port already bound: UNAVAILABLE naming the endpoint.
   auto a = MustCreate(Loopback());
   ASSERT_TRUE(a);

@@ -221,8 +221,8 @@ TEST(PrefixCache, LruWithinBudgetAndResolve) {
   a[0] = 1;
   b[0] = 2;
   c[0] = 3;
-  pc.Put(a, FakeRecord(0, 64, 400));
-  pc.Put(b, FakeRecord(64, 128, 400));
+  EXPECT_TRUE(pc.Put(a, FakeRecord(0, 64, 400)));
+  EXPECT_TRUE(pc.Put(b, FakeRecord(64, 128, 400)));
   ASSERT_TRUE(pc.Get(a));  // a is now the most recent
   pc.Put(c, FakeRecord(128, 192, 400));  // evicts b (least recent)
   EXPECT_TRUE(pc.Contains(a));
@@ -230,7 +230,7 @@ TEST(PrefixCache, LruWithinBudgetAndResolve) {
   EXPECT_TRUE(pc.Contains(c));
   EXPECT_EQ(removed, std::vector<Digest>{b});
   EXPECT_LE(pc.GetStats().bytes, 1000);
-  pc.Put(b, FakeRecord(0, 64, 5000));  // larger than the budget: not stored
+  EXPECT_FALSE(pc.Put(b, FakeRecord(0, 64, 5000)));  // larger than the budget: not stored
   EXPECT_FALSE(pc.Contains(b));
   // Resolve: records [0,64), [64,192) (one record spanning two blocks), [192,256).
   std::vector<std::shared_ptr<const Record>> at(5);

@@ -321,6 +321,20 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   // --session FILE: continue the saved conversation (its pending token, then this prompt), and
   // save the state again at the end. A missing file starts a new session.
   store::SessionTokens saved;
+  if (!session_path.empty()) {
+    // Checked before generating: a directory read as a record said "KV record of 0 bytes ...
+    // truncated", and a missing parent directory failed only at the save, after the whole run.
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (fs::is_directory(session_path, ec)) {
+      return Fail(InvalidArgument(fmt::format("--session {}: is a directory (give a file path)", session_path)));
+    }
+    const fs::path parent = fs::path(session_path).parent_path();
+    if (!parent.empty() && !fs::is_directory(parent, ec)) {
+      return Fail(InvalidArgument(fmt::format("--session {}: {} is not a directory", session_path,
+                                              parent.string())));
+    }
+  }
   if (!session_path.empty() && std::filesystem::exists(session_path)) {
     auto l = store::LoadSession(s->get(), session_path);
     if (!l.ok()) return Fail(l.status());

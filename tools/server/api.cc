@@ -850,6 +850,8 @@ std::string RenderStoreMetrics(const StoreCounters& c, const std::string& model)
   }
   w.Counter("sessions_restored_total", double(c.sessions_restored), "Saved sessions continued.");
   w.Counter("sessions_saved_total", double(c.sessions_saved), "Session states written.");
+  w.Counter("sessions_save_errors_total", double(c.sessions_save_errors),
+            "Session states not written (session directory gone or unwritable, disk full); logged.");
   w.Counter("sessions_rejected_total", double(c.sessions_rejected),
             "Saved sessions not used: corrupt, or another model or KV configuration.");
   return w.out;

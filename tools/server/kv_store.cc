@@ -85,8 +85,17 @@ StatusOr<std::unique_ptr<EventSink>> MakeEventPublisher(const std::string& endpo
 KvStore::KvStore(const Model& model, StoreOptions opt) : model_(model), opt_(std::move(opt)) {
   if (opt_.prefix_cache_bytes > 0) local_ = std::make_unique<store::PrefixCache>(opt_.prefix_cache_bytes);
   if (local_ && opt_.events) {
-    EventSink* ev = opt_.events.get();
-    local_->SetOnRemoved([ev](const std::vector<store::Digest>& keys) { ev->Removed(keys); });
+    // Through the worker's queue, behind the BlockStored events still waiting there: published
+    // directly, an eviction overtook the store of the same block (a router then believed the
+    // server held a block it had dropped).
+    local_->SetOnRemoved([this](const std::vector<store::Digest>& keys) {
+      std::lock_guard<std::mutex> lk(mu_);
+      Pending p;
+      p.announce = false;
+      p.removed = keys;
+      queue_.push_back(std::move(p));  // not capped: a removal is 32 B a key, and never dropped
+      cv_.notify_all();
+    });
   }
   counters_.remote_configured = opt_.remote != nullptr;
   if (prefix_enabled()) worker_ = std::thread([this] { Work(); });
@@ -206,25 +215,32 @@ void KvStore::PreparePrefix(engine::Request* r, const std::string& salt) {
     // On the engine thread: the local copy at once (a decode is a copy of the record, ~0.1 ms per
     // 64 q4_0 tokens), so the very next request finds it; Redis and events on the worker thread.
     const store::Digest key = b.keys.back();
+    bool held = false;
     if (local_ && !local_->Contains(key)) {
       auto rec = store::DecodeRecord(b.record);
       if (!rec.ok()) {
         spdlog::error("kv store: an exported block does not decode: {}", rec.status().message());
         return;
       }
-      local_->Put(key, std::make_shared<const store::Record>(std::move(*rec)));
-      std::lock_guard<std::mutex> lk(mu_);
-      counters_.blocks_stored += 1;
+      // A record larger than the whole budget is not kept: not counted as stored, not announced.
+      held = local_->Put(key, std::make_shared<const store::Record>(std::move(*rec)));
+      if (held) {
+        std::lock_guard<std::mutex> lk(mu_);
+        counters_.blocks_stored += 1;
+      }
     } else if (local_) {
       return;  // another request stored it already (and sent it on)
     }
-    if (!opt_.remote && !opt_.events) return;
+    if (!opt_.remote && !(opt_.events && held)) return;
     std::lock_guard<std::mutex> lk(mu_);
     if (queue_.size() >= opt_.max_pending_writes) {
       counters_.writes_dropped += 1;
       return;
     }
-    queue_.push_back({std::move(b), ""});
+    Pending p;
+    p.block = std::move(b);
+    p.announce = held;
+    queue_.push_back(std::move(p));
     cv_.notify_all();
   };
 }
@@ -242,8 +258,12 @@ void KvStore::Work() {
       queue_.pop_front();
       busy_ = true;
     }
+    if (!p.removed.empty()) {
+      if (opt_.events) opt_.events->Removed(p.removed);
+      continue;
+    }
     const engine::Request::BlockOut& b = p.block;
-    if (opt_.events) {
+    if (opt_.events && p.announce) {
       opt_.events->Stored(b.keys, b.t0 == 0 ? nullptr : &b.parent, b.tokens, opt_.block_tokens);
     }
     if (opt_.remote) {
@@ -338,15 +358,19 @@ Status KvStore::PrepareSession(engine::Request* r, const std::string& salt, cons
 }
 
 Status KvStore::SaveSession(const std::string& salt, const std::string& name, const std::string& state) {
-  KVC_RETURN_IF_ERROR(ValidSessionName(name));
-  const std::string path = SessionPath(salt, name);
-  std::error_code ec;
-  fs::create_directories(fs::path(path).parent_path(), ec);
-  if (ec) return Internal(fmt::format("cannot create {}: {}", fs::path(path).parent_path().string(), ec.message()));
-  KVC_RETURN_IF_ERROR(store::WriteFileAtomic(path, state));
+  const Status st = [&]() -> Status {
+    KVC_RETURN_IF_ERROR(ValidSessionName(name));
+    const std::string path = SessionPath(salt, name);
+    std::error_code ec;
+    fs::create_directories(fs::path(path).parent_path(), ec);
+    if (ec) return Internal(fmt::format("cannot create {}: {}", fs::path(path).parent_path().string(), ec.message()));
+    return store::WriteFileAtomic(path, state);
+  }();
   std::lock_guard<std::mutex> lk(mu_);
-  counters_.sessions_saved += 1;
-  return Status::Ok();
+  // A failed save (session dir gone, full disk) is only logged: the response has already been
+  // answered 200; the counter makes it visible on /metrics.
+  (st.ok() ? counters_.sessions_saved : counters_.sessions_save_errors) += 1;
+  return st;
 }
 
 StatusOr<KvStore::SessionInfo> KvStore::GetSession(const std::string& salt, const std::string& name) {

@@ -88,6 +88,7 @@ struct StoreCounters {
   int64_t remote_rejected = 0;   // values that failed verification (corrupt, other model/config/key)
   int64_t writes_dropped = 0;    // blocks not stored because the worker queue was full
   int64_t sessions_restored = 0, sessions_saved = 0, sessions_rejected = 0;
+  int64_t sessions_save_errors = 0;  // states not written (logged; the response was already 200)
   store::PrefixCacheStats local;
   bool remote_configured = false, remote_up = false;
 };
@@ -138,6 +139,10 @@ class KvStore {
   struct Pending {
     engine::Request::BlockOut block;
     std::string kv_digest_hex;  // for logs
+    // Events go out in queue order: a BlockRemoved queued behind the BlockStored of the same key
+    // (an eviction right after the store), never before it.
+    bool announce = true;               // BlockStored for block (false: not held locally)
+    std::vector<store::Digest> removed;  // non-empty: a BlockRemoved only
   };
   const store::KvFingerprint& KvFp(const engine::KvSettings& kv);
   std::string SessionPath(const std::string& salt, const std::string& name) const;
