@@ -554,29 +554,7 @@ nb::dict Generate(ModelHandle& mh, const std::vector<int32_t>& prompt, int n_pre
     t1 = NowSeconds();
     std::mt19937 rng(seed);
     for (int i = 0; i < n_predict; ++i) {  // the CLI's sampling loop, step for step
-      int32_t next = 0;
-      if (temp <= 0) {
-        next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-      } else {
-        std::vector<std::pair<float, int32_t>> p(nv);
-        float mx = *std::max_element(logits.begin(), logits.end());
-        double sum = 0;
-        for (int u = 0; u < nv; ++u) {
-          p[u] = {float(std::exp((logits[u] - mx) / temp)), u};
-          sum += p[u].first;
-        }
-        std::sort(p.begin(), p.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-        double cum = 0;
-        size_t keep = 0;
-        while (keep < p.size() && cum < top_p * sum) cum += p[keep++].first;
-        std::uniform_real_distribution<double> u(0, cum);
-        double r = u(rng), acc = 0;
-        next = p[keep - 1].second;
-        for (size_t j = 0; j < keep; ++j) {
-          acc += p[j].first;
-          if (acc >= r) { next = p[j].second; break; }
-        }
-      }
+      const int32_t next = SampleGenerateToken(logits, temp, top_p, rng);
       out.push_back(next);
       if (model.tokenizer().IsEog(next)) break;
       if (!s->policy() && s->n_past() + 1 > so.n_ctx) break;

@@ -360,31 +360,8 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   const double t1 = NowSeconds();
   std::mt19937 rng(seed);
   std::vector<int32_t> out;
-  const int nv = model.config().n_vocab;
   for (int i = 0; i < n_predict; ++i) {
-    int32_t next = 0;
-    if (temp <= 0) {
-      next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    } else {
-      std::vector<std::pair<float, int32_t>> p(nv);
-      float mx = *std::max_element(logits.begin(), logits.end());
-      double sum = 0;
-      for (int v = 0; v < nv; ++v) {
-        p[v] = {float(std::exp((logits[v] - mx) / temp)), v};
-        sum += p[v].first;
-      }
-      std::sort(p.begin(), p.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-      double cum = 0;
-      size_t keep = 0;
-      while (keep < p.size() && cum < top_p * sum) cum += p[keep++].first;
-      std::uniform_real_distribution<double> u(0, cum);
-      double r = u(rng), acc = 0;
-      next = p[keep - 1].second;
-      for (size_t j = 0; j < keep; ++j) {
-        acc += p[j].first;
-        if (acc >= r) { next = p[j].second; break; }
-      }
-    }
+    const int32_t next = SampleGenerateToken(logits, temp, top_p, rng);
     out.push_back(next);
     if (model.tokenizer().IsEog(next)) break;
     if (!print_ids) {

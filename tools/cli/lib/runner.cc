@@ -108,6 +108,30 @@ std::string DefaultTextPath() {
   return FirstExisting({"../" + f, std::string(KVC_SOURCE_DIR) + "/../" + f, f});
 }
 
+int32_t SampleGenerateToken(const std::vector<float>& logits, float temp, float top_p, std::mt19937& rng) {
+  if (temp <= 0) return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  const int nv = int(logits.size());
+  std::vector<std::pair<float, int32_t>> p(nv);
+  float mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (int v = 0; v < nv; ++v) {
+    p[v] = {float(std::exp((logits[v] - mx) / temp)), v};
+    sum += p[v].first;
+  }
+  std::sort(p.begin(), p.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  double cum = 0;
+  size_t keep = 0;
+  while (keep < p.size() && cum < top_p * sum) cum += p[keep++].first;
+  std::uniform_real_distribution<double> u(0, cum);
+  double r = u(rng), acc = 0;
+  int32_t next = p[keep - 1].second;
+  for (size_t j = 0; j < keep; ++j) {
+    acc += p[j].first;
+    if (acc >= r) { next = p[j].second; break; }
+  }
+  return next;
+}
+
 double NowSeconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,10 @@ class Progress {
   double t0_;
 };
 double NowSeconds();
+// `kvcrunch generate`'s sampler (the Python Model.generate uses the same, to give the CLI's tokens):
+// greedy when temp <= 0, else softmax(logits / temp), nucleus of mass top_p (ties by token id), one
+// uniform draw from rng. logits [n_vocab] f32.
+int32_t SampleGenerateToken(const std::vector<float>& logits, float temp, float top_p, std::mt19937& rng);
 // CPU time of this process, all threads (seconds): on a shared machine it counts only our work,
 // so ratios of CPU time between configurations stay meaningful under load (at -t 1 especially).
 double ProcessCpuSeconds();
