@@ -29,7 +29,9 @@ std::vector<float> Logits(const Model& m, const kv::KvCacheConfig& cc, const std
   auto s = Session::Create(m, cc, "", so);
   EXPECT_TRUE(s.ok()) << s.status().ToString();
   std::vector<float> logits;
-  if (s.ok()) EXPECT_TRUE((*s)->Eval(t, true, &logits).ok());
+  if (s.ok()) {
+    EXPECT_TRUE((*s)->Eval(t, true, &logits).ok());
+  }
   return logits;
 }
 

@@ -138,7 +138,6 @@ class KvStore {
  private:
   struct Pending {
     engine::Request::BlockOut block;
-    std::string kv_digest_hex;  // for logs
     // Events go out in queue order: a BlockRemoved queued behind the BlockStored of the same key
     // (an eviction right after the store), never before it.
     bool announce = true;               // BlockStored for block (false: not held locally)

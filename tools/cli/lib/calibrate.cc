@@ -365,25 +365,23 @@ std::string ModelIdentity(const Model& m) {
                      s.n_head_kv, s.head_dim, s.DimV(), c.n_embd, c.n_vocab, w0);
 }
 
-// `calibrate --method smooth`: only the key-smoothing statistics (one forward pass per chunk, no
-// attention recomputation: seconds, not minutes).
-static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::vector<int32_t>& tokens,
-                                                     const CalibrateOptions& opt) {
+// Feeds the calibration text, in chunks of opt.n_ctx tokens (at most opt.max_tokens), through a
+// session with an f32 cache and `obs` attached. Returns the number of chunks.
+static StatusOr<int64_t> FeedChunks(const Model& m, const std::vector<int32_t>& tokens,
+                                    const CalibrateOptions& opt, kv::KvObserver* obs) {
   if (opt.n_ctx < 2) return InvalidArgument("calibrate: -c must be >= 2");
   const int64_t n_chunks = std::min<int64_t>(int64_t(tokens.size()), opt.max_tokens) / opt.n_ctx;
   if (n_chunks < 1) {
     return InvalidArgument(fmt::format("calibration text has {} tokens, fewer than one chunk of {}",
                                        tokens.size(), opt.n_ctx));
   }
-  const kv::KvShape shape = m.kv_shape();
   Session::Options so;
   so.n_ctx = opt.n_ctx;
   kv::KvCacheConfig cc;
   cc.k_codec = cc.v_codec = "f32";
   std::unique_ptr<Session> s;
   KVC_ASSIGN_OR_RETURN(s, Session::Create(m, cc, "", so));
-  SmoothObserver obs(shape);
-  s->cache().SetObserver(&obs);
+  s->cache().SetObserver(obs);
   Progress prog("calibrate", n_chunks);
   for (int64_t ch = 0; ch < n_chunks; ++ch) {
     s->Reset();
@@ -396,6 +394,12 @@ static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::
     prog.Step();
   }
   s->cache().SetObserver(nullptr);
+  return n_chunks;
+}
+
+// The metadata every kv-stats calibration file carries.
+static kv::CalibrationFile StatsFile(const Model& m, const CalibrateOptions& opt) {
+  const kv::KvShape shape = m.kv_shape();
   kv::CalibrationFile f;
   f.meta["kind"] = "kv-stats";
   f.meta["model_id"] = ModelIdentity(m);
@@ -403,10 +407,21 @@ static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::
   f.meta["n_head_kv"] = std::to_string(shape.n_head_kv);
   f.meta["head_dim"] = std::to_string(shape.head_dim);
   f.meta["head_dim_v"] = std::to_string(shape.DimV());
-  f.meta["method"] = "smooth";
   f.meta["source"] = opt.source;
-  f.meta["n_tokens"] = std::to_string(n_chunks * opt.n_ctx);
   f.meta["n_ctx"] = std::to_string(opt.n_ctx);
+  return f;
+}
+
+// `calibrate --method smooth`: only the key-smoothing statistics (one forward pass per chunk, no
+// attention recomputation: seconds, not minutes).
+static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::vector<int32_t>& tokens,
+                                                     const CalibrateOptions& opt) {
+  SmoothObserver obs(m.kv_shape());
+  int64_t n_chunks;
+  KVC_ASSIGN_OR_RETURN(n_chunks, FeedChunks(m, tokens, opt, &obs));
+  kv::CalibrationFile f = StatsFile(m, opt);
+  f.meta["method"] = "smooth";
+  f.meta["n_tokens"] = std::to_string(n_chunks * opt.n_ctx);
   f.meta["created_by"] = "kvcrunch calibrate --method smooth";
   obs.Store(&f);
   return f;
@@ -437,46 +452,14 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
   if (alloc != "uniform" && alloc != "var" && alloc != "global") {
     return InvalidArgument(fmt::format("calibrate: alloc '{}' unknown (uniform, var, global)", alloc));
   }
-  if (opt.n_ctx < 2) return InvalidArgument("calibrate: -c must be >= 2");
-  const int64_t n_chunks = std::min<int64_t>(int64_t(tokens.size()), opt.max_tokens) / opt.n_ctx;
-  if (n_chunks < 1) {
-    return InvalidArgument(fmt::format("calibration text has {} tokens, fewer than one chunk of {}",
-                                       tokens.size(), opt.n_ctx));
-  }
   const kv::KvShape shape = m.kv_shape();
-  Session::Options so;
-  so.n_ctx = opt.n_ctx;
-  kv::KvCacheConfig cc;
-  cc.k_codec = cc.v_codec = "f32";
-  std::unique_ptr<Session> s;
-  KVC_ASSIGN_OR_RETURN(s, Session::Create(m, cc, "", so));
   StatsObserver obs(shape);
-  s->cache().SetObserver(&obs);
-  Progress prog("calibrate", n_chunks);
-  for (int64_t ch = 0; ch < n_chunks; ++ch) {
-    s->Reset();
-    std::vector<int32_t> chunk(tokens.begin() + ch * opt.n_ctx, tokens.begin() + (ch + 1) * opt.n_ctx);
-    Status st = s->Eval(chunk, false, nullptr);
-    if (!st.ok()) {
-      s->cache().SetObserver(nullptr);
-      return st;
-    }
-    prog.Step();
-  }
-  s->cache().SetObserver(nullptr);
-  kv::CalibrationFile f;
-  f.meta["kind"] = "kv-stats";
-  f.meta["model_id"] = ModelIdentity(m);
-  f.meta["n_layer"] = std::to_string(shape.n_layer);
-  f.meta["n_head_kv"] = std::to_string(shape.n_head_kv);
-  f.meta["head_dim"] = std::to_string(shape.head_dim);
-  f.meta["head_dim_v"] = std::to_string(shape.DimV());
+  KVC_RETURN_IF_ERROR(FeedChunks(m, tokens, opt, &obs).status());
+  kv::CalibrationFile f = StatsFile(m, opt);
   f.meta["ratio"] = fmt::format("{}", ratio);
   f.meta["alloc"] = alloc;
   f.meta["method"] = spec->name;
-  f.meta["source"] = opt.source;
   f.meta["n_tokens"] = std::to_string(obs.n_tokens());
-  f.meta["n_ctx"] = std::to_string(opt.n_ctx);
   f.meta["created_by"] = "kvcrunch calibrate";
   obs.Store(&f);
   StoreWoGram(m, &f);
