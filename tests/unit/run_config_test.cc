@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <set>
 
 #include "../../tools/cli/lib/runner.h"
 #include "kv/cache.h"
@@ -118,6 +119,43 @@ TEST(RunConfigPreset, AllInBitsWithinClassAt4096) {
     std::printf("%-7s %.4f bits/value all in (class <= %.2f)\n", p.name.c_str(), bits, p.bits_limit);
     EXPECT_LE(bits, p.bits_limit) << p.name;
   }
+}
+
+// The main job's default table: every row parses and builds a cache (KVQuant rows need a
+// calibration file and are only parsed), each family's paper recipe is present, a "[best]" row
+// always follows a "[paper]" row of its family, and the presets close the list.
+TEST(RunConfigDefaults, EveryDefaultRowParsesAndBuilds) {
+  const auto rows = DefaultRunConfigs();
+  ASSERT_EQ(rows.size(), 26u);
+  kv::KvShape s;
+  s.n_layer = 2;
+  s.n_head = 3;
+  s.n_head_kv = 1;
+  s.head_dim = 64;
+  s.rope.theta = 100000.0;
+  s.rope.n_rot = 64;
+  std::set<std::string> labels;
+  int paper = 0, best = 0, preset = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    KvRunConfig rc = rows[i];
+    const std::string label = rc.Label();
+    EXPECT_TRUE(labels.insert(label).second) << "duplicate row " << label;
+    if (label.rfind("[paper] ", 0) == 0) ++paper;
+    if (label.rfind("[preset] ", 0) == 0) ++preset;
+    if (label.rfind("[best] ", 0) == 0) {
+      ++best;
+      ASSERT_GT(i, 0u);
+      EXPECT_EQ(rows[i - 1].Label().rfind("[paper] ", 0), 0u) << label << " follows no paper row";
+    }
+    if (label.find("kvquant") != std::string::npos) continue;
+    ASSERT_TRUE(FitLayerOverrides(&rc, s.n_layer).ok()) << label;
+    auto cache = kv::KvCache::Create(s, rc.cache);
+    EXPECT_TRUE(cache.ok()) << label << ": " << cache.status().ToString();
+  }
+  EXPECT_EQ(paper, 10);
+  EXPECT_EQ(best, 7);
+  EXPECT_EQ(preset, 4);
+  EXPECT_EQ(rows.back().Label(), "[preset] kvc-25");
 }
 
 }  // namespace

@@ -187,22 +187,57 @@ Status FitLayerOverrides(KvRunConfig* c, int n_layer) {
 }
 
 std::vector<KvRunConfig> DefaultRunConfigs() {
+  // The main job's table: for each method family the paper's recipe ("[paper]") and, where
+  // kvcrunch measured a better one at about the same bits, kvcrunch's best ("[best]"; numbers and
+  // provenance in docs/results.md and docs/quantization-advanced.md, -c 4096 WikiText-2), then
+  // the presets. Families without a second row have one recipe (bf16, q8_0, fp8, q4_1, q5_0).
+  struct Row {
+    const char* tag;
+    const char* config;
+  };
+  static const Row kRows[] = {
+      {"", "bf16"},
+      {"", "q8_0"},
+      {"", "fp8"},
+      // llama.cpp's q4_0 has no rotation; kvcrunch rotates by default (Hadamard, QuaRot-style).
+      {"[paper]", "q4_0:rot=0"},
+      {"[best]", "q4_0"},
+      {"", "q4_1"},
+      {"", "q5_0"},
+      // KIVI (G=32, R=128 fp16 window); best 4-bit: its per-channel keys with TurboQuant-4 values
+      // (= preset kvc4); 2-bit: the first 4 tokens in fp16 (StreamingLLM sinks).
+      {"[paper]", "kivi4"},
+      {"[best]", "k=kivi:bits=4,group=64,residual=64 v=turbo:bits=4,nc=1 sinks=1"},
+      {"[paper]", "kivi2"},
+      {"[best]", "kivi2 sinks=4"},
+      // TurboQuant (Zandieh et al. 2025, mse variant); best: norm correction, pre-RoPE key mean
+      // removed, first token fp16 (docs/quantization-advanced.md "Centering").
+      {"[paper]", "turbo4"},
+      {"[best]", "turbo:bits=4,nc=1,center=1 sinks=1"},
+      {"[paper]", "turbo3"},
+      {"[best]", "k=turbo:bits=3,nc=1,center=1 v=turbo:bits=3,nc=1 sinks=1"},
+      // PolarQuant (Han et al. 2025); best: centred, first token fp16.
+      {"[paper]", "polar"},
+      {"[best]", "polar:center=1 sinks=1"},
+      // KVQuant (Hooper et al. 2024) keeps the first token in fp16 (§3.5) in its own recipe.
+      {"[paper]", "kvquant4 sinks=1"},
+      {"[paper]", "kvquant3 sinks=1"},
+      {"[paper]", "kvquant2 sinks=1"},
+      // QJL (Zandieh et al. 2024) is keys only; values q8_0. Best: centred keys, first token fp16.
+      {"[paper]", "k=qjl:m=256 v=q8_0"},
+      {"[best]", "k=qjl:m=256,center=1 v=q8_0 sinks=1"},
+      // Presets (issue 15): the best measured recipe per bit class.
+      {"[preset]", "preset=kvc4"},
+      {"[preset]", "preset=kvc3"},
+      {"[preset]", "preset=kvc2"},
+      {"[preset]", "preset=kvc-25"},
+  };
   std::vector<KvRunConfig> out;
-  for (const auto& info : kv::RegisteredCodecs()) {
-    if (!info.in_default_eval) continue;
-    KvRunConfig c;
-    c.cache.k_codec = c.cache.v_codec = info.name;
-    out.push_back(c);
-  }
-  // Composition rows: the attention-sink-aware variant (first 4 tokens in an fp16 segment,
-  // KVQuant §3.5 / StreamingLLM) of the 2-bit codec, the one that needs it most on SmolLM2.
-  // KVQuant with its first token in fp16 (§3.5; the codec itself has no sink slot) and QJL keys
-  // (keys-only codec) with q8_0 values. KVQuant's calibration file is made on first use
-  // (EnsureKvQuantCalibration, PG-19 text).
-  for (const char* s : {"kivi2 sinks=4", "kvquant4 sinks=1", "kvquant3 sinks=1", "kvquant2 sinks=1",
-                        "k=qjl:m=256 v=q8_0"}) {
-    auto r = ParseRunConfig(s);
-    if (r.ok()) out.push_back(*r);
+  for (const Row& row : kRows) {
+    auto r = ParseRunConfig(row.config);
+    if (!r.ok()) continue;  // RunConfigDefaults.EveryDefaultRowParses keeps this list honest
+    if (*row.tag) r->name = std::string(row.tag) + " " + r->Label();
+    out.push_back(*r);
   }
   return out;
 }
