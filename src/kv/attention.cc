@@ -133,6 +133,9 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
   const bool want_tiled = n_q > kFusedMaxTokens;
 
   std::vector<HeadPlan> plans(nkv);
+  // Predictive caches (kv/predictive.h): the layer's reconstruction (every cell, prediction +
+  // decoded residual) is built once here, serially; every head then reads it as an f32 tile.
+  const Recon* recon = impl_->pred ? &PredictiveRecon(shape_, *impl_, layer) : nullptr;
   // Phase 1 (parallel over heads): decode tiles where needed.
 #pragma omp parallel for schedule(dynamic, 1)
   for (int h = 0; h < nkv; ++h) {
@@ -152,9 +155,22 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
     // is decoded, rotated and scored in L1-sized chunks (ScorePreRopeKeys), and the values
     // take the fused path (a low-rank value stream is accumulated in its latent and
     // reconstructed once per query row).
-    const bool both_tiled = want_tiled || (n_q > 1 && any_window);
+    const bool both_tiled = want_tiled || (n_q > 1 && any_window) || recon;
     p.tiled = both_tiled;
     p.v_tiled = both_tiled;
+    if (recon) {
+      const int dk_all = nkv * hd, dv_all = nkv * dv;
+      p.k_tile.reset(new float[size_t(n) * hd]);
+      p.v_tile.reset(new float[size_t(n) * dv]);
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(&p.k_tile[size_t(i) * hd], &recon->k[size_t(i) * dk_all + size_t(h) * hd],
+                    hd * sizeof(float));
+        std::memcpy(&p.v_tile[size_t(i) * dv], &recon->v[size_t(i) * dv_all + size_t(h) * dv],
+                    dv * sizeof(float));
+      }
+      rope.Apply(p.k_tile.get(), int(n), hd, p.rope_pos.data());
+      continue;
+    }
     if (p.tiled && n_q > 1 && any_window) {
       HeadCache& hm = heads[h];
       int64_t off = 0;
@@ -386,6 +402,8 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
   }
 
   FlushLayer(layer);
+  // A predictive cache's reconstruction buffers are working memory of one forward pass.
+  if (recon && layer == shape_.n_layer - 1) ReleasePredictiveRecon(*impl_);
 
   // Merge statistics (serial, deterministic order).
   if (stats_.accumulate || stats_.obs_window > 0) {

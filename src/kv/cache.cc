@@ -202,7 +202,7 @@ size_t MemoryReport::TailBytes() const {
 }
 size_t MemoryReport::KvBytes() const { return PackedBytes() + TailBytes(); }
 size_t MemoryReport::TotalBytes() const {
-  size_t s = KvBytes();
+  size_t s = KvBytes() + scratch;
   for (auto& l : layers) s += l.cells + l.transform;
   return s;
 }
@@ -303,7 +303,7 @@ static StatusOr<Stream> MakeStreamImpl(const std::string& codec_text,
   }
   if (ctx.kind == KvKind::kKey) {
     s.pre_rope = s.codec->wants_pre_rope_keys() || (s.transform && s.transform->pre_rope()) ||
-                 cfg.position_mode == PositionMode::kInCache;
+                 cfg.position_mode == PositionMode::kInCache || !cfg.predict.empty();
   }
   if (ctx.kind == KvKind::kValue && s.codec->wants_pre_rope_keys()) {
     // Harmless: values have no RoPE.
@@ -381,6 +381,32 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       }
     }
   }
+  if (!cfg.predict.empty()) {
+    if (cfg.position_mode != PositionMode::kOriginal) {
+      return InvalidArgument("predict=: a predictive cache keeps original positions (no --kv-positions "
+                             "in-cache / rerotate)");
+    }
+    if (!cfg.k_transform.empty() || !cfg.v_transform.empty()) {
+      return InvalidArgument("predict=: K/V transforms (kt=, vt=) cannot be combined with predictive "
+                             "coding: the predictors act on the raw pre-RoPE keys and values");
+    }
+    for (int l = 0; l < shape.n_layer; ++l) {
+      for (const auto& seg : c->impl_->layers[l][0].segs) {
+        for (const Stream* st : {&seg.k, &seg.v}) {
+          if (st->block_tokens() != 1 || st->has_window() || st->center || st->transform) {
+            return InvalidArgument(fmt::format(
+                "predict=: layer {} {} codec '{}' must be a per-token codec without an fp16 window, "
+                "centring or rotation transform (e.g. turbo3, turbo:bits=2.5,nc=1, q8_0, f16); "
+                "KIVI, KVQuant and center=1 are not supported with predictive coding",
+                l, st == &seg.k ? "K" : "V", st->codec->Name()));
+          }
+        }
+      }
+    }
+    auto p = KvPredictor::Load(cfg.predict, shape);
+    if (!p.ok()) return p.status();
+    c->impl_->pred = std::move(p).value();
+  }
   // Every cache rotates from a cos/sin table (bit-identical to the direct path): pre-RoPE keys
   // (in-cache positions, KVQuant, low-rank keys) are rotated again at every attention call,
   // centred post-RoPE keys add q·R(pos_j) μ per key (Stream::mu_rope), and every new key and query
@@ -397,6 +423,25 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
     }
   }
   return c;
+}
+
+// Cell bookkeeping grows in the streams' steps (not by doubling), so the bytes a head holds are a
+// step function of its cells that the engine's KV plan can bound (engine/kv_plan.h).
+static void AppendCells(HeadCache& hc, const int64_t* seq, const int64_t* pos, int n, int grow_tokens,
+                        bool accumulate) {
+  if (int64_t(hc.seq.capacity()) < hc.n() + n) {
+    const int64_t need = hc.n() + n;
+    int64_t want = RoundUp(need, std::max(grow_tokens, 1));
+    if (hc.limit_tokens >= 0) want = std::max(need, std::min(want, hc.limit_tokens));
+    hc.seq.reserve(size_t(want));
+    hc.pos.reserve(size_t(want));
+    if (accumulate) hc.acc.reserve(size_t(want));
+  }
+  for (int i = 0; i < n; ++i) {
+    hc.seq.push_back(seq[i]);
+    hc.pos.push_back(pos[i]);
+    if (accumulate) hc.acc.push_back(0.f);
+  }
 }
 
 Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, const float* v) {
@@ -426,6 +471,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
     }
   }
   if (observer_) observer_->OnWrite(layer, seq, n, k, v);
+  if (impl_->pred) return WritePredictive(layer, seq, n, k, v);
   std::vector<float> kx(size_t(n) * hd), vx(size_t(n) * dv), y;
   std::vector<int64_t> pos(n);
   for (int h = 0; h < nkv; ++h) {
@@ -469,24 +515,144 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
       done += take;
     }
     KVC_CHECK_EQ(done, n);
-    // Cell bookkeeping grows in the streams' steps (not by doubling), so the bytes a head holds
-    // are a step function of its cells that the engine's KV plan can bound (engine/kv_plan.h).
-    if (int64_t(hc.seq.capacity()) < hc.n() + n) {
-      const int64_t need = hc.n() + n;
-      int64_t want = RoundUp(need, std::max(cfg_.grow_tokens, 1));
-      if (hc.limit_tokens >= 0) want = std::max(need, std::min(want, hc.limit_tokens));
-      hc.seq.reserve(size_t(want));
-      hc.pos.reserve(size_t(want));
-      if (stats_.accumulate) hc.acc.reserve(size_t(want));
-    }
-    for (int i = 0; i < n; ++i) {
-      hc.seq.push_back(seq[i]);
-      hc.pos.push_back(pos[i]);
-      if (stats_.accumulate) hc.acc.push_back(0.f);
-    }
+    AppendCells(hc, seq, pos.data(), n, cfg_.grow_tokens, stats_.accumulate);
   }
   if (layer == 0) n_consumed_ += n;
   return Status::Ok();
+}
+
+// Predictive write (kv/predictive.h): residuals against the predictions from the previous layer's
+// reconstruction (and, for values, this layer's reconstructed keys). Keys stay pre-RoPE; codecs
+// are per-token without windows (checked in Create), so a token's stored row is final at once.
+Status KvCache::WritePredictive(int layer, const int64_t* seq, int n, const float* k, const float* v) {
+  const int hd = shape_.head_dim, dv = shape_.DimV(), nkv = shape_.n_head_kv;
+  const int dk_all = nkv * hd, dv_all = nkv * dv;
+  const KvPredictor& pr = *impl_->pred;
+  auto& heads = impl_->layers[layer];
+  const int64_t n_old = heads[0].n();
+  const Recon* prev = nullptr;
+  if (layer > 0) {
+    if (impl_->layers[layer - 1][0].n() < n_old + n) {
+      return FailedPrecondition(fmt::format(
+          "predictive cache: layer {} written before layer {} holds these tokens (write layers in "
+          "order, as a forward pass does)", layer, layer - 1));
+    }
+    prev = &PredictiveRecon(shape_, *impl_, layer - 1);
+  }
+  // Tokens going to the sink segment are stored as they are (prediction 0).
+  const int64_t sink_cap = heads[0].segs.size() == 2 ? heads[0].segs[0].capacity : 0;
+  const int n_sink = int(std::clamp<int64_t>(sink_cap - n_old, 0, n));
+  const int m = n - n_sink;
+  std::vector<float> kres(k, k + size_t(n) * dk_all), vres(v, v + size_t(n) * dv_all);
+  std::vector<float> pk(size_t(m) * dk_all, 0.f), khat(size_t(n) * dk_all), pv(size_t(m) * dv_all);
+  if (layer > 0 && m > 0) {
+    pr.PredictK(layer, prev->k.data() + size_t(n_old + n_sink) * dk_all, m, pk.data());
+    for (size_t i = 0; i < pk.size(); ++i) kres[size_t(n_sink) * dk_all + i] -= pk[i];
+  }
+  std::vector<int64_t> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = seq[i] - heads[0].shift;
+  std::vector<float> x(size_t(n) * std::max(hd, dv)), dec(size_t(n) * std::max(hd, dv));
+  // Appends rows [0, n) of one head (x: [n, dim]) to its segments; decodes the stored rows back
+  // into dec (what the decoder will read).
+  auto append_head = [&](HeadCache& hc, bool keys, int dim) {
+    int done = 0;
+    for (auto& seg : hc.segs) {
+      if (done == n) break;
+      Stream& st = keys ? seg.k : seg.v;
+      int take = n - done;  // capacity of this stream (keys go in first, so not seg.n())
+      if (seg.capacity >= 0) take = int(std::min<int64_t>(take, seg.capacity - st.n()));
+      if (take <= 0) continue;
+      st.Append(&x[size_t(done) * dim], take);
+      KVC_CHECK_EQ(st.n_tail, 0);
+      st.codec->DecodeBlocks(st.packed.data() + size_t(st.n_packed - take) * st.block_bytes(), take,
+                             &dec[size_t(done) * dim]);
+      done += take;
+    }
+    KVC_CHECK_EQ(done, n);
+  };
+  for (int h = 0; h < nkv; ++h) {
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(&x[size_t(i) * hd], &kres[(size_t(i) * nkv + h) * hd], hd * sizeof(float));
+    }
+    append_head(heads[h], true, hd);
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(&khat[(size_t(i) * nkv + h) * hd], &dec[size_t(i) * hd], hd * sizeof(float));
+    }
+  }
+  for (size_t i = 0; i < pk.size(); ++i) khat[size_t(n_sink) * dk_all + i] += pk[i];
+  if (m > 0) {
+    pr.PredictV(layer, layer > 0 ? prev->v.data() + size_t(n_old + n_sink) * dv_all : nullptr,
+                khat.data() + size_t(n_sink) * dk_all, m, pv.data());
+    for (size_t i = 0; i < pv.size(); ++i) vres[size_t(n_sink) * dv_all + i] -= pv[i];
+  }
+  for (int h = 0; h < nkv; ++h) {
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(&x[size_t(i) * dv], &vres[(size_t(i) * nkv + h) * dv], dv * sizeof(float));
+    }
+    append_head(heads[h], false, dv);
+    AppendCells(heads[h], seq, pos.data(), n, cfg_.grow_tokens, stats_.accumulate);
+  }
+  if (layer == 0) n_consumed_ += n;
+  return Status::Ok();
+}
+
+const Recon& PredictiveRecon(const KvShape& shape, KvCache::Impl& im, int l) {
+  auto& heads = im.layers[l];
+  const int64_t n = heads[0].n();
+  Recon& r = im.recon[l % 2];
+  if (r.layer == l && r.n == n && r.gen == im.gen) return r;
+  const Recon* prev = nullptr;
+  if (l > 0) {
+    KVC_CHECK(im.layers[l - 1][0].n() >= n);
+    prev = &PredictiveRecon(shape, im, l - 1);
+  }
+  const int nkv = shape.n_head_kv, hd = shape.head_dim, dv = shape.DimV();
+  const int dk_all = nkv * hd, dv_all = nkv * dv;
+  r.layer = -1;
+  r.k.resize(size_t(n) * dk_all);
+  r.v.resize(size_t(n) * dv_all);
+  std::vector<float> rows;
+  for (int h = 0; h < nkv; ++h) {
+    int64_t off = 0;
+    for (const auto& seg : heads[h].segs) {
+      for (const Stream* st : {&seg.k, &seg.v}) {
+        const int dim = st == &seg.k ? hd : dv;
+        const int all = st == &seg.k ? dk_all : dv_all;
+        float* dst = st == &seg.k ? r.k.data() : r.v.data();
+        rows.resize(size_t(st->n()) * dim);
+        st->DecodeAll(rows.data());
+        for (int64_t i = 0; i < st->n(); ++i) {
+          std::memcpy(dst + size_t(off + i) * all + size_t(h) * dim, &rows[size_t(i) * dim],
+                      dim * sizeof(float));
+        }
+      }
+      off += seg.n();
+    }
+  }
+  const int64_t n_sink = heads[0].segs.size() == 2 ? heads[0].segs[0].n() : 0;
+  const int64_t m = n - n_sink;
+  if (m > 0) {
+    std::vector<float> p(size_t(m) * std::max(dk_all, dv_all));
+    if (l > 0) {
+      im.pred->PredictK(l, prev->k.data() + size_t(n_sink) * dk_all, m, p.data());
+      float* dst = r.k.data() + size_t(n_sink) * dk_all;
+      for (size_t i = 0; i < size_t(m) * dk_all; ++i) dst[i] += p[i];
+    }
+    im.pred->PredictV(l, l > 0 ? prev->v.data() + size_t(n_sink) * dv_all : nullptr,
+                      r.k.data() + size_t(n_sink) * dk_all, m, p.data());
+    float* dst = r.v.data() + size_t(n_sink) * dv_all;
+    for (size_t i = 0; i < size_t(m) * dv_all; ++i) dst[i] += p[i];
+  }
+  r.layer = l;
+  r.n = n;
+  r.gen = im.gen;
+  return r;
+}
+
+void ReleasePredictiveRecon(KvCache::Impl& im) {
+  for (Recon& r : im.recon) {
+    r = Recon();
+  }
 }
 
 int64_t KvCache::n_cells(int layer, int head) const { return impl_->layers[layer][head].n(); }
@@ -526,6 +692,15 @@ static void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* r
 
 void KvCache::DecodeKeys(int layer, int head, float* k) const {
   const auto& hc = impl_->layers[layer][head];
+  if (impl_->pred) {
+    const Recon& r = PredictiveRecon(shape_, *impl_, layer);
+    const int hd = shape_.head_dim, all = shape_.n_head_kv * hd;
+    for (int64_t i = 0; i < hc.n(); ++i) {
+      std::memcpy(k + i * hd, &r.k[size_t(i) * all + size_t(head) * hd], hd * sizeof(float));
+    }
+    impl_->rope->Apply(k, int(hc.n()), hd, hc.pos.data());
+    return;
+  }
   std::vector<int64_t> rp(hc.pos);
   if (cfg_.position_mode == PositionMode::kInCache) std::iota(rp.begin(), rp.end(), 0);
   int64_t off = 0;
@@ -537,6 +712,14 @@ void KvCache::DecodeKeys(int layer, int head, float* k) const {
 
 void KvCache::DecodeValues(int layer, int head, float* v) const {
   const auto& hc = impl_->layers[layer][head];
+  if (impl_->pred) {
+    const Recon& r = PredictiveRecon(shape_, *impl_, layer);
+    const int dv = shape_.DimV(), all = shape_.n_head_kv * dv;
+    for (int64_t i = 0; i < hc.n(); ++i) {
+      std::memcpy(v + i * dv, &r.v[size_t(i) * all + size_t(head) * dv], dv * sizeof(float));
+    }
+    return;
+  }
   int64_t off = 0;
   for (const auto& seg : hc.segs) {
     DecodeStreamFull(seg.v, nullptr, nullptr, v + off * shape_.DimV());
@@ -587,6 +770,13 @@ Status KvCache::Keep(int layer, int head, const std::vector<int32_t>& keep) {
       return InvalidArgument("Keep: indices must be sorted, unique and in range");
     }
   }
+  if (impl_->pred && int64_t(keep.size()) != hc.n()) {
+    if (!impl_->truncating) {
+      return FailedPrecondition("a predictive cache (predict=) keeps every token: its cells must stay "
+                                "aligned across layers, so eviction is not supported");
+    }
+    ++impl_->gen;
+  }
   int64_t off = 0;
   for (auto& seg : hc.segs) {
     const int64_t n = seg.n();
@@ -614,6 +804,10 @@ Status KvCache::Keep(int layer, int head, const std::vector<int32_t>& keep) {
 
 Status KvCache::Relabel(int layer, int head, const std::vector<int64_t>& new_pos) {
   auto& hc = impl_->layers[layer][head];
+  if (impl_->pred) {
+    return FailedPrecondition("a predictive cache (predict=) keeps original positions: Relabel is "
+                              "not supported");
+  }
   if (int64_t(new_pos.size()) != hc.n()) return InvalidArgument("Relabel: size mismatch");
   int64_t off = 0;
   const int hd = shape_.head_dim;
@@ -666,7 +860,10 @@ Status KvCache::TruncateAfter(int64_t last_seq) {
       if (n_keep < hc.n()) {
         std::vector<int32_t> keep(static_cast<size_t>(n_keep));
         std::iota(keep.begin(), keep.end(), 0);
-        KVC_RETURN_IF_ERROR(Keep(l, h, keep));
+        impl_->truncating = true;
+        const Status st = Keep(l, h, keep);
+        impl_->truncating = false;
+        KVC_RETURN_IF_ERROR(st);
       }
       // The next token (seq n_consumed_) continues at position (last_seq + 1) - old shift.
       hc.shift += n_consumed_ - (last_seq + 1);
@@ -702,6 +899,8 @@ void KvCache::Clear() {
       hc.shift = 0;
     }
   }
+  ++impl_->gen;
+  ReleasePredictiveRecon(*impl_);
   n_consumed_ = 0;
 }
 
@@ -725,6 +924,7 @@ MemoryReport KvCache::Memory() const {
       L.n_cells += hc.n();
     }
   }
+  for (const Recon& rc : impl_->recon) r.scratch += (rc.k.capacity() + rc.v.capacity()) * sizeof(float);
   return r;
 }
 

@@ -65,6 +65,14 @@ struct KvCacheConfig {
   const CalibrationData* calib = nullptr;  // shared by all codec/transform instances; may be null
   uint64_t seed = 0x6b76637275ull;
   int grow_tokens = 64;                    // storage grows in steps of this many tokens
+  // Predictive coding (AQUA-KV, kv/predictive.h): path of a `calibrate --method predict` file;
+  // "" = off. Each layer's K and V are stored as residuals against linear predictions from the
+  // previous layer's reconstructed KV (and V from the same layer's keys); keys are kept pre-RoPE.
+  // Needs per-token body codecs without an fp16 window, no transforms, no centring, original
+  // positions, and no eviction (Keep / Relabel answer FAILED_PRECONDITION): cells stay aligned
+  // across layers. Attention reconstructs every cell of a layer per call (one [n, D] GEMM per
+  // predictor): exact, but decode costs O(n · D²) per layer instead of O(n · D).
+  std::string predict;
   // Positions the RoPE cos/sin table covers when keys are stored before RoPE (or centred after
   // it): max(8192, this), at most 262,144 (256 bytes per position at head_dim 64). Positions past
   // the table are rotated with cos / sin computed per key and step (slow). Session sets n_ctx.
@@ -88,6 +96,10 @@ struct MemoryReport {
     int64_t n_cells = 0;                // Σ over heads
   };
   std::vector<Layer> layers;
+  // Working buffers a cache keeps between calls, outside the KV bytes: the predictive cache's
+  // reconstruction of the last two layers ([n, D_k + D_v] f32 each; freed after the last layer's
+  // Attend). 0 for every other configuration.
+  size_t scratch = 0;
   size_t KvBytes() const;       // packed + tail, all layers (what K/V values occupy)
   size_t TotalBytes() const;    // everything
   size_t PackedBytes() const;
@@ -196,6 +208,7 @@ class KvCache {
 
  private:
   KvCache() = default;
+  Status WritePredictive(int layer, const int64_t* seq, int n, const float* k, const float* v);
   KvShape shape_;
   KvCacheConfig cfg_;
   AttnStatsRequest stats_;

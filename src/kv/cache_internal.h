@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kv/cache.h"
+#include "kv/predictive.h"
 
 namespace kvc::kv {
 
@@ -86,10 +87,29 @@ struct HeadCache {
   int64_t n() const { return int64_t(seq.size()); }
 };
 
+// Predictive caches (KvCacheConfig.predict): one layer's reconstructed KV, every cell, all KV heads
+// side by side: k [n, n_head_kv·head_dim] pre-RoPE, v [n, n_head_kv·head_dim_v] f32.
+struct Recon {
+  int layer = -1;
+  int64_t n = 0;
+  uint64_t gen = 0;
+  std::vector<float> k, v;
+};
+
 struct KvCache::Impl {
   std::vector<std::vector<HeadCache>> layers;  // [n_layer][n_head_kv]
   std::shared_ptr<const Rope> rope;  // shared by every cache with the same RoPE table (SharedRope)
+  std::shared_ptr<const KvPredictor> pred;  // null unless KvCacheConfig.predict
+  Recon recon[2];                           // layers l % 2 (l needs l − 1 while it is built)
+  uint64_t gen = 1;                         // bumped when cells change other than by appending
+  bool truncating = false;                  // TruncateAfter's prefix Keep (allowed when predictive)
 };
+
+// The reconstruction of `layer` (every cell), rebuilt from the stored residuals when stale; builds
+// layer − 1 first when needed (kv/predictive.h). Not thread-safe: call outside parallel regions.
+const Recon& PredictiveRecon(const KvShape& shape, KvCache::Impl& impl, int layer);
+// Frees both reconstruction buffers (after the last layer's Attend, and on Clear).
+void ReleasePredictiveRecon(KvCache::Impl& impl);
 
 // IEEE fp16 conversion with saturation to ±65504 (never produces inf from finite input).
 uint16_t Fp32ToFp16Sat(float f);

@@ -526,6 +526,13 @@ int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path
   if (!f.ok()) return Fail(f.status());
   Status st = kv::WriteCalibrationFile(out_path, *f);
   if (!st.ok()) return Fail(st);
+  if (f->MetaOr("method", "") == "predict") {
+    std::printf("%s", f->MetaOr("report", "").c_str());
+    std::printf("wrote %s: %s tokens of %s, %.1f s\nuse: eval --config 'k=turbo3 v=turbo3 sinks=1 predict=%s'\n",
+                out_path.c_str(), f->MetaOr("n_tokens", "?").c_str(), file.c_str(), NowSeconds() - t0,
+                out_path.c_str());
+    return 0;
+  }
   if (f->MetaOr("method", "") == "smooth") {
     std::printf("%s", DescribeSmooth(*f).c_str());
     std::printf("wrote %s: %s tokens of %s, %.1f s\nuse: --kv-transform-k smooth:file=%s  or  eval --config 'k=turbo3 v=turbo3 kt=smooth:file=%s'\n",

@@ -12,6 +12,7 @@
 #include "kv/transforms/lowrank.h"
 #include "kv/transforms/think.h"
 #include "kv/transforms/smooth.h"
+#include "kv/predictive.h"
 
 namespace kvc {
 
@@ -397,6 +398,128 @@ static StatusOr<int64_t> FeedChunks(const Model& m, const std::vector<int32_t>& 
   return n_chunks;
 }
 
+// `calibrate --method predict` (kv/predictive.h, AQUA-KV §3): second moments for the linear
+// predictors K_l ≈ [K_{l−1}, 1]·W_k[l] and V_l ≈ [V_{l−1}, K_l, 1]·W_v[l] (V_0 ≈ [K_0, 1]·W_v[0]),
+// all KV heads of a layer side by side, pre-RoPE keys. The forward pass writes layers 0, 1, ... for
+// the same tokens, so layer l−1's rows of the current batch are kept until layer l arrives.
+// Tokens with seq 0 (the attention sink, kept apart by `sinks=1`) are left out of the fit.
+class PredictObserver final : public kv::KvObserver {
+ public:
+  explicit PredictObserver(const kv::KvShape& s)
+      : s_(s), dk_(s.n_head_kv * s.head_dim), dv_(s.n_head_kv * s.DimV()) {
+    for (int l = 0; l < s.n_layer; ++l) {
+      const int ik = dk_ + 1, iv = l == 0 ? dk_ + 1 : dv_ + dk_ + 1;
+      gk_.push_back(Eigen::MatrixXd::Zero(l == 0 ? 1 : ik, l == 0 ? 1 : ik));
+      ck_.push_back(Eigen::MatrixXd::Zero(l == 0 ? 1 : ik, dk_));
+      gv_.push_back(Eigen::MatrixXd::Zero(iv, iv));
+      cv_.push_back(Eigen::MatrixXd::Zero(iv, dv_));
+    }
+    yk_.assign(s.n_layer, Eigen::MatrixXd::Zero(dk_, 1));
+    yk2_.assign(s.n_layer, 0.0);
+    yv_.assign(s.n_layer, Eigen::MatrixXd::Zero(dv_, 1));
+    yv2_.assign(s.n_layer, 0.0);
+    cnt_.assign(s.n_layer, 0);
+  }
+  void OnWrite(int layer, const int64_t* seq, int n, const float* k, const float* v) override {
+    std::vector<int> rows;
+    for (int i = 0; i < n; ++i) if (seq[i] != 0) rows.push_back(i);
+    const bool have_prev = layer > 0 && prev_layer_ == layer - 1 && prev_seq_.size() == size_t(n) &&
+                           std::equal(prev_seq_.begin(), prev_seq_.end(), seq);
+    const int m = int(rows.size());
+    if (m > 0 && (layer == 0 || have_prev)) {
+      Eigen::MatrixXd K(m, dk_), V(m, dv_);
+      for (int r = 0; r < m; ++r) {
+        for (int c = 0; c < dk_; ++c) K(r, c) = k[size_t(rows[r]) * dk_ + c];
+        for (int c = 0; c < dv_; ++c) V(r, c) = v[size_t(rows[r]) * dv_ + c];
+      }
+      if (layer > 0) {
+        Eigen::MatrixXd X(m, dk_ + 1);
+        for (int r = 0; r < m; ++r) {
+          for (int c = 0; c < dk_; ++c) X(r, c) = prev_k_[size_t(rows[r]) * dk_ + c];
+          X(r, dk_) = 1.0;
+        }
+        gk_[layer].selfadjointView<Eigen::Lower>().rankUpdate(X.transpose());
+        ck_[layer] += X.transpose() * K;
+      }
+      const int off = layer == 0 ? 0 : dv_;
+      Eigen::MatrixXd X(m, off + dk_ + 1);
+      for (int r = 0; r < m; ++r) {
+        for (int c = 0; c < off; ++c) X(r, c) = prev_v_[size_t(rows[r]) * dv_ + c];
+        for (int c = 0; c < dk_; ++c) X(r, off + c) = K(r, c);
+        X(r, off + dk_) = 1.0;
+      }
+      gv_[layer].selfadjointView<Eigen::Lower>().rankUpdate(X.transpose());
+      cv_[layer] += X.transpose() * V;
+      yk_[layer] += K.colwise().sum().transpose();
+      yk2_[layer] += K.squaredNorm();
+      yv_[layer] += V.colwise().sum().transpose();
+      yv2_[layer] += V.squaredNorm();
+      cnt_[layer] += m;
+    }
+    prev_layer_ = layer;
+    prev_seq_.assign(seq, seq + n);
+    prev_k_.assign(k, k + size_t(n) * dk_);
+    prev_v_.assign(v, v + size_t(n) * dv_);
+  }
+  int64_t n_tokens() const { return cnt_.empty() ? 0 : cnt_[0]; }
+  // Solves every predictor into f; r2 (fraction of the centred variance explained on the
+  // calibration rows) per layer for K and V, for the report.
+  Status Store(kv::CalibrationFile* f, double lambda, std::string* report) const {
+    std::string r2k, r2v;
+    *report += "layer  K: var. explained by K[l-1]   V: by [V[l-1], K[l]]\n";
+    for (int l = 0; l < s_.n_layer; ++l) {
+      if (cnt_[l] < 2 * (dv_ + dk_ + 1)) {
+        return InvalidArgument(fmt::format("calibrate --method predict: layer {} saw {} calibration "
+                                           "tokens; need at least {} (give more text or -c)", l,
+                                           cnt_[l], 2 * (dv_ + dk_ + 1)));
+      }
+      double r2[2] = {0, 0};
+      for (int kv = 0; kv < 2; ++kv) {
+        if (kv == 0 && l == 0) continue;
+        Eigen::MatrixXd G = (kv == 0 ? gk_ : gv_)[l];
+        G = G.selfadjointView<Eigen::Lower>();
+        const Eigen::MatrixXd& C = (kv == 0 ? ck_ : cv_)[l];
+        const int in = int(G.rows()), out = int(C.cols());
+        std::vector<double> g(size_t(in) * in), c(size_t(in) * out);
+        for (int i = 0; i < in; ++i) {
+          for (int j = 0; j < in; ++j) g[size_t(i) * in + j] = G(i, j);
+          for (int j = 0; j < out; ++j) c[size_t(i) * out + j] = C(i, j);
+        }
+        std::vector<float> w;
+        KVC_ASSIGN_OR_RETURN(w, kv::SolveRidge(g, c, in, out, lambda));
+        Eigen::MatrixXd W(in, out);
+        for (int i = 0; i < in; ++i) for (int j = 0; j < out; ++j) W(i, j) = w[size_t(i) * out + j];
+        // SSE = Σ‖y‖² − 2 tr(Wᵀ C) + tr(Wᵀ G W); SST = Σ‖y‖² − ‖Σ y‖² / n.
+        const double yy = kv == 0 ? yk2_[l] : yv2_[l];
+        const Eigen::MatrixXd& ys = kv == 0 ? yk_[l] : yv_[l];
+        const double sse = yy - 2.0 * (W.transpose() * C).trace() + (W.transpose() * G * W).trace();
+        const double sst = yy - ys.squaredNorm() / double(cnt_[l]);
+        r2[kv] = sst > 0 ? 1.0 - sse / sst : 0.0;
+        kv::CalibrationFile::Tensor t;
+        t.dims = {in, out};
+        t.data = std::move(w);
+        f->tensors[fmt::format("predict.{}.L{}", kv == 0 ? "k" : "v", l)] = std::move(t);
+      }
+      r2k += fmt::format("{}{:.4f}", l ? "," : "", r2[0]);
+      r2v += fmt::format("{}{:.4f}", l ? "," : "", r2[1]);
+      *report += fmt::format("{:5d}  {:>27}   {:.3f}\n", l, l == 0 ? "-" : fmt::format("{:.3f}", r2[0]), r2[1]);
+    }
+    f->meta["r2_k"] = r2k;
+    f->meta["r2_v"] = r2v;
+    return Status::Ok();
+  }
+
+ private:
+  kv::KvShape s_;
+  int dk_, dv_;
+  std::vector<Eigen::MatrixXd> gk_, ck_, gv_, cv_, yk_, yv_;
+  std::vector<double> yk2_, yv2_;
+  std::vector<int64_t> cnt_;
+  int prev_layer_ = -1;
+  std::vector<int64_t> prev_seq_;
+  std::vector<float> prev_k_, prev_v_;
+};
+
 // The metadata every kv-stats calibration file carries.
 static kv::CalibrationFile StatsFile(const Model& m, const CalibrateOptions& opt) {
   const kv::KvShape shape = m.kv_shape();
@@ -427,14 +550,39 @@ static StatusOr<kv::CalibrationFile> CalibrateSmooth(const Model& m, const std::
   return f;
 }
 
+// `calibrate --method predict[:lambda=L]`: the AQUA-KV predictors (one forward pass per chunk).
+static StatusOr<kv::CalibrationFile> CalibratePredict(const Model& m, const std::vector<int32_t>& tokens,
+                                                      const CalibrateOptions& opt, double lambda) {
+  PredictObserver obs(m.kv_shape());
+  int64_t n_chunks;
+  KVC_ASSIGN_OR_RETURN(n_chunks, FeedChunks(m, tokens, opt, &obs));
+  kv::CalibrationFile f = StatsFile(m, opt);
+  f.meta["kind"] = "kv-predict";
+  f.meta["method"] = "predict";
+  f.meta["lambda"] = fmt::format("{}", lambda);
+  f.meta["n_tokens"] = std::to_string(obs.n_tokens());
+  f.meta["created_by"] = "kvcrunch calibrate --method predict";
+  std::string report;
+  KVC_RETURN_IF_ERROR(obs.Store(&f, lambda, &report));
+  f.meta["report"] = report;
+  return f;
+}
+
 StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_t>& tokens,
                                         const CalibrateOptions& opt) {
   auto spec = kv::ParseSpec(opt.spec);
   if (!spec.ok()) return spec.status();
   if (spec->name != "palu" && spec->name != "lowrank" && spec->name != "think" &&
-      spec->name != "smooth") {
+      spec->name != "smooth" && spec->name != "predict") {
     return InvalidArgument(fmt::format("calibrate: unknown method '{}' (palu:ratio=R[,alloc=uniform|"
-                                       "var], think:ratio=R, smooth)", spec->name));
+                                       "var], think:ratio=R, smooth, predict[:lambda=L])", spec->name));
+  }
+  if (spec->name == "predict") {
+    double lambda;
+    KVC_ASSIGN_OR_RETURN(lambda, spec->GetDouble("lambda", 1e-3));
+    KVC_RETURN_IF_ERROR(spec->CheckAllUsed());
+    if (!(lambda >= 0 && lambda < 1)) return InvalidArgument("calibrate: predict lambda must be in [0, 1)");
+    return CalibratePredict(m, tokens, opt, lambda);
   }
   if (spec->name == "smooth") {
     if (!spec->params.empty()) {
@@ -467,6 +615,16 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
 }
 
 Status CheckRunConfigCalibration(const KvRunConfig& rc, const Model& m) {
+  if (!rc.cache.predict.empty()) {
+    std::shared_ptr<const kv::CalibrationFile> f;
+    KVC_ASSIGN_OR_RETURN(f, kv::LoadCalibrationFileShared(rc.cache.predict));
+    const std::string want = ModelIdentity(m), have = f->MetaOr("model_id", "(none)");
+    if (want != have) {
+      return InvalidArgument(fmt::format("predict file '{}' was made for a different model:\n  file:  "
+                                         "{}\n  model: {}\nmake one with: kvcrunch calibrate --method "
+                                         "predict -f TEXT -o FILE", rc.cache.predict, have, want));
+    }
+  }
   for (const std::string* t : {&rc.cache.k_transform, &rc.cache.v_transform}) {
     if (t->empty()) continue;
     auto spec = kv::ParseSpec(*t);

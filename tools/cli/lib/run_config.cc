@@ -31,6 +31,7 @@ std::string KvRunConfig::Label() const {
     }
   }
   if (cache.sink_tokens > 0) l += fmt::format(" sinks:{}", cache.sink_tokens);
+  if (!cache.predict.empty()) l += " predict";
   if (!evict.empty()) l += " evict:" + evict;
   return l;
 }
@@ -152,6 +153,7 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
     else if (key == "evict") c.evict = val;
     else if (key == "sink_codec") c.cache.sink_codec = val;
     else if (key == "name") c.name = val;
+    else if (key == "predict") c.cache.predict = val;
     else if (key == "sinks") {
       char* end = nullptr;
       const long v = std::strtol(val.c_str(), &end, 10);
@@ -162,10 +164,14 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       c.cache.position_mode_set = true;
     } else {
       return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (preset, k, v, kt, vt, "
-                                         "evict, sinks, sink_codec, pos, name, k@L, v@L, kv@L)", key, text));
+                                         "evict, sinks, sink_codec, pos, predict, name, k@L, v@L, kv@L)", key, text));
     }
   }
   if (!any) return InvalidArgument("empty KV configuration");
+  if (!c.cache.predict.empty() && !c.evict.empty()) {
+    return InvalidArgument(fmt::format("config '{}': predict= (predictive coding) keeps every token "
+                                       "and cannot be combined with evict=", text));
+  }
   if (!preset_name.empty() && c.name.empty()) {
     std::string rest;
     for (const auto& t : toks) rest += " " + t;
