@@ -546,7 +546,8 @@ Status KvCache::WritePredictive(int layer, const int64_t* seq, int n, const floa
   std::vector<float> kres(k, k + size_t(n) * dk_all), vres(v, v + size_t(n) * dv_all);
   std::vector<float> pk(size_t(m) * dk_all, 0.f), khat(size_t(n) * dk_all), pv(size_t(m) * dv_all);
   if (layer > 0 && m > 0) {
-    pr.PredictK(layer, prev->k.data() + size_t(n_old + n_sink) * dk_all, m, pk.data());
+    pr.PredictK(layer, prev->k.data() + size_t(n_old + n_sink) * dk_all,
+                prev->v.data() + size_t(n_old + n_sink) * dv_all, m, pk.data());
     for (size_t i = 0; i < pk.size(); ++i) kres[size_t(n_sink) * dk_all + i] -= pk[i];
   }
   std::vector<int64_t> pos(n);
@@ -581,7 +582,8 @@ Status KvCache::WritePredictive(int layer, const int64_t* seq, int n, const floa
   }
   for (size_t i = 0; i < pk.size(); ++i) khat[size_t(n_sink) * dk_all + i] += pk[i];
   if (m > 0) {
-    pr.PredictV(layer, layer > 0 ? prev->v.data() + size_t(n_old + n_sink) * dv_all : nullptr,
+    pr.PredictV(layer, layer > 0 ? prev->k.data() + size_t(n_old + n_sink) * dk_all : nullptr,
+                layer > 0 ? prev->v.data() + size_t(n_old + n_sink) * dv_all : nullptr,
                 khat.data() + size_t(n_sink) * dk_all, m, pv.data());
     for (size_t i = 0; i < pv.size(); ++i) vres[size_t(n_sink) * dv_all + i] -= pv[i];
   }
@@ -634,11 +636,13 @@ const Recon& PredictiveRecon(const KvShape& shape, KvCache::Impl& im, int l) {
   if (m > 0) {
     std::vector<float> p(size_t(m) * std::max(dk_all, dv_all));
     if (l > 0) {
-      im.pred->PredictK(l, prev->k.data() + size_t(n_sink) * dk_all, m, p.data());
+      im.pred->PredictK(l, prev->k.data() + size_t(n_sink) * dk_all,
+                        prev->v.data() + size_t(n_sink) * dv_all, m, p.data());
       float* dst = r.k.data() + size_t(n_sink) * dk_all;
       for (size_t i = 0; i < size_t(m) * dk_all; ++i) dst[i] += p[i];
     }
-    im.pred->PredictV(l, l > 0 ? prev->v.data() + size_t(n_sink) * dv_all : nullptr,
+    im.pred->PredictV(l, l > 0 ? prev->k.data() + size_t(n_sink) * dk_all : nullptr,
+                      l > 0 ? prev->v.data() + size_t(n_sink) * dv_all : nullptr,
                       r.k.data() + size_t(n_sink) * dk_all, m, p.data());
     float* dst = r.v.data() + size_t(n_sink) * dv_all;
     for (size_t i = 0; i < size_t(m) * dv_all; ++i) dst[i] += p[i];

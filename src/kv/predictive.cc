@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include <Eigen/Dense>
 #include <fmt/format.h>
@@ -38,7 +39,7 @@ StatusOr<std::shared_ptr<const KvPredictor>> KvPredictor::FromFile(const Calibra
     for (int kv = 0; kv < 2; ++kv) {
       if (kv == 0 && l == 0) continue;
       const std::string name = fmt::format("predict.{}.L{}", kv == 0 ? "k" : "v", l);
-      const int64_t in = kv == 0 ? p->dk_ + 1 : (l == 0 ? p->dk_ + 1 : p->dv_ + p->dk_ + 1);
+      const int64_t in = kv == 0 ? p->InK(l) : p->InV(l);
       const int64_t out = kv == 0 ? p->dk_ : p->dv_;
       const CalibrationFile::Tensor* t = f.Find(name);
       if (!t) return InvalidArgument(fmt::format("predict file '{}': tensor {} missing", path, name));
@@ -58,35 +59,55 @@ StatusOr<std::shared_ptr<const KvPredictor>> KvPredictor::FromFile(const Calibra
   return std::shared_ptr<const KvPredictor>(std::move(p));
 }
 
-StatusOr<std::shared_ptr<const KvPredictor>> KvPredictor::Load(const std::string& path,
+StatusOr<std::shared_ptr<const KvPredictor>> KvPredictor::Load(const std::string& path_in,
                                                                const KvShape& shape) {
+  std::string path = path_in;
+  if (path == "auto") {
+    const char* env = std::getenv("KVC_PREDICT_AUTO");
+    if (!env || !*env) {
+      return InvalidArgument("predict=auto: no predictor file was prepared for this model (the "
+                             "kvcrunch commands make <model>.predict.kvc on first use; a library "
+                             "caller sets KVC_PREDICT_AUTO or gives predict=FILE)");
+    }
+    path = env;
+  }
   std::shared_ptr<const CalibrationFile> f;
   KVC_ASSIGN_OR_RETURN(f, LoadCalibrationFileShared(path));
   return FromFile(*f, shape, path);
 }
 
-void KvPredictor::PredictK(int l, const float* prev_k, int64_t n, float* out) const {
-  const std::vector<float>& w = wk[l];
-  // out = prev_k · W[0:dk] + 1 · W[dk]
-  for (int64_t i = 0; i < n; ++i) std::copy(&w[size_t(dk_) * dk_], &w[size_t(dk_) * dk_] + dk_, out + i * dk_);
-  if (n > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), dk_, dk_, 1.0f, prev_k, dk_,
-                w.data(), dk_, 1.0f, out, dk_);
+// out = Σ_blocks x_b · W[rows of b] + bias row, one GEMM per input block (no concatenation).
+static void Affine(const std::vector<float>& w, int out_dim, const float* const* x, const int* dims,
+                   int n_blocks, int64_t n, float* out) {
+  int row = 0;
+  for (int b = 0; b < n_blocks; ++b) row += dims[b];
+  for (int64_t i = 0; i < n; ++i) std::copy(&w[size_t(row) * out_dim], &w[size_t(row) * out_dim] + out_dim, out + i * out_dim);
+  if (n == 0) return;
+  row = 0;
+  for (int b = 0; b < n_blocks; ++b) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), out_dim, dims[b], 1.0f, x[b],
+                dims[b], w.data() + size_t(row) * out_dim, out_dim, 1.0f, out, out_dim);
+    row += dims[b];
   }
 }
 
-void KvPredictor::PredictV(int l, const float* prev_v, const float* k, int64_t n, float* out) const {
-  const std::vector<float>& w = wv[l];
-  const int off_k = l == 0 ? 0 : dv_;     // rows of W for the keys
-  const size_t bias = size_t(off_k + dk_) * dv_;
-  for (int64_t i = 0; i < n; ++i) std::copy(&w[bias], &w[bias] + dv_, out + i * dv_);
-  if (n == 0) return;
-  if (l > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), dv_, dv_, 1.0f, prev_v, dv_,
-                w.data(), dv_, 1.0f, out, dv_);
+void KvPredictor::PredictK(int l, const float* prev_k, const float* prev_v, int64_t n, float* out) const {
+  const float* x[2] = {prev_k, prev_v};
+  const int dims[2] = {dk_, dv_};
+  Affine(wk[l], dk_, x, dims, 2, n, out);
+}
+
+void KvPredictor::PredictV(int l, const float* prev_k, const float* prev_v, const float* k, int64_t n,
+                           float* out) const {
+  if (l == 0) {
+    const float* x[1] = {k};
+    const int dims[1] = {dk_};
+    Affine(wv[0], dv_, x, dims, 1, n, out);
+    return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), dv_, dk_, 1.0f, k, dk_,
-              w.data() + size_t(off_k) * dv_, dv_, 1.0f, out, dv_);
+  const float* x[3] = {prev_k, prev_v, k};
+  const int dims[3] = {dk_, dv_, dk_};
+  Affine(wv[l], dv_, x, dims, 3, n, out);
 }
 
 size_t KvPredictor::ParamBytes() const {
@@ -108,7 +129,9 @@ StatusOr<std::vector<float>> SolveRidge(const std::vector<double>& g, const std:
   mean_diag = in > 1 ? mean_diag / (in - 1) : 0.0;
   for (int i = 0; i + 1 < in; ++i) G(i, i) += lambda * mean_diag;
   Eigen::LDLT<Eigen::MatrixXd> ldlt(G);
-  if (ldlt.info() != Eigen::Success || !ldlt.isPositive()) {
+  const Eigen::VectorXd dg = ldlt.vectorD();
+  if (ldlt.info() != Eigen::Success || !ldlt.isPositive() || !(dg.maxCoeff() > 0) ||
+      dg.minCoeff() <= 1e-12 * dg.maxCoeff()) {
     return InvalidArgument("SolveRidge: the calibration second-moment matrix is singular (too few "
                            "calibration tokens?)");
   }

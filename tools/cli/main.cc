@@ -761,6 +761,13 @@ int CmdServe(Common& c, const ServeArgs& a) {
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
   if (Status fs = FitLayerOverrides(&*rc, model.config().n_layer); !fs.ok()) return Fail(fs);
+  if (!rc->cache.predict.empty()) {
+    // The engine's KV plan does not count the reconstruction buffers ([n, D_k + D_v] f32 per layer
+    // pair and sequence) and decode rebuilds every cell per layer and step (kv/predictive.h).
+    return Fail(InvalidArgument("predictive coding (predict=, in presets kvc3 / kvc2) is for "
+                                "generate, perplexity, eval and retrieval; kvcrunch serve does not "
+                                "offer it yet: choose another --kv-preset or -ctk/-ctv"));
+  }
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   auto kvp = server::KvPolicy::Make(*rc, a.kv_allow);
   if (!kvp.ok()) return Fail(kvp.status());
@@ -984,7 +991,7 @@ int main(int argc, char** argv) {
   auto* cal = app.add_subcommand("calibrate", "K/V statistics for low-rank (Palu) and ThinK transforms -> calibration file");
   AddModelFlags(cal, c);
   cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
-  cal->add_option("--kv-lowrank,--method", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var], think, or smooth (key-smoothing statistics only)");
+  cal->add_option("--kv-lowrank,--method", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var], think, smooth (key-smoothing statistics only) or predict[:lambda=L] (AQUA-KV predictors for predict=FILE)");
   cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)")
       ->check(CLI::Range(int64_t(4), int64_t(1) << 24));
   cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)")

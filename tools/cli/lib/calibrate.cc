@@ -399,7 +399,8 @@ static StatusOr<int64_t> FeedChunks(const Model& m, const std::vector<int32_t>& 
 }
 
 // `calibrate --method predict` (kv/predictive.h, AQUA-KV §3): second moments for the linear
-// predictors K_l ≈ [K_{l−1}, 1]·W_k[l] and V_l ≈ [V_{l−1}, K_l, 1]·W_v[l] (V_0 ≈ [K_0, 1]·W_v[0]),
+// predictors K_l ≈ [K_{l−1}, V_{l−1}, 1]·W_k[l] and V_l ≈ [K_{l−1}, V_{l−1}, K_l, 1]·W_v[l]
+// (V_0 ≈ [K_0, 1]·W_v[0]),
 // all KV heads of a layer side by side, pre-RoPE keys. The forward pass writes layers 0, 1, ... for
 // the same tokens, so layer l−1's rows of the current batch are kept until layer l arrives.
 // Tokens with seq 0 (the attention sink, kept apart by `sinks=1`) are left out of the fit.
@@ -408,7 +409,7 @@ class PredictObserver final : public kv::KvObserver {
   explicit PredictObserver(const kv::KvShape& s)
       : s_(s), dk_(s.n_head_kv * s.head_dim), dv_(s.n_head_kv * s.DimV()) {
     for (int l = 0; l < s.n_layer; ++l) {
-      const int ik = dk_ + 1, iv = l == 0 ? dk_ + 1 : dv_ + dk_ + 1;
+      const int ik = dk_ + dv_ + 1, iv = l == 0 ? dk_ + 1 : dk_ + dv_ + dk_ + 1;
       gk_.push_back(Eigen::MatrixXd::Zero(l == 0 ? 1 : ik, l == 0 ? 1 : ik));
       ck_.push_back(Eigen::MatrixXd::Zero(l == 0 ? 1 : ik, dk_));
       gv_.push_back(Eigen::MatrixXd::Zero(iv, iv));
@@ -432,22 +433,23 @@ class PredictObserver final : public kv::KvObserver {
         for (int c = 0; c < dk_; ++c) K(r, c) = k[size_t(rows[r]) * dk_ + c];
         for (int c = 0; c < dv_; ++c) V(r, c) = v[size_t(rows[r]) * dv_ + c];
       }
+      // Layer l−1's K and V of these rows: the first D_k + D_v inputs of both predictors.
+      const int off = layer == 0 ? 0 : dk_ + dv_;
+      Eigen::MatrixXd P(m, off);
+      for (int r = 0; r < m && layer > 0; ++r) {
+        for (int c = 0; c < dk_; ++c) P(r, c) = prev_k_[size_t(rows[r]) * dk_ + c];
+        for (int c = 0; c < dv_; ++c) P(r, dk_ + c) = prev_v_[size_t(rows[r]) * dv_ + c];
+      }
       if (layer > 0) {
-        Eigen::MatrixXd X(m, dk_ + 1);
-        for (int r = 0; r < m; ++r) {
-          for (int c = 0; c < dk_; ++c) X(r, c) = prev_k_[size_t(rows[r]) * dk_ + c];
-          X(r, dk_) = 1.0;
-        }
+        Eigen::MatrixXd X(m, off + 1);
+        X << P, Eigen::MatrixXd::Ones(m, 1);
         gk_[layer].selfadjointView<Eigen::Lower>().rankUpdate(X.transpose());
         ck_[layer] += X.transpose() * K;
       }
-      const int off = layer == 0 ? 0 : dv_;
       Eigen::MatrixXd X(m, off + dk_ + 1);
-      for (int r = 0; r < m; ++r) {
-        for (int c = 0; c < off; ++c) X(r, c) = prev_v_[size_t(rows[r]) * dv_ + c];
-        for (int c = 0; c < dk_; ++c) X(r, off + c) = K(r, c);
-        X(r, off + dk_) = 1.0;
-      }
+      if (layer > 0) X.leftCols(off) = P;
+      X.middleCols(off, dk_) = K;
+      X.col(off + dk_).setOnes();
       gv_[layer].selfadjointView<Eigen::Lower>().rankUpdate(X.transpose());
       cv_[layer] += X.transpose() * V;
       yk_[layer] += K.colwise().sum().transpose();
@@ -466,12 +468,12 @@ class PredictObserver final : public kv::KvObserver {
   // calibration rows) per layer for K and V, for the report.
   Status Store(kv::CalibrationFile* f, double lambda, std::string* report) const {
     std::string r2k, r2v;
-    *report += "layer  K: var. explained by K[l-1]   V: by [V[l-1], K[l]]\n";
+    *report += "layer  K: var. explained by [K,V][l-1]   V: by [K,V][l-1], K[l]\n";
     for (int l = 0; l < s_.n_layer; ++l) {
-      if (cnt_[l] < 2 * (dv_ + dk_ + 1)) {
+      if (cnt_[l] < 2 * (2 * dk_ + dv_ + 1)) {
         return InvalidArgument(fmt::format("calibrate --method predict: layer {} saw {} calibration "
                                            "tokens; need at least {} (give more text or -c)", l,
-                                           cnt_[l], 2 * (dv_ + dk_ + 1)));
+                                           cnt_[l], 2 * (2 * dk_ + dv_ + 1)));
       }
       double r2[2] = {0, 0};
       for (int kv = 0; kv < 2; ++kv) {
@@ -615,7 +617,7 @@ StatusOr<kv::CalibrationFile> Calibrate(const Model& m, const std::vector<int32_
 }
 
 Status CheckRunConfigCalibration(const KvRunConfig& rc, const Model& m) {
-  if (!rc.cache.predict.empty()) {
+  if (!rc.cache.predict.empty() && rc.cache.predict != "auto") {  // auto: EnsurePredictCalibration
     std::shared_ptr<const kv::CalibrationFile> f;
     KVC_ASSIGN_OR_RETURN(f, kv::LoadCalibrationFileShared(rc.cache.predict));
     const std::string want = ModelIdentity(m), have = f->MetaOr("model_id", "(none)");

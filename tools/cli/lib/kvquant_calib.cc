@@ -64,6 +64,53 @@ std::string KvQuantCalibrationPath(const std::string& model_path) {
   return p + ".kvquant.json";
 }
 
+// ../shared/data/pg19/<book> from the working directory or beside the source tree.
+static StatusOr<std::string> FindPg19Book(const std::string& book, const char* what) {
+  const std::string rel = "shared/data/pg19/" + book;
+  for (const std::string& p : {"../" + rel, std::string(KVC_SOURCE_DIR) + "/../" + rel}) {
+    if (std::filesystem::exists(p)) return p;
+  }
+  return NotFound(fmt::format("{}: PG-19 book {} not found under ../shared/data/pg19", what, book));
+}
+
+std::string PredictCalibrationPath(const std::string& model_path) {
+  std::string p = model_path;
+  if (p.size() > 5 && p.ends_with(".gguf")) p.resize(p.size() - 5);
+  return p + ".predict.kvc";
+}
+
+StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string& model_path,
+                                               const std::vector<KvRunConfig>& configs) {
+  bool need = false;
+  for (const auto& c : configs) need = need || c.cache.predict == "auto";
+  if (!need || std::getenv("KVC_PREDICT_AUTO")) return std::string();
+  const std::string path = PredictCalibrationPath(model_path);
+  if (std::filesystem::exists(path)) {
+    std::shared_ptr<const kv::CalibrationFile> f;
+    KVC_ASSIGN_OR_RETURN(f, kv::LoadCalibrationFileShared(path));
+    if (f->MetaOr("model_id", "") != ModelIdentity(m) || f->MetaOr("kind", "") != "kv-predict") {
+      return InvalidArgument(fmt::format("predict=auto: {} was made for another model or is not a "
+                                         "predictor file; delete it to recalibrate", path));
+    }
+  } else {
+    const std::string book = "pg1342_pride_and_prejudice_austen.txt";
+    std::string text_path;
+    KVC_ASSIGN_OR_RETURN(text_path, FindPg19Book(book, "predict=auto calibration"));
+    KVC_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(text_path));
+    KVC_ASSIGN_OR_RETURN(auto toks, TokenizeText(m, text.substr(std::min<size_t>(20000, text.size() / 4))));
+    CalibrateOptions opt;
+    opt.n_ctx = 1024;
+    opt.max_tokens = 32 * 1024;
+    opt.spec = "predict";
+    opt.source = "pg19 " + book;
+    fmt::print(stderr, "predict=auto: calibrating on {} (32 x 1024 tokens) -> {}\n", book, path);
+    KVC_ASSIGN_OR_RETURN(auto f, Calibrate(m, toks, opt));
+    KVC_RETURN_IF_ERROR(kv::WriteCalibrationFile(path, f));
+  }
+  setenv("KVC_PREDICT_AUTO", path.c_str(), 1);
+  return path;
+}
+
 static bool NeedsKvQuantCalibration(const std::string& spec) {
   return spec.rfind("kvquant", 0) == 0 && spec.find("calib=") == std::string::npos;
 }
@@ -79,18 +126,13 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
       for (const auto& s : *lay) need = need || NeedsKvQuantCalibration(s);  // k@L= / v@L=
     }
   }
+  KVC_RETURN_IF_ERROR(EnsurePredictCalibration(m, model_path, configs).status());
   if (!need || std::getenv("KVC_KVQUANT_CALIB")) return std::string();
   const std::string path = KvQuantCalibrationPath(model_path);
   if (!std::filesystem::exists(path)) {
     const std::string book = "pg1342_pride_and_prejudice_austen.txt";
-    const std::string rel = "shared/data/pg19/" + book;
     std::string text_path;
-    for (const std::string& p : {"../" + rel, std::string(KVC_SOURCE_DIR) + "/../" + rel}) {
-      if (std::filesystem::exists(p)) { text_path = p; break; }
-    }
-    if (text_path.empty()) {
-      return NotFound("kvquant calibration: PG-19 book " + book + " not found under ../shared/data/pg19");
-    }
+    KVC_ASSIGN_OR_RETURN(text_path, FindPg19Book(book, "kvquant calibration"));
     KVC_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(text_path));
     // Skip the Gutenberg header; 2 x 1,024 tokens.
     KVC_ASSIGN_OR_RETURN(auto toks, TokenizeText(m, text.substr(std::min<size_t>(20000, text.size() / 4))));

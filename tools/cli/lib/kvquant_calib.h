@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kv/codecs/kvquant.h"
+#include "calibrate.h"
 #include "model/model.h"
 #include "runner.h"
 
@@ -26,7 +27,21 @@ std::string KvQuantCalibrationPath(const std::string& model_path);
 // uses the calibration file beside the model, creating it first when missing (2 × 1,024 tokens of
 // PG-19 "Pride and Prejudice", ~10 s), then points KVC_KVQUANT_CALIB at it. Returns the path used
 // ("" when no configuration needs one). NOT_FOUND when the book is missing.
+// Also calls EnsurePredictCalibration (every caller that prepares KVQuant calibration prepares the
+// predictive-coding file too).
 StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string& model_path,
+                                               const std::vector<KvRunConfig>& configs);
+
+// The predictive-coding file beside the model: <model path without .gguf>.predict.kvc.
+std::string PredictCalibrationPath(const std::string& model_path);
+
+// If any configuration says `predict=auto` (the presets do) and KVC_PREDICT_AUTO is unset: uses
+// the predictor file beside the model, creating it first when missing (`calibrate --method predict`
+// on 32 × 1,024 tokens of PG-19 "Pride and Prejudice", disjoint from the WikiText-2 evaluation
+// text; ~1–3 min on 2 cores), then points KVC_PREDICT_AUTO at it (KvCache resolves "auto" there).
+// INVALID_ARGUMENT when the existing file was made for another model; NOT_FOUND when the book is
+// missing. Returns the path used ("" when no configuration needs one).
+StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string& model_path,
                                                const std::vector<KvRunConfig>& configs);
 
 }  // namespace kvc
