@@ -263,9 +263,11 @@ int CmdInfo(Common& c) {
     auto f = ReadKvConfigFile(c.kv_config);
     auto ab = MeasureAllInBits(shape, rc->cache, int(f->all_in_ctx));
     if (!ab.ok()) return Fail(ab.status());
+    KvRunConfig unnamed = *rc;
+    unnamed.name.clear();  // the derived label lists every per-layer codec
     fmt::print("\nKV config file {} ({}):\n  {}\n  expands to: {}\n  bits/value all in at {} tokens: "
                "{:.4f} measured here ({:.4f} recorded in the file)\n",
-               c.kv_config, f->name, f->config, rc->Label(), f->all_in_ctx, ab->bits, f->all_in_bits);
+               c.kv_config, f->name, f->config, unnamed.Label(), f->all_in_ctx, ab->bits, f->all_in_bits);
     if (f->json.contains("search")) fmt::print("  search: {}\n", f->json["search"].dump());
   }
   fmt::print("\naliases:");
