@@ -88,6 +88,8 @@ check "needs --budget"    "$BIN" calibrate -m "$MODEL" --method bits -o "$tmp/o.
 check "cheapest mix"      "$BIN" calibrate -m "$MODEL" --method bits --budget 0.5 -o "$tmp/o.json"
 check "candidate"         "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "k=nosuch" -o "$tmp/o.json"
 check "--candidates"      "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "q8_0" -o "$tmp/o.json"
+check "not measured there" "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "k=q4_0" -o "$tmp/o.json" \
+  --reuse "$(dirname "$0")/../../docs/eval-c4096/bits/bits-3.25.json"
 # `serve` refuses bad settings before it listens (a server that starts would hit the timeout).
 check "api-key is empty"  "$BIN" serve -m "$MODEL" --port 0 --api-key ""
 check "holds no key"      "$BIN" serve -m "$MODEL" --port 0 --api-key-file "$tmp/empty.txt"

@@ -1034,7 +1034,7 @@ int main(int argc, char** argv) {
   cal->add_option("--chunks", bits_opt.chunks, "--method bits: calibration chunks of -c tokens (default 2)")->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   cal->add_option("--bits-ctx", bits_opt.bits_ctx, "--method bits: context at which all-in bits are counted (default 4096)")->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   cal->add_option("--sinks", bits_opt.sinks, "--method bits: fp16 first tokens in every layer (default 1)")->check(CLI::Range(0, 1 << 16));
-  cal->add_option("--reuse", bits_opt.reuse_path, "--method bits: take the sensitivities from an earlier output (same model, candidates, text, -c, --chunks, sinks) and only solve for --budget");
+  cal->add_option("--reuse", bits_opt.reuse_path, "--method bits: take the sensitivities from an earlier output (same model, text, -c, --chunks, sinks; --candidates a subset of its candidates) and only solve for --budget");
   cal->add_option("--name", bits_opt.name, "--method bits: label of the configuration (default bits-BUDGET)");
   cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)")
       ->check(CLI::Range(int64_t(4), int64_t(1) << 24));

@@ -242,8 +242,21 @@ StatusOr<nlohmann::json> CalibrateBits(const Model& m, const std::vector<int32_t
       return InvalidArgument(fmt::format("--reuse '{}': made for another model ({})", opt.reuse_path,
                                          prev.json["model"].value("id", std::string("?"))));
     }
-    if (specs(cand.value("k", nlohmann::json())) != opt.k_cands || specs(cand.value("v", nlohmann::json())) != opt.v_cands) {
-      return InvalidArgument(fmt::format("--reuse '{}': other candidates than this run's", opt.reuse_path));
+    // This run's candidates must all be in the file's lists (a subset is fine: their columns are
+    // picked out), so one measurement serves several candidate sets.
+    const std::vector<std::string> file_k = specs(cand.value("k", nlohmann::json()));
+    const std::vector<std::string> file_v = specs(cand.value("v", nlohmann::json()));
+    std::vector<size_t> k_col, v_col;
+    for (int kind = 0; kind < 2; ++kind) {
+      const auto& have = kind == 0 ? file_k : file_v;
+      for (const auto& spec : kind == 0 ? opt.k_cands : opt.v_cands) {
+        const auto it = std::find(have.begin(), have.end(), spec);
+        if (it == have.end()) {
+          return InvalidArgument(fmt::format("--reuse '{}': {} candidate '{}' was not measured there",
+                                             opt.reuse_path, kind == 0 ? "K" : "V", spec));
+        }
+        (kind == 0 ? k_col : v_col).push_back(size_t(it - have.begin()));
+      }
     }
     if (s.value("calib_text", std::string()) != opt.text_path || s.value("calib_ctx", int64_t(0)) != opt.n_ctx ||
         s.value("calib_chunks", int64_t(0)) != opt.chunks || s.value("sinks", -1) != opt.sinks ||
@@ -264,10 +277,21 @@ StatusOr<nlohmann::json> CalibrateBits(const Model& m, const std::vector<int32_t
     } catch (const std::exception& e) {
       return InvalidArgument(fmt::format("--reuse '{}': bad \"sensitivity\": {}", opt.reuse_path, e.what()));
     }
-    KVC_RETURN_IF_ERROR(CheckShape(k_kld, n_layer, nk, "k_kld"));
-    KVC_RETURN_IF_ERROR(CheckShape(v_kld, n_layer, nv, "v_kld"));
-    KVC_RETURN_IF_ERROR(CheckShape(k_dnll, n_layer, nk, "k_dnll"));
-    KVC_RETURN_IF_ERROR(CheckShape(v_dnll, n_layer, nv, "v_dnll"));
+    KVC_RETURN_IF_ERROR(CheckShape(k_kld, n_layer, file_k.size(), "k_kld"));
+    KVC_RETURN_IF_ERROR(CheckShape(v_kld, n_layer, file_v.size(), "v_kld"));
+    KVC_RETURN_IF_ERROR(CheckShape(k_dnll, n_layer, file_k.size(), "k_dnll"));
+    KVC_RETURN_IF_ERROR(CheckShape(v_dnll, n_layer, file_v.size(), "v_dnll"));
+    auto pick = [](std::vector<std::vector<double>>* t, const std::vector<size_t>& cols) {
+      for (auto& row : *t) {
+        std::vector<double> r;
+        for (size_t c : cols) r.push_back(row[c]);
+        row = std::move(r);
+      }
+    };
+    pick(&k_kld, k_col);
+    pick(&k_dnll, k_col);
+    pick(&v_kld, v_col);
+    pick(&v_dnll, v_col);
     for (const auto* r : {&k_ref, &v_ref, &k_ref_dnll, &v_ref_dnll}) {
       if (int(r->size()) != n_layer) return InvalidArgument(fmt::format("--reuse '{}': reference rows are not {} long", opt.reuse_path, n_layer));
     }

@@ -40,7 +40,7 @@ struct BitsCalibOptions {
   int n_batch = 512;
   std::string text_path, model_path;
   std::string reuse_path;               // earlier output: reuse its sensitivities (same model,
-                                        // candidates, text, n_ctx, chunks, sinks)
+                                        // text, n_ctx, chunks, sinks; candidates a subset of its)
   std::string name;                     // label of the result ("" = bits-<budget>)
 };
 
