@@ -648,7 +648,7 @@ std::string Eval(ModelHandle& mh, const std::string& text, const std::string& te
   std::vector<KvRunConfig> cfgs;
   for (const auto& c : configs) {
     auto r = Take(ParseRunConfig(c));
-    Check(FitLayerOverrides(&r, model.config().n_layer));
+    Check(FitLayerOverrides(&r, model.kv_shape()));  // also: a config=FILE made for another shape
     Check(CheckRunConfigCalibration(r, model));
     cfgs.push_back(r);
   }

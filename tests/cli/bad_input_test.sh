@@ -71,6 +71,25 @@ check "bad layer list"    "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "q8_
 check "not found"         "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform-k "think:file=$tmp/none.kvccal,ratio=0.4"
 check "cannot follow a K transform" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4 --kv-transform-k hadamard
 check "calibrated on the raw keys" "$BIN" generate -m "$MODEL" -p hi -n 1 -ctk kvquant4:center=1
+# KV config files (calibrate --method bits): missing, malformed, NaN (null), another model's
+# shape, a budget no candidate mix meets, no budget, a bad candidate.
+printf '{"format": "kvcrunch-kv-config", "version": 1, "config": "q8_0"' > "$tmp/trunc.kvcfg.json"
+cfg() { printf '{"format": "kvcrunch-kv-config", "version": 1, "config": "k=q8_0 v=q8_0 sinks=1", "model": {"n_layer": %s, "n_head_kv": 3, "head_dim": 64, "head_dim_v": 64}, "all_in_bits": %s, "all_in_ctx": 4096}' "$1" "$2"; }
+cfg 24 8.5 > "$tmp/shape.kvcfg.json"
+cfg 30 null > "$tmp/nan.kvcfg.json"
+cfg 30 8.5 > "$tmp/good.kvcfg.json"
+check "not found"         "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "config=$tmp/none.json"
+check "not valid JSON"    "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-config "$tmp/trunc.kvcfg.json"
+check "non-finite"        "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-config "$tmp/nan.kvcfg.json"
+check "made for a model"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-config "$tmp/shape.kvcfg.json"
+check "made for a model"  "$BIN" eval -m "$MODEL" -c 64 --chunks 1 --config "file=$tmp/shape.kvcfg.json"
+check "excludes"          "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-config "$tmp/good.kvcfg.json" -ctk q4_0
+check "needs --budget"    "$BIN" calibrate -m "$MODEL" --method bits -o "$tmp/o.json"
+check "cheapest mix"      "$BIN" calibrate -m "$MODEL" --method bits --budget 0.5 -o "$tmp/o.json"
+check "candidate"         "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "k=nosuch" -o "$tmp/o.json"
+check "--candidates"      "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "q8_0" -o "$tmp/o.json"
+check "not measured there" "$BIN" calibrate -m "$MODEL" --method bits --budget 3 --candidates "k=q4_0" -o "$tmp/o.json" \
+  --reuse "$(dirname "$0")/../../docs/eval-c4096/bits/bits-3.25.json"
 # `serve` refuses bad settings before it listens (a server that starts would hit the timeout).
 check "api-key is empty"  "$BIN" serve -m "$MODEL" --port 0 --api-key ""
 check "holds no key"      "$BIN" serve -m "$MODEL" --port 0 --api-key-file "$tmp/empty.txt"

@@ -160,3 +160,151 @@ TEST(RunConfigDefaults, EveryDefaultRowParsesAndBuilds) {
 
 }  // namespace
 }  // namespace kvc
+
+// KV config files (calibrate --method bits output): config=FILE / file=FILE in --config strings,
+// LoadRunConfigFile (--kv-config), the shape check, and malformed or NaN files refused.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "../../tools/cli/lib/kv_config_file.h"
+
+namespace kvc {
+namespace {
+
+std::string WriteTemp(const std::string& name, const std::string& text) {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            (name + "." + std::to_string(::getpid()) + ".json")).string();
+  std::ofstream(path) << text;
+  return path;
+}
+
+std::string GoodFile(const std::string& config, int n_layer = 30, const std::string& extra = "") {
+  return "{\"format\": \"kvcrunch-kv-config\", \"version\": 1, \"name\": \"bits-test\", \"config\": \"" +
+         config + "\", \"model\": {\"n_layer\": " + std::to_string(n_layer) +
+         ", \"n_head_kv\": 3, \"head_dim\": 64, \"head_dim_v\": 64, \"id\": \"x\"}, "
+         "\"all_in_bits\": 3.2, \"all_in_ctx\": 4096" + extra + "}";
+}
+
+kv::KvShape SmolShape() {
+  kv::KvShape s;
+  s.n_layer = 30;
+  s.n_head = 9;
+  s.n_head_kv = 3;
+  s.head_dim = 64;
+  s.rope.theta = 100000.0;
+  s.rope.n_rot = 64;
+  return s;
+}
+
+TEST(KvConfigFile, LoadsExpandsAndOverrides) {
+  const std::string path = WriteTemp("kvcfg_good", GoodFile(
+      "k=turbo:bits=3,nc=1,center=1 k@0,29=q8_0 v=turbo:bits=2,nc=1 v@5=turbo:bits=4,nc=1 sinks=1",
+      30, ", \"search\": {\"budget_bits\": 3.25, \"sensitivity\": [[0.1, 0.2]]}"));
+  for (const std::string key : {"config=", "file="}) {
+    auto c = ParseRunConfig(key + path);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    EXPECT_EQ(c->cache.k_codec, "turbo:bits=3,nc=1,center=1");
+    EXPECT_EQ(c->cache.v_codec, "turbo:bits=2,nc=1");
+    EXPECT_EQ(c->cache.sink_tokens, 1);
+    EXPECT_EQ(c->Label(), "bits-test");
+    EXPECT_EQ(c->config_file, path);
+    ASSERT_TRUE(FitLayerOverrides(&*c, SmolShape()).ok());
+    ASSERT_EQ(c->cache.k_codec_layer.size(), 30u);
+    EXPECT_EQ(c->cache.k_codec_layer[0], "q8_0");
+    EXPECT_EQ(c->cache.k_codec_layer[29], "q8_0");
+    EXPECT_EQ(c->cache.k_codec_layer[1], "");
+    EXPECT_EQ(c->cache.v_codec_layer[5], "turbo:bits=4,nc=1");
+  }
+  // Keys after it override it (like preset=), and say so in the label.
+  auto o = ParseRunConfig("config=" + path + " sinks=4 v@5=q8_0");
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->cache.sink_tokens, 4);
+  ASSERT_TRUE(FitLayerOverrides(&*o, SmolShape()).ok());
+  EXPECT_EQ(o->cache.v_codec_layer[5], "q8_0");
+  EXPECT_EQ(o->Label(), "bits-test sinks=4 v@5=q8_0");
+  // --kv-config FILE gives the same configuration.
+  auto f = LoadRunConfigFile(path);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->cache.k_codec, "turbo:bits=3,nc=1,center=1");
+  // The file's all-in bits can be measured like a preset's (1 KV head is enough for the ratio).
+  kv::KvShape one = SmolShape();
+  one.n_head = 3;
+  one.n_head_kv = 1;
+  ASSERT_TRUE(FitLayerOverrides(&*f, one.n_layer).ok());
+  auto ab = MeasureAllInBits(one, f->cache, 4096);
+  ASSERT_TRUE(ab.ok()) << ab.status().ToString();
+  double k_sum = 0, v_sum = 0;
+  for (double b : ab->k_bytes) k_sum += b;
+  for (double b : ab->v_bytes) v_sum += b;
+  EXPECT_NEAR(ab->bits, 16.0 * (k_sum + v_sum) / ab->f16_bytes, 1e-9);
+  EXPECT_GT(ab->k_bytes[0], ab->k_bytes[1]);   // q8_0 keys in layer 0 cost more than turbo3
+  EXPECT_GT(ab->bits, 2.0);
+  EXPECT_LT(ab->bits, 4.0);
+  std::remove(path.c_str());
+}
+
+TEST(KvConfigFile, OtherModelShapeIsAnError) {
+  const std::string path = WriteTemp("kvcfg_shape", GoodFile("k=q8_0 v=q8_0 sinks=1", 24));
+  auto c = ParseRunConfig("config=" + path);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  Status st = FitLayerOverrides(&*c, SmolShape());
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(std::string(st.message()).find("n_layer=24"), std::string::npos) << st.message();
+  EXPECT_NE(std::string(st.message()).find("n_layer=30"), std::string::npos) << st.message();
+  kv::KvShape other = SmolShape();
+  other.n_layer = 24;
+  EXPECT_TRUE(FitLayerOverrides(&*c, other).ok());
+  other.n_head_kv = 4;  // same layers, other heads
+  auto c2 = ParseRunConfig("config=" + path);
+  ASSERT_TRUE(c2.ok());
+  EXPECT_FALSE(FitLayerOverrides(&*c2, other).ok());
+  std::remove(path.c_str());
+}
+
+TEST(KvConfigFile, MalformedOrNanFilesRefused) {
+  const std::string good = GoodFile("k=q8_0 v=q8_0 sinks=1");
+  struct Case { const char* what; std::string text; const char* msg; };
+  std::string nan_text = good;
+  nan_text.replace(nan_text.find("3.2"), 3, "NaN");  // not JSON: parse error
+  std::string null_num = good;
+  null_num.replace(null_num.find("3.2"), 3, "null");  // how NaN comes out of a JSON writer
+  const std::vector<Case> cases = {
+      {"not JSON", "{\"format\": ", "not valid JSON"},
+      {"array", "[1, 2]", "not a JSON object"},
+      {"NaN literal", nan_text, "not valid JSON"},
+      {"null number", null_num, "null or non-finite"},
+      {"nested null", GoodFile("q8_0", 30, ", \"search\": {\"predicted_kld\": null}"), "/search/predicted_kld"},
+      {"wrong format", "{\"format\": \"other\", \"version\": 1}", "format"},
+      {"wrong version", std::string(good).replace(good.find("\"version\": 1"), 12, "\"version\": 2"), "version"},
+      {"no config", std::string(good).replace(good.find("\"config\""), 8, "\"cfg\""), "config"},
+      {"nested preset", GoodFile("preset=kvc3"), "may not contain"},
+      {"nested config", GoodFile("config=/tmp/x"), "may not contain"},
+      {"bad config key", GoodFile("k=q8_0 bogus=1"), "unknown key"},
+      {"zero layers", GoodFile("q8_0", 0), "n_layer"},
+      {"no model", "{\"format\": \"kvcrunch-kv-config\", \"version\": 1, \"config\": \"q8_0\", \"all_in_bits\": 3, \"all_in_ctx\": 4096}", "model"},
+      {"negative bits", std::string(good).replace(good.find("3.2"), 3, "-3"), "all_in_bits"},
+  };
+  for (const auto& c : cases) {
+    const std::string path = WriteTemp("kvcfg_bad", c.text);
+    auto r = ParseRunConfig("config=" + path);
+    EXPECT_FALSE(r.ok()) << c.what;
+    if (!r.ok()) {
+      EXPECT_NE(std::string(r.status().message()).find(c.msg), std::string::npos)
+          << c.what << ": " << r.status().message();
+    }
+    EXPECT_FALSE(LoadRunConfigFile(path).ok()) << c.what;
+    std::remove(path.c_str());
+  }
+  EXPECT_EQ(ParseRunConfig("config=/nonexistent/kv.json").status().code(), StatusCode::kNotFound);
+  EXPECT_FALSE(ParseRunConfig("config=").ok());
+  EXPECT_FALSE(ParseRunConfig("config=" + std::filesystem::temp_directory_path().string()).ok());
+  const std::string path = WriteTemp("kvcfg_two", good);
+  EXPECT_FALSE(ParseRunConfig("preset=kvc3 config=" + path).ok());
+  EXPECT_FALSE(ParseRunConfig("config=" + path + " file=" + path).ok());
+  std::remove(path.c_str());
+}
+
+}  // namespace
+}  // namespace kvc

@@ -21,6 +21,8 @@
 #include "hwy/targets.h"
 #include "cpu/ops.h"
 #include "calibrate.h"
+#include "calibrate_bits.h"
+#include "kv_config_file.h"
 #include "engine/engine.h"
 #include "eval.h"
 #include "kvquant_calib.h"
@@ -45,6 +47,7 @@ struct Common {
   int batch = 512;
   std::string ctk = "f16", ctv = "f16", kt, vt, evict, pos, lowrank;  // pos "": policy default
   std::string preset;  // --kv-preset NAME: a complete KV configuration (runner.h KvPresets)
+  std::string kv_config;  // --kv-config FILE: a complete KV configuration from a file (kv_config_file.h)
   int sinks = 0;
   std::string sink_codec = "f16";
 };
@@ -70,10 +73,16 @@ void AddKvFlags(CLI::App* app, Common& c) {
   auto* pos = app->add_option("--kv-positions", c.pos, "positions after eviction: original | in-cache | rerotate (default: original, or the policy's own: streaming in-cache)");
   // A preset is the whole KV configuration: the flags it would set cannot be combined with it.
   auto* preset = app->add_option("--kv-preset", c.preset, "a complete KV configuration by name: " + KvPresetNames() + " (`kvcrunch info` shows what each expands to)");
+  auto* kv_config = app->add_option("--kv-config", c.kv_config, "a complete KV configuration from a file made by `kvcrunch calibrate --method bits` (`kvcrunch info --kv-config FILE` shows it)");
   for (const char* name : {"--cache-type-k", "--cache-type-v", "--kv-transform-k", "--kv-transform-v", "--kv-lowrank", "--kv-evict", "--kv-sinks", "--kv-sink-codec"}) {
-    if (auto* o = app->get_option_no_throw(name)) preset->excludes(o);
+    if (auto* o = app->get_option_no_throw(name)) {
+      preset->excludes(o);
+      kv_config->excludes(o);
+    }
   }
   preset->excludes(pos);
+  kv_config->excludes(pos);
+  kv_config->excludes(preset);
 }
 
 // Eviction acts between batches: the tokens of one batch attend to each other (and to the cache)
@@ -126,6 +135,7 @@ StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
 
 StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
   if (!c.preset.empty()) return ParseRunConfig("preset=" + c.preset);
+  if (!c.kv_config.empty()) return LoadRunConfigFile(c.kv_config);
   KvRunConfig r;
   r.cache.k_codec = c.ctk;
   r.cache.v_codec = c.ctv;
@@ -231,31 +241,34 @@ int CmdInfo(Common& c) {
              "all in at 4,096 tokens (random vectors; body codecs + sinks + fp16 tails):\n");
   for (const auto& p : KvPresets()) {
     auto rc = ParseRunConfig("preset=" + p.name);
-    Status st = rc.ok() ? FitLayerOverrides(&*rc, shape.n_layer) : rc.status();
+    Status st = rc.ok() ? FitLayerOverrides(&*rc, shape) : rc.status();
     std::string bits = "n/a";
     if (st.ok() && rc->evict.empty() && rc->cache.k_transform.find("file=") == std::string::npos) {
-      auto cache = kv::KvCache::Create(shape, rc->cache);
-      if (cache.ok()) {
-        const int n = 4096;
-        std::mt19937 rng(1);
-        std::normal_distribution<float> nd;
-        std::vector<float> k(size_t(n) * shape.n_head_kv * shape.head_dim), v(size_t(n) * shape.n_head_kv * shape.DimV());
-        for (auto& x : k) x = nd(rng);
-        for (auto& x : v) x = nd(rng);
-        std::vector<int64_t> seq(n);
-        for (int i = 0; i < n; ++i) seq[i] = i;
-        bool ok = true;
-        for (int l = 0; l < shape.n_layer && ok; ++l) ok = (*cache)->Write(l, seq.data(), n, k.data(), v.data()).ok();
-        (*cache)->Flush();  // window codecs encode after attention; no attention runs here
-        const double f16 = mc.KvBytesPerToken(16, 16) * n;
-        if (ok) bits = fmt::format("{:.3f} (K body {:.3f}, V body {:.3f})", 16.0 * double((*cache)->Memory().KvBytes()) / f16,
-                                   (*cache)->KBitsPerValue(), (*cache)->VBitsPerValue());
+      auto ab = MeasureAllInBits(shape, rc->cache, 4096);
+      if (ab.ok()) {
+        auto cache = kv::KvCache::Create(shape, rc->cache);
+        bits = fmt::format("{:.3f} (K body {:.3f}, V body {:.3f})", ab->bits, (*cache)->KBitsPerValue(),
+                           (*cache)->VBitsPerValue());
       } else {
-        bits = "unavailable: " + std::string(cache.status().message());
+        bits = "unavailable: " + std::string(ab.status().message());
       }
     }
     fmt::print("  {:<7} = \"{}\"\n          class <= {:.2f} b/v; bits/value here: {}\n          {}\n", p.name,
                p.config, p.bits_limit, bits, p.summary);
+  }
+  if (!c.kv_config.empty()) {
+    auto rc = LoadRunConfigFile(c.kv_config);
+    Status st = rc.ok() ? FitLayerOverrides(&*rc, shape) : rc.status();
+    if (!st.ok()) return Fail(st);
+    auto f = ReadKvConfigFile(c.kv_config);
+    auto ab = MeasureAllInBits(shape, rc->cache, int(f->all_in_ctx));
+    if (!ab.ok()) return Fail(ab.status());
+    KvRunConfig unnamed = *rc;
+    unnamed.name.clear();  // the derived label lists every per-layer codec
+    fmt::print("\nKV config file {} ({}):\n  {}\n  expands to: {}\n  bits/value all in at {} tokens: "
+               "{:.4f} measured here ({:.4f} recorded in the file)\n",
+               c.kv_config, f->name, f->config, unnamed.Label(), f->all_in_ctx, ab->bits, f->all_in_bits);
+    if (f->json.contains("search")) fmt::print("  search: {}\n", f->json["search"].dump());
   }
   fmt::print("\naliases:");
   for (const auto& [a, s] : kv::CodecAliases()) fmt::print(" {}={}", a, s);
@@ -307,7 +320,7 @@ int CmdGenerate(Common& c, const std::string& prompt, const std::string& file, c
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
-  if (Status fs = FitLayerOverrides(&*rc, model.config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, model.kv_shape()); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   Session::Options so;
   so.n_ctx = c.ctx > 0 ? c.ctx : std::min<int64_t>(model.config().n_ctx_train, 4096);
@@ -410,7 +423,7 @@ int CmdLogits(Common& c, const std::string& ids, const std::string& out_path) {
   if (!toks.ok()) return Fail(toks.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
-  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
@@ -438,7 +451,7 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
-  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   const int64_t n_ctx = c.ctx > 0 ? c.ctx : 512;
   WarnEvictionBatch({*rc}, std::min<int64_t>(c.batch, n_ctx), n_ctx);
@@ -501,6 +514,41 @@ int CmdPerplexity(Common& c, const std::string& file, int64_t chunks, bool json)
                 cache.Describe().c_str(), ppl, (long long)n, (long long)n_chunks, (long long)n_ctx,
                 kv_bytes, double(n_chunks * n_ctx) / dt);
   }
+  return 0;
+}
+
+int CmdCalibrateBits(Common& c, std::string file, const std::string& out_path, BitsCalibOptions opt,
+                     const std::string& candidates) {
+  if (!(opt.budget > 0) || !std::isfinite(opt.budget)) {
+    return Fail(InvalidArgument("calibrate --method bits needs --budget B: all-in bits per value at "
+                                "--bits-ctx tokens, > 0 (e.g. 3.25)"));
+  }
+  opt.k_cands = DefaultBitsCandidates(true);
+  opt.v_cands = DefaultBitsCandidates(false);
+  if (!candidates.empty()) {
+    if (Status st = ParseBitsCandidates(candidates, &opt.k_cands, &opt.v_cands); !st.ok()) return Fail(st);
+  }
+  if (std::error_code ec; std::filesystem::is_directory(out_path, ec)) {
+    return Fail(InvalidArgument(fmt::format("-o '{}' is a directory; give a file path", out_path)));
+  }
+  if (file.empty()) file = DefaultBitsCalibText();
+  if (file.empty()) return Fail(NotFound("no --calib-text given and the PG-19 books are not under ../shared/data/pg19"));
+  auto m = LoadModel(c);
+  if (!m.ok()) return Fail(m.status());
+  auto text = ReadTextFile(file);
+  if (!text.ok()) return Fail(text.status());
+  auto toks = TokenizeText(**m, *text);
+  if (!toks.ok()) return Fail(toks.status());
+  opt.n_ctx = c.ctx > 0 ? c.ctx : 512;
+  opt.n_batch = c.batch;
+  opt.text_path = file;
+  opt.model_path = c.model;
+  std::string summary;
+  auto j = CalibrateBits(**m, *toks, opt, &summary);
+  if (!j.ok()) return Fail(j.status());
+  if (Status st = WriteKvConfigFile(out_path, *j); !st.ok()) return Fail(st);
+  std::printf("%s\nwrote %s\nuse: --kv-config %s  or  eval --config 'config=%s'\n", summary.c_str(),
+              out_path.c_str(), out_path.c_str(), out_path.c_str());
   return 0;
 }
 
@@ -573,7 +621,7 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
   for (const auto& s : cfgs) {
     auto r = ParseRunConfig(s);
     if (!r.ok()) return Fail(r.status());
-    if (Status fs = FitLayerOverrides(&*r, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
+    if (Status fs = FitLayerOverrides(&*r, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
     if (Status cs = CheckRunConfigCalibration(*r, **m); !cs.ok()) return Fail(cs);
     configs.push_back(*r);
   }
@@ -637,7 +685,7 @@ int CmdBench(Common& c, int n_prompt, int n_gen, int depth, int reps, bool json)
   }
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
-  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   Session::Options so;
@@ -760,7 +808,7 @@ int CmdServe(Common& c, const ServeArgs& a) {
   const Model& model = **m;
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
-  if (Status fs = FitLayerOverrides(&*rc, model.config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, model.kv_shape()); !fs.ok()) return Fail(fs);
   if (!rc->cache.predict.empty()) {
     // The engine's KV plan does not count the reconstruction buffers ([n, D_k + D_v] f32 per layer
     // pair and sequence) and decode rebuilds every cell per layer and step (kv/predictive.h).
@@ -902,7 +950,7 @@ int CmdBatchedBench(Common& c, const BatchedBenchOptions& o, bool json) {
   if (!m.ok()) return Fail(m.status());
   auto rc = RunConfigFromFlags(c);
   if (!rc.ok()) return Fail(rc.status());
-  if (Status fs = FitLayerOverrides(&*rc, (*m)->config().n_layer); !fs.ok()) return Fail(fs);
+  if (Status fs = FitLayerOverrides(&*rc, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
   if (Status cs = CheckRunConfigCalibration(*rc, **m); !cs.ok()) return Fail(cs);
   if (auto kq = EnsureKvQuantCalibration(**m, c.model, {*rc}); !kq.ok()) return Fail(kq.status());
   BatchedBenchOptions opt = o;
@@ -937,6 +985,7 @@ int main(int argc, char** argv) {
 
   auto* info = app.add_subcommand("info", "model hyper-parameters and KV bytes per token per codec");
   AddModelFlags(info, c);
+  info->add_option("--kv-config", c.kv_config, "also show what this KV config file expands to and its all-in bits");
 
   std::string prompt, file, ids, out_path, report, session_path;
   bool chat = false, print_ids = false, json = false, csv = false;
@@ -990,8 +1039,17 @@ int main(int argc, char** argv) {
   int64_t cal_tokens = 16384;
   auto* cal = app.add_subcommand("calibrate", "K/V statistics for low-rank (Palu) and ThinK transforms -> calibration file");
   AddModelFlags(cal, c);
-  cal->add_option("-f,--file", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book)")->required();
-  cal->add_option("--kv-lowrank,--method", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var], think, smooth (key-smoothing statistics only) or predict[:lambda=L] (AQUA-KV predictors for predict=FILE)");
+  cal->add_option("-f,--file,--calib-text", file, "calibration text (disjoint from the eval text, e.g. a PG-19 book; --method bits: default Pride and Prejudice from ../shared/data/pg19)");
+  cal->add_option("--kv-lowrank,--method", c.lowrank, "method spec stored as the file's defaults: palu:ratio=0.5[,alloc=uniform|var], think, smooth (key-smoothing statistics only), predict[:lambda=L] (AQUA-KV predictors for predict=FILE), or bits (per-layer K/V codecs under --budget: a KV config file)");
+  BitsCalibOptions bits_opt;
+  std::string bits_candidates;
+  cal->add_option("--budget", bits_opt.budget, "--method bits: all-in bits per value at --bits-ctx tokens (sinks, scales, norms, windows counted)");
+  cal->add_option("--candidates", bits_candidates, "--method bits: 'k=SPEC;SPEC;... v=SPEC;SPEC;...' (default: turbo 1-4 bits nc=1 (keys center=1), kivi-4 keys, q8_0)");
+  cal->add_option("--chunks", bits_opt.chunks, "--method bits: calibration chunks of -c tokens (default 2)")->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  cal->add_option("--bits-ctx", bits_opt.bits_ctx, "--method bits: context at which all-in bits are counted (default 4096)")->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  cal->add_option("--sinks", bits_opt.sinks, "--method bits: fp16 first tokens in every layer (default 1)")->check(CLI::Range(0, 1 << 16));
+  cal->add_option("--reuse", bits_opt.reuse_path, "--method bits: take the sensitivities from an earlier output (same model, text, -c, --chunks, sinks; --candidates a subset of its candidates) and only solve for --budget");
+  cal->add_option("--name", bits_opt.name, "--method bits: label of the configuration (default bits-BUDGET)");
   cal->add_option("-c,--ctx-size", c.ctx, "tokens per calibration chunk (default 512)")
       ->check(CLI::Range(int64_t(4), int64_t(1) << 24));
   cal->add_option("--max-tokens", cal_tokens, "calibration tokens (whole chunks)")
@@ -1076,6 +1134,7 @@ int main(int argc, char** argv) {
     if (*gen) return CmdGenerate(c, prompt, file, ids, chat, n_predict, temp, top_p, seed, print_ids, session_path);
     if (*lg) return CmdLogits(c, ids, out_path);
     if (*ppl) return CmdPerplexity(c, file, chunks, json);
+    if (*cal && c.lowrank == "bits") return CmdCalibrateBits(c, file, out_path, bits_opt, bits_candidates);
     if (*cal) return CmdCalibrate(c, file, out_path, cal_tokens);
     if (*rt) return CmdRetrieval(c, retrieval_args);
     if (*ev) return CmdEval(c, file, chunks < 0 ? 4 : chunks, cfgs, json, csv, report, decode_tokens);

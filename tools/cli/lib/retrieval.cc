@@ -19,14 +19,14 @@ namespace {
 
 using nlohmann::json;
 
-StatusOr<KvRunConfig> ConfigOf(const std::string& s, int n_layer) {
+StatusOr<KvRunConfig> ConfigOf(const std::string& s, const kv::KvShape& shape) {
   if (s.empty() || s == "full") {
     KvRunConfig c;
     c.name = "full";
     return c;
   }
   KVC_ASSIGN_OR_RETURN(KvRunConfig c, ParseRunConfig(s));
-  KVC_RETURN_IF_ERROR(FitLayerOverrides(&c, n_layer));
+  KVC_RETURN_IF_ERROR(FitLayerOverrides(&c, shape));
   return c;
 }
 
@@ -523,7 +523,7 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
   // Every configuration must build before anything runs: a bad one is an error (non-zero exit),
   // not an error row.
   for (const auto& cs : cfgs) {
-    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.config().n_layer));
+    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.kv_shape()));
     auto probe = kv::KvCache::Create(m.kv_shape(), c.cache);
     if (!probe.ok()) return Status(probe.status().code(), cs + ": " + probe.status().message());
     auto pol = kv::MakePolicy(c.evict, m.kv_shape());
@@ -533,7 +533,7 @@ StatusOr<json> RunRetrieval(const Model& m, const RetrievalArgs& a) {
     }
   }
   for (const auto& cs : cfgs) {
-    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.config().n_layer));
+    KVC_ASSIGN_OR_RETURN(KvRunConfig c, ConfigOf(cs, m.kv_shape()));
     StatusOr<json> r = InvalidArgument("unknown --task '" + a.task +
                                        "' (sinks, passkey, needle, streaming, prefix, speed, reuse)");
     const double t0 = NowSeconds();

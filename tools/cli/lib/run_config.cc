@@ -2,11 +2,14 @@
 // list. Kept apart from the model-running code so the spec fuzzer (tests/fuzz/kv_spec_fuzz.cc)
 // links only the KV library.
 #include <cstdlib>
+#include <filesystem>
+#include <random>
 #include <set>
 #include <sstream>
 
 #include <fmt/format.h>
 
+#include "kv_config_file.h"
 #include "runner.h"
 
 namespace kvc {
@@ -75,6 +78,25 @@ std::string KvPresetNames() {
   return out;
 }
 
+namespace {
+
+// The configuration of a KV config file, with its shape and path recorded.
+StatusOr<KvRunConfig> FromConfigFile(const std::string& path) {
+  KVC_ASSIGN_OR_RETURN(KvConfigFile f, ReadKvConfigFile(path));
+  auto c = ParseRunConfig(f.config);
+  if (!c.ok()) return InvalidArgument(fmt::format("KV config file '{}': {}", path, c.status().message()));
+  c->config_file = path;
+  c->file_shape = f.shape;
+  if (c->name.empty()) {
+    c->name = f.name.empty() ? "config:" + std::filesystem::path(path).filename().string() : f.name;
+  }
+  return c;
+}
+
+}  // namespace
+
+StatusOr<KvRunConfig> LoadRunConfigFile(const std::string& path) { return FromConfigFile(path); }
+
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   KvRunConfig c;
   std::istringstream in(text);
@@ -85,8 +107,19 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
   std::vector<std::string> toks;
   std::string preset_name;
   while (in >> tok) {
-    if (tok.rfind("preset=", 0) == 0) {
-      if (!preset_name.empty()) return InvalidArgument(fmt::format("key 'preset' given twice in config '{}'", text));
+    if (tok.rfind("config=", 0) == 0 || tok.rfind("file=", 0) == 0) {
+      if (!preset_name.empty()) {
+        return InvalidArgument(fmt::format("config '{}': give one of preset=, config= (file=)", text));
+      }
+      const std::string path = tok.substr(tok.find('=') + 1);
+      if (path.empty()) return InvalidArgument(fmt::format("key 'config' has no value in config '{}'", text));
+      preset_name = "config:" + path;
+      KVC_ASSIGN_OR_RETURN(c, FromConfigFile(path));
+      any = true;
+    } else if (tok.rfind("preset=", 0) == 0) {
+      if (!preset_name.empty()) {
+        return InvalidArgument(fmt::format("key 'preset' given twice (or with config=) in config '{}'", text));
+      }
       preset_name = tok.substr(7);
       const KvPreset* found = nullptr;
       for (const auto& p : KvPresets()) if (p.name == preset_name) found = &p;
@@ -172,10 +205,15 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
     return InvalidArgument(fmt::format("config '{}': predict= (predictive coding) keeps every token "
                                        "and cannot be combined with evict=", text));
   }
-  if (!preset_name.empty() && c.name.empty()) {
+  if (!preset_name.empty()) {
+    bool named = false;
     std::string rest;
-    for (const auto& t : toks) rest += " " + t;
-    c.name = preset_name + rest;
+    for (const auto& t : toks) {
+      named = named || t.rfind("name=", 0) == 0;
+      rest += " " + t;
+    }
+    // A preset's label is its name; a file's is the name it carries (set by FromConfigFile).
+    if (!named) c.name = (preset_base.name.empty() ? preset_name : preset_base.name) + rest;
   }
   return c;
 }
@@ -190,6 +228,51 @@ Status FitLayerOverrides(KvRunConfig* c, int n_layer) {
     lay->resize(n_layer);
   }
   return Status::Ok();
+}
+
+Status FitLayerOverrides(KvRunConfig* c, const kv::KvShape& shape) {
+  if (c->file_shape.n_layer > 0) {
+    kv::KvShape want = shape;
+    if (want.head_dim_v == 0) want.head_dim_v = want.head_dim;
+    if (c->file_shape.n_layer != want.n_layer || c->file_shape.n_head_kv != want.n_head_kv ||
+        c->file_shape.head_dim != want.head_dim || c->file_shape.DimV() != want.DimV()) {
+      return InvalidArgument(fmt::format("KV config file '{}' was made for a model with {}, but this "
+                                         "model has {} (run `kvcrunch calibrate --method bits` for it)",
+                                         c->config_file, KvShapeString(c->file_shape), KvShapeString(shape)));
+    }
+  }
+  return FitLayerOverrides(c, shape.n_layer);
+}
+
+StatusOr<AllInBits> MeasureAllInBits(const kv::KvShape& shape, const kv::KvCacheConfig& cfg,
+                                     int n_tokens) {
+  if (n_tokens < 1) return InvalidArgument("all-in bits: n_tokens must be >= 1");
+  // Predictive coding stores residuals in the same codecs: same bytes (Predictive.* unit tests),
+  // so the predictor file (maybe "auto", resolved only by the CLI) is not needed here.
+  kv::KvCacheConfig c = cfg;
+  c.predict.clear();
+  KVC_ASSIGN_OR_RETURN(auto cache, kv::KvCache::Create(shape, c));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(n_tokens) * shape.n_head_kv * shape.head_dim);
+  std::vector<float> v(size_t(n_tokens) * shape.n_head_kv * shape.DimV());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<int64_t> seq(n_tokens);
+  for (int i = 0; i < n_tokens; ++i) seq[i] = i;
+  for (int l = 0; l < shape.n_layer; ++l) {
+    KVC_RETURN_IF_ERROR(cache->Write(l, seq.data(), n_tokens, k.data(), v.data()));
+  }
+  cache->Flush();  // window codecs encode after attention; no attention runs here
+  AllInBits r;
+  r.f16_bytes = 2.0 * shape.n_layer * shape.n_head_kv * (shape.head_dim + shape.DimV()) * double(n_tokens);
+  const auto mem = cache->Memory();
+  for (const auto& l : mem.layers) {
+    r.k_bytes.push_back(double(l.k_packed + l.k_tail));
+    r.v_bytes.push_back(double(l.v_packed + l.v_tail));
+  }
+  r.bits = 16.0 * double(mem.KvBytes()) / r.f16_bytes;
+  return r;
 }
 
 std::vector<KvRunConfig> DefaultRunConfigs() {

@@ -17,6 +17,10 @@ struct KvRunConfig {
   std::string name;               // display name (derived when empty)
   kv::KvCacheConfig cache;
   std::string evict;              // eviction policy spec ("" = none)
+  // Loaded from a KV config file (config=FILE / --kv-config FILE): its path and the model shape
+  // it was made for (n_layer == 0: none); FitLayerOverrides(KvShape) refuses another shape.
+  std::string config_file;
+  kv::KvShape file_shape;
   std::string Label() const;      // name or a derived label
 };
 
@@ -29,8 +33,28 @@ struct KvRunConfig {
 StatusOr<KvRunConfig> ParseRunConfig(const std::string& text);
 //   preset=NAME  starts from a named complete configuration (KvPresets); keys after it override
 //                it, e.g. "preset=kvc3 name=mine" or "preset=kvc3 sinks=4".
+//   config=FILE  (or file=FILE) the same from a KV config file (kv_config_file.h, written by
+//                `calibrate --method bits`); not combinable with preset=.
 // Pads the per-layer codec lists to n_layer; INVALID_ARGUMENT if a layer >= n_layer is named.
 Status FitLayerOverrides(KvRunConfig* c, int n_layer);
+// The same, and INVALID_ARGUMENT when the configuration came from a KV config file made for
+// another model shape (layers, KV heads, head dims). Use this one wherever a model is loaded.
+Status FitLayerOverrides(KvRunConfig* c, const kv::KvShape& shape);
+// --kv-config FILE: the file's configuration (ParseRunConfig("config=FILE") without the
+// white-space split, so any path works).
+StatusOr<KvRunConfig> LoadRunConfigFile(const std::string& path);
+
+// All-in bits per value of a cache configuration, measured the way the presets are counted:
+// write n_tokens random vectors to every layer of a cache of this shape, flush, and read the
+// allocated bytes back (sinks, fp16 windows/tails, scales, norms included):
+// bits = 16 · KV bytes / f16 KV bytes. The per-layer K and V bytes come back too.
+struct AllInBits {
+  double bits = 0;
+  double f16_bytes = 0;                    // of the whole cache at n_tokens
+  std::vector<double> k_bytes, v_bytes;    // [n_layer] allocated (packed + tail)
+};
+StatusOr<AllInBits> MeasureAllInBits(const kv::KvShape& shape, const kv::KvCacheConfig& cfg,
+                                     int n_tokens);
 
 // Named complete KV configurations (`--kv-preset NAME`, `preset=NAME` in eval/retrieval configs).
 // Each is a --config string; the numbers are what docs/results.md measured for it (WikiText-2
