@@ -81,7 +81,13 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
   }
   if (!need || std::getenv("KVC_KVQUANT_CALIB")) return std::string();
   const std::string path = KvQuantCalibrationPath(model_path);
-  if (!std::filesystem::exists(path)) {
+  bool make = !std::filesystem::exists(path);
+  if (!make) {  // a file of an older format (no Q-Norm constants / outlier percentage): redo it
+    auto old = kv::LoadCalibrationJson(path);
+    make = old.ok() && !kv::IsCurrentKvQuantCalibration(*old);
+    if (make) fmt::print(stderr, "kvquant: {} is an older calibration format; recalibrating\n", path);
+  }
+  if (make) {
     const std::string book = "pg1342_pride_and_prejudice_austen.txt";
     const std::string rel = "shared/data/pg19/" + book;
     std::string text_path;
