@@ -199,7 +199,7 @@ TEST(KvQuant, KeyOutlierBudgetTakesTheLargestClampingErrors) {
   for (int i = 0; i < 13; ++i) EXPECT_EQ(xh[at[i]], x[at[i]]) << i;
 }
 
-// Q-Norm (KVQuant §3.6): the stored (scale, shift) give the dequantised calibration values the
+// Q-Norm (KVQuant contribution (v)): the stored (scale, shift) give the dequantised calibration values the
 // mean and standard deviation of the normalised values, and the codec's decode table is the
 // centroids mapped by them (encoding still picks the nearest plain centroid).
 TEST(KvQuant, QNormKeepsMeanAndStd) {

@@ -49,8 +49,8 @@ void TokenRange(const float* x, int d, int n_out, float* lo, float* hi, std::vec
 }
 
 // K / V codes of one layer's calibration: the nearest-signpost thresholds come from the k-means
-// centroids `cb`; the decode table is cb·scale + shift (Q-Norm, KVQuant §3.6; scale 1, shift 0
-// when off) — the reference code rounds to the plain centroids and applies Q-Norm after.
+// centroids `cb`; the decode table is cb·scale + shift (Q-Norm, the paper's contribution (v);
+// scale 1, shift 0 when off) — the reference code rounds to the plain centroids and applies Q-Norm after.
 class KvQuantCodec final : public Codec {
  public:
   KvQuantCodec(int d, int bits, int n_out, double pct, bool qnorm, bool key, std::vector<float> off,
@@ -448,7 +448,7 @@ StatusOr<std::unique_ptr<Codec>> MakeKvQuantCodec(const CodecSpec& spec, const C
 }
 
 namespace {
-// Q-Norm (KVQuant §3.6): on the normalised, non-outlier calibration values u, the affine map
+// Q-Norm (KVQuant contribution (v)): on the normalised, non-outlier calibration values u, the affine map
 // (scale, shift) that gives the dequantised values cb[nearest(u)] the mean and standard deviation
 // of u: scale = σ_u / σ_q, shift = μ_u − μ_q · scale.
 std::vector<float> QNorm(const std::vector<float>& u, const std::vector<float>& cb) {

@@ -1,7 +1,8 @@
 // KVQuant (Hooper et al., NeurIPS 2024, arXiv 2401.18079; spec-quantization.md §2), per-head
 // layout: keys per channel PRE-RoPE with static calibrated thresholds (paper §3.1–3.2), values per
 // token with online thresholds, non-uniform per-layer codebooks (nuqX, §3.3) from 1-D k-means on
-// calibration activations, per-vector dense-and-sparse outliers in fp16 (§3.4), Q-Norm (§3.6).
+// calibration activations, per-vector dense-and-sparse outliers in fp16 (§3.4), and Q-Norm
+// (the paper's contribution (v), for 2-bit; defined in its appendix — appendix letter not checked).
 //
 // Spec: kvquant:bits=2|3|4,outliers=PCT,qnorm=0|1,calib=PATH    aliases kvquant2 / 3 / 4
 //   outliers: percentage of values kept exactly (fp16 value + index), default the calibration's
