@@ -80,6 +80,14 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
     }
   }
   if (!need || std::getenv("KVC_KVQUANT_CALIB")) return std::string();
+  if (!m.kv_smooth_desc().empty()) {
+    // The file beside the model holds thresholds of the plain keys; folded smoothing rescales
+    // every key channel, so those thresholds would clamp the wrong ranges.
+    return InvalidArgument("kvquant keys with --kv-smooth: the calibration beside the model is for "
+                           "the unsmoothed keys; drop --kv-smooth (KVQuant's per-channel ranges make "
+                           "smoothing redundant for its keys) or pass kvquant:calib=FILE made on the "
+                           "smoothed model");
+  }
   const std::string path = KvQuantCalibrationPath(model_path);
   bool make = !std::filesystem::exists(path);
   if (!make) {  // a file of an older format (no Q-Norm constants / outlier percentage): redo it
