@@ -43,10 +43,10 @@ const std::vector<CodecInfo>& RegisteredCodecs() {
       {"turbo3", "TurboQuant mse 3-bit + fp16 norm: 3.25 bits/value (d=64)", {}, MakeTurboCodec, true},
       {"turbo3.5", "TurboQuant mse 32@4b + 32@3b split + 2 norms: 4.0 bits/value (d=64)", {}, MakeTurboCodec, false},
       {"turbo4", "TurboQuant mse 4-bit + fp16 norm: 4.25 bits/value (d=64)", {}, MakeTurboCodec, true},
-      {"kvquant", "KVQuant nuq: pre-RoPE per-channel K, per-token V, calibrated codebooks, 1 % fp16 outliers, Q-Norm at 2 bits: kvquant:bits=3,outliers=1", {}, MakeKvQuantCodec, false},
+      {"kvquant", "KVQuant nuq: pre-RoPE per-channel K, per-token V, calibrated codebooks, 1 % fp16 outliers, Q-Norm: kvquant:bits=3,outliers=1,qnorm=1", {}, MakeKvQuantCodec, false},
       {"kvquant2", "KVQuant nuq2-1% + Q-Norm: K 2.3125 / V 2.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
-      {"kvquant3", "KVQuant nuq3-1%: K 3.3125 / V 3.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
-      {"kvquant4", "KVQuant nuq4-1%: K 4.3125 / V 4.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
+      {"kvquant3", "KVQuant nuq3-1% + Q-Norm: K 3.3125 / V 3.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
+      {"kvquant4", "KVQuant nuq4-1% + Q-Norm: K 4.3125 / V 4.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
       {"qjl", "QJL 1-bit JL sketch of keys (K only) + fp16 norm: qjl:m=64 -> (16+m)/d bits/value", {}, MakeQjlCodec, false},
       {"polar", "PolarQuant: rotation + 4-level polar angles 4/2/2/2 bits + fp16 radius per 16: 3.875 bits/value", {}, MakePolarCodec, true},
   };

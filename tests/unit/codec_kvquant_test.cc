@@ -83,7 +83,7 @@ TEST(KvQuant, CalibrateEncodeDecode) {
       // 64 codes, 1 slot of 3 bytes.
       EXPECT_EQ(c->BlockBytes(), key ? size_t(128 * b + 40) : size_t(4 + 8 * b + 3)) << b;
       EXPECT_DOUBLE_EQ(c->BitsPerValue(), b + (key ? 0.3125 : 7.0 / 8.0));
-      EXPECT_EQ(c->Name(), "kvquant:bits=" + std::to_string(b) + ",outliers=1,qnorm=" + (b == 2 ? "1" : "0"));
+      EXPECT_EQ(c->Name(), "kvquant:bits=" + std::to_string(b) + ",outliers=1,qnorm=1");
       const int n = 96, nb = n / bt;
       std::vector<float> x(size_t(n) * 64);
       for (int t = 0; t < n; ++t) {
@@ -159,7 +159,7 @@ TEST(KvQuant, OutlierSlotIsExact) {
 TEST(KvQuant, KeyOutlierBudgetTakesTheLargestClampingErrors) {
   auto cal = CalibrateKvQuant(Synthetic(2000, 3));
   ASSERT_TRUE(cal.ok());
-  auto c = Make(*cal, "kvquant3", KvKind::kKey);
+  auto c = Make(*cal, "kvquant:bits=3,qnorm=0", KvKind::kKey);  // decoded range exactly [lo, hi]
   ASSERT_TRUE(c);
   const auto& lo = cal->tensors.at("kvquant.k_lo.L1");
   const auto& hi = cal->tensors.at("kvquant.k_hi.L1");

@@ -363,7 +363,9 @@ StatusOr<std::unique_ptr<Codec>> MakeKvQuantCodec(const CodecSpec& spec, const C
   auto calib = spec.GetString("calib", "");
   for (const Status& s : {bits.status(), pct.status(), calib.status()}) KVC_RETURN_IF_ERROR(s);
   if (*bits < 2 || *bits > 4) return InvalidArgument(fmt::format("kvquant: bits={} must be 2, 3 or 4", *bits));
-  auto qnorm = spec.GetBool("qnorm", *bits == 2);  // the paper uses Q-Norm for 2-bit
+  // The paper applies Q-Norm at 2 bits; on SmolLM2 it helped at every width (-c 4096: 4-bit
+  // +1.46 → +0.96 %, 3-bit +6.04 → +4.89 %, 2-bit +39.8 → +34.6 %), so it is on by default.
+  auto qnorm = spec.GetBool("qnorm", true);
   KVC_RETURN_IF_ERROR(qnorm.status());
   KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
   if (*pct != -1.0 && !(*pct >= 0.0 && *pct <= 10.0)) {

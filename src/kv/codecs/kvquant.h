@@ -20,7 +20,8 @@
 //            matrix is unbounded; ours is capped per block).
 //   values : per token: drop the slot-count values farthest from the median, lo/hi = min/max of
 //            the rest, off/rng stored as fp16 (online, per vector), layer V codebook.
-//   qnorm  : (default on for bits=2, the paper's 2-bit setting; off for 3/4) the decode table is
+//   qnorm  : (default on at every width — the paper uses it for 2-bit; on SmolLM2 it also helped
+//            at 3 and 4 bits, docs/quantization-advanced.md; qnorm=0 turns it off) the decode table is
 //            cb·s + t with per-layer, per-K/V constants s = σ_u/σ_q, t = μ_u − μ_q·s from the
 //            calibration (u: normalised non-outlier values, q: their nearest signposts), so the
 //            dequantised distribution keeps the calibration mean and standard deviation; encoding
