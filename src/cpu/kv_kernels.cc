@@ -1125,31 +1125,31 @@ void CodebookRopeDotBlocksImpl(const float* HWY_RESTRICT q, int n_q, const uint8
     // Sparse outliers: replace each dense value's contribution, rotated — δ = v − dense at
     // channel ch of pair i: δ·(q_ch c + q_ch+1 s) for even ch, δ·(q_ch c − q_ch−1 s) for odd.
     const int half = d / 2;
-    for (int t = 0; t < kT; ++t) {
-      const uint8_t* sl = codes + sparse_off + size_t(t) * 3 * n_sparse;
-      for (int i = 0; i < n_sparse; ++i) {
-        const int ch = sl[3 * i];
-        if (ch >= d) continue;
-        uint64_t w = 0;
-        std::memcpy(&w, codes + size_t(ch) * 2 * b, size_t(2 * b));
-        const uint32_t code = uint32_t(w >> (t * b)) & ((1u << b) - 1u);
-        const float dense = hn::GetLane(hn::MulAdd(hn::Set(df, cb[code]), hn::Set(df, mul[ch]), hn::Set(df, add[ch])));
-        const float delta = HalfAt(sl + 3 * i + 1) - dense;
-        const int pr = ch / 2;
-        float c, sn;
-        if (rec) {
-          const float ct = trig.offs[size_t(pr) * kT + t], st = trig.offs[size_t(half + pr) * kT + t];
-          c = row[2 * pr] * ct - row[2 * pr + 1] * st;
-          sn = row[2 * pr + 1] * ct + row[2 * pr] * st;
-        } else {
-          c = tr[size_t(pr) * stride + t];
-          sn = tr[size_t(half + pr) * stride + t];
-        }
-        for (int r = 0; r < n_q; ++r) {
-          const float* qr = q + size_t(r) * d;
-          ob[size_t(r) * ld + t] += ch % 2 == 0 ? delta * (qr[ch] * c + qr[ch + 1] * sn)
-                                                : delta * (qr[ch] * c - qr[ch - 1] * sn);
-        }
+    const uint8_t* sl = codes + sparse_off;
+    for (int i = 0; i < n_sparse; ++i) {
+      uint16_t at;
+      std::memcpy(&at, sl + 4 * i, 2);
+      if (at >= kT * d) continue;  // empty slot
+      const int t = at / d, ch = at % d;
+      uint64_t w = 0;
+      std::memcpy(&w, codes + size_t(ch) * 2 * b, size_t(2 * b));
+      const uint32_t code = uint32_t(w >> (t * b)) & ((1u << b) - 1u);
+      const float dense = hn::GetLane(hn::MulAdd(hn::Set(df, cb[code]), hn::Set(df, mul[ch]), hn::Set(df, add[ch])));
+      const float delta = HalfAt(sl + 4 * i + 2) - dense;
+      const int pr = ch / 2;
+      float c, sn;
+      if (rec) {
+        const float ct = trig.offs[size_t(pr) * kT + t], st = trig.offs[size_t(half + pr) * kT + t];
+        c = row[2 * pr] * ct - row[2 * pr + 1] * st;
+        sn = row[2 * pr + 1] * ct + row[2 * pr] * st;
+      } else {
+        c = tr[size_t(pr) * stride + t];
+        sn = tr[size_t(half + pr) * stride + t];
+      }
+      for (int r = 0; r < n_q; ++r) {
+        const float* qr = q + size_t(r) * d;
+        ob[size_t(r) * ld + t] += ch % 2 == 0 ? delta * (qr[ch] * c + qr[ch + 1] * sn)
+                                              : delta * (qr[ch] * c - qr[ch - 1] * sn);
       }
     }
   }
@@ -1329,11 +1329,12 @@ void CodebookRopeDotBlocks(const float* q, int n_q, const uint8_t* blocks, int64
         y[c0] = x0;
         y[c1] = x1;
       }
-      const uint8_t* sl = codes + sparse_off + size_t(t) * 3 * n_sparse;
-      for (int i = 0; i < n_sparse; ++i) {  // sparse outliers replace the dense value
-        uint16_t h;
-        std::memcpy(&h, sl + 3 * i + 1, 2);
-        if (sl[3 * i] < d) y[sl[3 * i]] = gguf::Fp16ToFp32(h);
+      const uint8_t* sl = codes + sparse_off;
+      for (int i = 0; i < n_sparse; ++i) {  // sparse outliers (this token's) replace the dense value
+        uint16_t at, h;
+        std::memcpy(&at, sl + 4 * i, 2);
+        std::memcpy(&h, sl + 4 * i + 2, 2);
+        if (at < kT * d && at / d == t) y[at % d] = gguf::Fp16ToFp32(h);
       }
       for (int i = 0; i < half; ++i) {
         float c, s;

@@ -102,9 +102,9 @@ void AffineGroupRows(const uint8_t* rows, int64_t n_rows, size_t row_bytes, int 
 // Pre-RoPE codebook keys with tokens in lanes (KVQuant keys): blocks [n_blocks, block_bytes] of
 // kRopeBlockTokens = 16 tokens; channel c's 16 b-bit codes (b <= 4) are the LSB-first stream of
 // 2·b bytes at byte c · 2b of the block (token t at bit t·b). Key value x_tc = cb[code_tc]·mul_c +
-// add_c (codebook [2^b], per-channel mul / add [d]), then token t's n_sparse slots of 3 bytes at
-// block + sparse_off + t · 3 · n_sparse, {u8 channel c, fp16 value}, replace x_tc (distinct channels
-// per token; c >= d: empty; KVQuant's dense-and-sparse outliers); pairs (2i, 2i+1) rotated by the
+// add_c (codebook [2^b], per-channel mul / add [d]), then the block's n_sparse slots of 4 bytes at
+// block + sparse_off, {u16 LE at = t·d + c, fp16 value}, replace x_tc (distinct `at` per block;
+// at >= 16·d: empty; KVQuant's dense-and-sparse outliers, a per-block budget); pairs (2i, 2i+1) rotated by the
 // angles of the token's position (RopeTrig); out[r · ld + blk · 16 + t] = <q[r], R x_t> for
 // post-RoPE query rows q [n_q, d]. No tile, no horizontal sums. Contract vs ref (f32 decode and
 // rotation without FMA, double dot): the kernel fuses the affine decode, the rotation and the dot

@@ -27,9 +27,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "cpu/ops.h"
 #include "hwy/aligned_allocator.h"
@@ -502,8 +505,12 @@ inline uint8_t Nibble(const uint8_t* qs, int e) {
 
 class CpuWeight final : public Weight {
  public:
-  CpuWeight(GgmlType type, const TypeInfo& info, int64_t n_in, int64_t n_out, const uint8_t* src)
-      : type_(type),
+  // owned: a private copy of the GGUF bytes that src points into (PrepareWeightScaledRows), or null.
+  CpuWeight(GgmlType type, const TypeInfo& info, int64_t n_in, int64_t n_out, const uint8_t* src,
+            std::unique_ptr<uint8_t[]> owned = nullptr, size_t owned_bytes = 0)
+      : owned_(std::move(owned)),
+        owned_bytes_(owned_bytes),
+        type_(type),
         format_(info.format),
         n_in_(n_in),
         n_out_(n_out),
@@ -532,7 +539,7 @@ class CpuWeight final : public Weight {
   int64_t n_in() const override { return n_in_; }
   int64_t n_out() const override { return n_out_; }
   GgmlType type() const override { return type_; }
-  size_t bytes() const override { return packed_bytes_; }
+  size_t bytes() const override { return packed_bytes_ + owned_bytes_; }
   void DequantizeRow(int64_t r, float* dst) const override {  // dst [n_in] f32
     KVC_CHECK(r >= 0 && r < n_out_);
     internal::DequantizeRowScalar(type_, src_ + r * row_bytes_, dst, n_in_);
@@ -577,10 +584,12 @@ class CpuWeight final : public Weight {
     }
   }
 
+  std::unique_ptr<uint8_t[]> owned_;  // [n_out, row_bytes_] when the bytes are a scaled copy
+  size_t owned_bytes_ = 0;
   GgmlType type_;
   Format format_;
   int64_t n_in_, n_out_;
-  const uint8_t* src_;  // [n_out, row_bytes_] GGUF bytes in the mapping (DequantizeRow, float path)
+  const uint8_t* src_;  // [n_out, row_bytes_] GGUF bytes in the mapping or owned_ (DequantizeRow, float path)
   size_t row_bytes_;
   int64_t n_blocks_ = 0, n_groups_ = 0;
   hwy::AlignedFreeUniquePtr<uint8_t[]> packed_;  // [n_groups, n_blocks, block bytes]; see top
@@ -642,6 +651,70 @@ StatusOr<std::unique_ptr<Weight>> PrepareWeight(const gguf::TensorInfo& t) {
                            std::to_string(t.n_bytes) + " bytes, need " + std::to_string(need));
   }
   return std::unique_ptr<Weight>(new CpuWeight(t.type(), *info, n_in, n_out, t.data));
+}
+
+StatusOr<std::unique_ptr<Weight>> PrepareWeightScaledRows(const gguf::TensorInfo& t,
+                                                          const std::vector<float>& row_scale) {
+  // Validates the tensor exactly as PrepareWeight does (and refuses what it refuses).
+  KVC_ASSIGN_OR_RETURN(auto plain, PrepareWeight(t));
+  const TypeInfo* info = Info(t.type());
+  const int64_t n_in = plain->n_in(), n_out = plain->n_out();
+  plain.reset();
+  if (int64_t(row_scale.size()) != n_out) {
+    return InvalidArgument(fmt::format("tensor '{}': {} row scales for {} rows", t.name,
+                                       row_scale.size(), n_out));
+  }
+  for (float sc : row_scale) {
+    if (!std::isfinite(sc) || !(sc > 0.f)) {
+      return InvalidArgument(fmt::format("tensor '{}': row scale {} (must be finite and > 0)", t.name, sc));
+    }
+  }
+  const GgmlType ty = t.type();
+  const bool scaled_header = ty == GgmlType::kQ4_0 || ty == GgmlType::kQ4_1 ||
+                             ty == GgmlType::kQ5_0 || ty == GgmlType::kQ8_0;
+  if (!scaled_header && ty != GgmlType::kF32 && ty != GgmlType::kF16) {
+    return Unimplemented(fmt::format(
+        "tensor '{}' ({}): folding per-row scales is implemented for F32, F16, Q4_0, Q4_1, Q5_0 "
+        "and Q8_0 (a block's fp16 scale, and Q4_1's min, times the row's scale); use the cache "
+        "transform (kt=smooth:file=...) for this model", t.name, info->name));
+  }
+  const size_t row_bytes = size_t(n_in / info->block_elems) * info->block_bytes;
+  const size_t n_bytes = row_bytes * size_t(n_out);
+  std::unique_ptr<uint8_t[]> buf(new uint8_t[n_bytes]);
+  std::memcpy(buf.get(), t.data, n_bytes);
+  for (int64_t r = 0; r < n_out; ++r) {
+    uint8_t* row = buf.get() + size_t(r) * row_bytes;
+    const float sc = row_scale[r];
+    if (ty == GgmlType::kF32) {
+      for (int64_t j = 0; j < n_in; ++j) {
+        float v;
+        std::memcpy(&v, row + 4 * j, 4);
+        v *= sc;
+        std::memcpy(row + 4 * j, &v, 4);
+      }
+      continue;
+    }
+    // F16: every element; quantized blocks: the fp16 scale d at byte 0 (and Q4_1's min m at 2).
+    const int64_t n_half = ty == GgmlType::kF16 ? n_in : n_in / info->block_elems;
+    const size_t step = ty == GgmlType::kF16 ? 2 : info->block_bytes;
+    for (int64_t j = 0; j < n_half; ++j) {
+      for (int k = 0; k < (ty == GgmlType::kQ4_1 ? 2 : 1); ++k) {
+        uint8_t* p = row + size_t(j) * step + 2 * k;
+        uint16_t h;
+        std::memcpy(&h, p, 2);
+        const float v = internal::HalfToFloat(h) * sc;
+        if (!(std::fabs(v) <= 65504.f)) {
+          return InvalidArgument(fmt::format("tensor '{}' row {}: a scaled fp16 value {} overflows "
+                                             "fp16; the smoothing scales are too large for this weight",
+                                             t.name, r, v));
+        }
+        h = internal::FloatToHalf(v);
+        std::memcpy(p, &h, 2);
+      }
+    }
+  }
+  const uint8_t* src = buf.get();
+  return std::unique_ptr<Weight>(new CpuWeight(ty, *info, n_in, n_out, src, std::move(buf), n_bytes));
 }
 
 void MatMul(const Weight& w, const float* x, int64_t n_tokens, float* y) {

@@ -31,6 +31,19 @@ class Weight {
 // UNIMPLEMENTED naming the tensor and type if the type has no kernel.
 StatusOr<std::unique_ptr<Weight>> PrepareWeight(const gguf::TensorInfo& t);
 
+// The weight of `t` with every row r (output channel) multiplied by row_scale[r] ([n_out], finite,
+// > 0), from a private copy of the GGUF bytes (the weight owns it; bytes() counts it). How exact:
+//   F32: each element times s (one f32 rounding, relative 2^-24);
+//   F16: each element times s, rounded to fp16 (relative 2^-11);
+//   Q4_0 / Q5_0 / Q8_0: each 32-block's fp16 scale d -> fp16(d·s); Q4_1 also its min m ->
+//     fp16(m·s): the integer codes are untouched, so every dequantized value becomes exactly
+//     d'·q (+ m') with d' = d·s·(1 + δ), |δ| <= 2^-11 (one fp16 rounding, normal range; a scaled
+//     scale in the fp16 subnormal range is off by at most 2^-25 absolute).
+// INVALID_ARGUMENT for a bad scale count or value, or a scaled fp16 value beyond 65504;
+// UNIMPLEMENTED for other types (BF16, K-quants), naming the tensor and the alternative.
+StatusOr<std::unique_ptr<Weight>> PrepareWeightScaledRows(const gguf::TensorInfo& t,
+                                                          const std::vector<float>& row_scale);
+
 // y [n_tokens, n_out] f32 = x [n_tokens, n_in] f32 · Wᵀ. Multithreaded (OpenMP, threads as set
 // by SetNumThreads). n_tokens == 1 is the decode path (matrix-vector). Contract vs ref::MatMul:
 // [sum n_in] over |w_j·x_j|, plus for Q4_0 / Q4_1 / Q5_0 / Q8_0 (x quantized to int8 per

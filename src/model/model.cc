@@ -8,8 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 
 #include "cpu/targets.h"
+#include "kv/calibration_file.h"
+#include "kv/transforms/smooth.h"
 #include "model/forward.h"
 #include "util/check.h"
 
@@ -54,8 +58,10 @@ StatusOr<std::vector<float>> LoadF32(const gguf::GgufFile& f, const std::string&
   return out;
 }
 
+// row_scale: empty, or [n_out] per-row factors folded into a private copy (PrepareWeightScaledRows).
 StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std::string& name,
-                                             int64_t n_in, int64_t n_out) {
+                                             int64_t n_in, int64_t n_out,
+                                             const std::vector<float>& row_scale = {}) {
   const gguf::TensorInfo* t = f.FindTensor(name);
   if (!t) return NotFound(fmt::format("missing tensor '{}'", name));
   if (t->ne.size() != 2 || t->ne[0] != n_in || t->ne[1] != n_out) {
@@ -64,7 +70,7 @@ StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std:
     return InvalidArgument(fmt::format("tensor '{}' has dims [{}], expected [{}x{}]", name, dims,
                                        n_in, n_out));
   }
-  auto w = cpu::PrepareWeight(*t);
+  auto w = row_scale.empty() ? cpu::PrepareWeight(*t) : cpu::PrepareWeightScaledRows(*t, row_scale);
   // A repacked weight owns its bytes: drop the mapped copy from RSS as we go, so the peak never
   // holds both (pages fault back in if the mapping is read again).
   if (w.ok() && (*w)->bytes() > 0) f.ReleasePages(*t);
@@ -74,6 +80,10 @@ StatusOr<std::unique_ptr<cpu::Weight>> LoadW(const gguf::GgufFile& f, const std:
 }  // namespace
 
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
+  return Load(path, ModelLoadOptions());
+}
+
+StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, const ModelLoadOptions& opt) {
   if (const std::string w = cpu::ApplySimdLimitFromEnv(); !w.empty()) spdlog::warn("{}", w);
   std::unique_ptr<Model> m(new Model());
   KVC_ASSIGN_OR_RETURN(m->file_, gguf::GgufFile::Open(path));
@@ -156,6 +166,32 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
   if (!tr || !tr->supported) return Unimplemented("token_embd.weight has an unsupported type");
 
   const int hd = c.head_dim;
+  // Load-time key smoothing: per layer, W_k row h·hd + c scaled by 1/s_h,c, W_q row j·hd + c by
+  // s_h(j),c with h(j) = j / (n_head / n_head_kv) (GQA group).
+  const bool smooth = !opt.kv_smooth.empty();
+  if (smooth && m->mla_) {
+    return Unimplemented("--kv-smooth: multi-head latent attention (deepseek2) has no per-head W_k "
+                         "to fold the scales into");
+  }
+  if (smooth && (c.n_head_kv <= 0 || c.n_head % c.n_head_kv != 0)) {
+    return InvalidArgument("--kv-smooth: n_head must be a multiple of n_head_kv");
+  }
+  if (smooth) {
+    std::ifstream in(opt.kv_smooth, std::ios::binary);
+    if (!in) return NotFound(fmt::format("--kv-smooth: cannot open '{}'", opt.kv_smooth));
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const XXH128_hash_t h = XXH3_128bits(bytes.data(), bytes.size());
+    std::shared_ptr<const kv::CalibrationFile> cf;
+    KVC_ASSIGN_OR_RETURN(cf, kv::LoadCalibrationFileShared(opt.kv_smooth));
+    const std::string want = m->Identity(), have = cf->MetaOr("model_id", "(none)");
+    if (want != have) {
+      return InvalidArgument(fmt::format("--kv-smooth: calibration file '{}' was made for a different "
+                                         "model:\n  file : {}\n  model: {}\nre-run `kvcrunch calibrate "
+                                         "--method smooth` with this model", opt.kv_smooth, have, want));
+    }
+    m->kv_smooth_desc_ = fmt::format("smooth:file={},alpha={},stat={},xxh={:016x}{:016x}", opt.kv_smooth,
+                                     opt.kv_smooth_alpha, opt.kv_smooth_stat, h.high64, h.low64);
+  }
   m->layers_.resize(c.n_layer);
   for (int l = 0; l < c.n_layer; ++l) {
     auto& L = m->layers_[l];
@@ -166,8 +202,29 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
       KVC_ASSIGN_OR_RETURN(MlaLayer ml, LoadMlaLayer(f, m->mla_->cfg, l));
       m->mla_->layers.push_back(std::move(ml));
     } else {
-      KVC_ASSIGN_OR_RETURN(L.wq, LoadW(f, b + "attn_q.weight", c.n_embd, c.n_head * hd));
-      KVC_ASSIGN_OR_RETURN(L.wk, LoadW(f, b + "attn_k.weight", c.n_embd, c.n_head_kv * hd));
+      std::vector<float> sq, sk;  // row scales [n_head·hd], [n_head_kv·hd] (empty: no smoothing)
+      if (smooth) {
+        const int group = c.n_head / c.n_head_kv;
+        sq.resize(size_t(c.n_head) * hd);
+        sk.resize(size_t(c.n_head_kv) * hd);
+        for (int h = 0; h < c.n_head_kv; ++h) {
+          KVC_ASSIGN_OR_RETURN(auto sc, kv::LoadSmoothScales(opt.kv_smooth, opt.kv_smooth_alpha,
+                                                             opt.kv_smooth_stat, c.n_layer, c.n_head_kv,
+                                                             hd, l, h));
+          for (int ch = 0; ch < hd; ++ch) {
+            sk[size_t(h) * hd + ch] = 1.0f / sc[ch];
+            for (int j = h * group; j < (h + 1) * group; ++j) sq[size_t(j) * hd + ch] = sc[ch];
+          }
+        }
+      }
+      KVC_ASSIGN_OR_RETURN(L.wq, LoadW(f, b + "attn_q.weight", c.n_embd, c.n_head * hd, sq));
+      KVC_ASSIGN_OR_RETURN(L.wk, LoadW(f, b + "attn_k.weight", c.n_embd, c.n_head_kv * hd, sk));
+      if (smooth && c.qkv_bias) {
+        KVC_ASSIGN_OR_RETURN(L.bq, LoadF32(f, b + "attn_q.bias", c.n_head * hd));
+        KVC_ASSIGN_OR_RETURN(L.bk, LoadF32(f, b + "attn_k.bias", c.n_head_kv * hd));
+        for (size_t i = 0; i < sq.size(); ++i) L.bq[i] *= sq[i];
+        for (size_t i = 0; i < sk.size(); ++i) L.bk[i] *= sk[i];
+      }
       KVC_ASSIGN_OR_RETURN(L.wv, LoadW(f, b + "attn_v.weight", c.n_embd, c.n_head_kv * hd));
       KVC_ASSIGN_OR_RETURN(L.wo, LoadW(f, b + "attn_output.weight", c.n_head * hd, c.n_embd));
     }
@@ -175,8 +232,10 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
     KVC_ASSIGN_OR_RETURN(L.w_up, LoadW(f, b + "ffn_up.weight", c.n_embd, c.n_ff));
     KVC_ASSIGN_OR_RETURN(L.w_down, LoadW(f, b + "ffn_down.weight", c.n_ff, c.n_embd));
     if (c.qkv_bias) {
-      KVC_ASSIGN_OR_RETURN(L.bq, LoadF32(f, b + "attn_q.bias", c.n_head * hd));
-      KVC_ASSIGN_OR_RETURN(L.bk, LoadF32(f, b + "attn_k.bias", c.n_head_kv * hd));
+      if (!smooth) {
+        KVC_ASSIGN_OR_RETURN(L.bq, LoadF32(f, b + "attn_q.bias", c.n_head * hd));
+        KVC_ASSIGN_OR_RETURN(L.bk, LoadF32(f, b + "attn_k.bias", c.n_head_kv * hd));
+      }
       KVC_ASSIGN_OR_RETURN(L.bv, LoadF32(f, b + "attn_v.bias", c.n_head_kv * hd));
     }
   }
@@ -191,6 +250,21 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
   // for embedding rows (and by non-repacked types), so let the kernel drop it from RSS.
   m->file_->ReleasePages();
   return m;
+}
+
+std::string Model::Identity() const {
+  const ModelConfig& c = cfg_;
+  const kv::KvShape s = kv_shape();
+  uint64_t w0 = 0;
+  for (const char* name : {"blk.0.attn_k.weight", "blk.0.attn_kv_a_mqa.weight"}) {
+    if (const gguf::TensorInfo* t = file_->FindTensor(name)) {
+      w0 = kv::Fnv1a64(t->data, t->n_bytes);
+      break;
+    }
+  }
+  return fmt::format("arch={} name={} n_layer={} n_head={} n_head_kv={} head_dim={} head_dim_v={} "
+                     "n_embd={} n_vocab={} w0={:016x}", c.arch, c.name, s.n_layer, s.n_head,
+                     s.n_head_kv, s.head_dim, s.DimV(), c.n_embd, c.n_vocab, w0);
 }
 
 kv::KvShape Model::kv_shape() const {

@@ -43,11 +43,35 @@ struct ModelConfig {
   double KvBytesPerToken(double k_bits, double v_bits) const;
 };
 
+// Load-time options.
+struct ModelLoadOptions {
+  // Static key smoothing folded into the projections (QServe "SmoothAttention", arXiv 2405.04532;
+  // MiKV's query/key balancer): a `kvcrunch calibrate --method smooth` file ("" = none). Per
+  // layer and KV head the scales s (kv/transforms/smooth.h: equal on both channels of every RoPE
+  // pair, so they commute with RoPE) divide W_k's rows (and bk) and multiply the rows of W_q (and
+  // bq) of that head's query group: q'·k' = q·k exactly in real arithmetic, nothing per token, and
+  // any K codec then sees the smoothed keys. Rounding: cpu::PrepareWeightScaledRows (Q4_1: each
+  // 32-block's fp16 scale and min rounded once, relative 2^-11). Same statistics, α and stat as
+  // the cache transform kt=smooth:file=F,alpha=A,stat=S.
+  std::string kv_smooth;
+  double kv_smooth_alpha = 0.5;
+  std::string kv_smooth_stat = "max";  // max | rms
+};
+
 class Model {
  public:
   // NOT_FOUND / DATA_LOSS from the reader; UNIMPLEMENTED for an unknown architecture;
   // NOT_FOUND naming a missing tensor; INVALID_ARGUMENT for a tensor of the wrong shape.
+  // With opt.kv_smooth: the smooth file's errors (another model's shape: INVALID_ARGUMENT),
+  // UNIMPLEMENTED for MLA models and for weight types the fold does not handle.
   static StatusOr<std::unique_ptr<Model>> Load(const std::string& path);
+  static StatusOr<std::unique_ptr<Model>> Load(const std::string& path, const ModelLoadOptions& opt);
+  // "" or e.g. "smooth:file=F,alpha=0.5,stat=max,xxh=<file checksum>" (part of the stored-KV
+  // fingerprint: folded keys differ from plain ones).
+  const std::string& kv_smooth_desc() const { return kv_smooth_desc_; }
+  // "arch=… name=… n_layer=… … w0=<FNV-1a of blk.0's raw K projection bytes>": the model_id that
+  // calibration files record (tools/cli/lib/calibrate.h ModelIdentity) and that --kv-smooth checks.
+  std::string Identity() const;
   const ModelConfig& config() const { return cfg_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const gguf::GgufFile& file() const { return *file_; }
@@ -75,6 +99,7 @@ class Model {
   mutable std::once_flag checksum_once_;
   mutable std::string file_checksum_;
   ModelConfig cfg_;
+  std::string kv_smooth_desc_;
   std::unique_ptr<gguf::GgufFile> file_;
   std::unique_ptr<Tokenizer> tokenizer_;
   const gguf::TensorInfo* token_embd_ = nullptr;

@@ -16,6 +16,8 @@ ModelFingerprint FingerprintOf(const Model& model) {
       "file_bytes={} file_xxh128={}",
       sh.n_layer, sh.n_head, sh.n_head_kv, sh.head_dim, sh.DimV(), c.n_vocab, sh.rope.theta,
       model.file().file_size(), model.file_checksum());
+  // Keys from W_k with folded smoothing differ from the plain model's: never mix them.
+  if (!model.kv_smooth_desc().empty()) fp.text += " kv_smooth=" + model.kv_smooth_desc();
   fp.digest = Sha256(fp.text);
   return fp;
 }

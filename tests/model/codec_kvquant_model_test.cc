@@ -63,7 +63,18 @@ TEST(KvQuantModel, CalibratesAndReportsKeyOutlierChannels) {
 
   auto cal = kv::CalibrateKvQuant(*s);
   ASSERT_TRUE(cal.ok()) << cal.status().ToString();
-  if (!std::filesystem::exists(kCalibOut)) {
+  // Q-Norm constants (scale, shift) per layer at 2 bits: the k-means codebook shrinks the spread
+  // of the normalised values, so the scale is > 1 everywhere.
+  for (int l = 0; l < s->n_layer; l += 7) {
+    const auto& kq = cal->tensors.at("kvquant.k_qn2.L" + std::to_string(l));
+    const auto& vq = cal->tensors.at("kvquant.v_qn2.L" + std::to_string(l));
+    std::printf("layer %2d Q-Norm 2-bit: K scale %.4f shift %+.4f, V scale %.4f shift %+.4f\n", l,
+                kq[0], kq[1], vq[0], vq[1]);
+    EXPECT_GT(kq[0], 1.f);
+    EXPECT_GT(vq[0], 1.f);
+  }
+  auto old = kv::LoadCalibrationJson(kCalibOut);
+  if (!std::filesystem::exists(kCalibOut) || !old.ok() || !kv::IsCurrentKvQuantCalibration(*old)) {
     ASSERT_TRUE(kv::SaveCalibrationJson(*cal, kCalibOut).ok());
     std::printf("wrote %s (%s)\n", kCalibOut.c_str(), cal->source.c_str());
   }
@@ -74,9 +85,11 @@ TEST(KvQuantModel, CalibratesAndReportsKeyOutlierChannels) {
   ctx.dim = hd;
   ctx.layer = s->n_layer - 1;
   ctx.head = nh - 1;
-  auto c = kv::MakeCodec("kvquant:bits=3,calib=" + kCalibOut, ctx);
-  ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_TRUE((*c)->wants_pre_rope_keys());
+  for (const char* spec : {"kvquant:bits=3", "kvquant:bits=2", "kvquant:bits=4"}) {
+    auto c = kv::MakeCodec(std::string(spec) + ",calib=" + kCalibOut, ctx);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    EXPECT_TRUE((*c)->wants_pre_rope_keys());
+  }
 }
 
 }  // namespace

@@ -225,6 +225,85 @@ TEST(PrepareWeight, RepackedBytesMatchGgufSize) {
   }
 }
 
+// Per-row scales folded into a private copy of the weight (load-time key smoothing): every
+// dequantized element of row r is s_r times the original within the stated rounding — F32 one f32
+// rounding; F16 one fp16 rounding; Q4_0 / Q4_1 / Q5_0 / Q8_0 one fp16 rounding of each block's
+// scale (and Q4_1's min): |w' − s·w| <= 2^-11·(|s·d·q| + |s·m|) + 2^-24·|s·w| per element. The
+// MatMul through the folded weight equals the scaled MatMul within the same relative bound plus the
+// kernel's own contract; other types are refused by name; the mapping is never written.
+TEST(PrepareWeight, ScaledRowsAreTheScaledWeight) {
+  std::mt19937 rng(11);
+  for (const TypeCase& c : kCases) {
+    SCOPED_TRACE(std::to_string(int(c.type)));
+    const int64_t n_in = 256, n_out = 20;
+    const std::vector<uint8_t> data = RandomTensor(c, n_in, n_out, rng);
+    const std::vector<uint8_t> before = data;
+    std::vector<float> sc(n_out);
+    for (int64_t r = 0; r < n_out; ++r) sc[r] = std::exp2(float(int(r % 7) - 3) + 0.37f * float(r % 3));
+    auto info = MakeInfo(c, n_in, n_out, data);
+    auto w = PrepareWeightScaledRows(info, sc);
+    const bool supported = c.type == GgmlType::kF32 || c.type == GgmlType::kF16 ||
+                           c.type == GgmlType::kQ4_0 || c.type == GgmlType::kQ4_1 ||
+                           c.type == GgmlType::kQ5_0 || c.type == GgmlType::kQ8_0;
+    if (!supported) {
+      ASSERT_FALSE(w.ok());
+      EXPECT_EQ(w.status().code(), StatusCode::kUnimplemented);
+      continue;
+    }
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    EXPECT_EQ(data, before);  // the source bytes are not modified
+    auto plain = PrepareWeight(info);
+    ASSERT_TRUE(plain.ok());
+    std::vector<float> a(n_in), b(n_in);
+    double worst = 0;
+    for (int64_t r = 0; r < n_out; ++r) {
+      (*plain)->DequantizeRow(r, a.data());
+      (*w)->DequantizeRow(r, b.data());
+      for (int64_t j = 0; j < n_in; ++j) {
+        double bound = std::ldexp(1.0, -24) * std::fabs(double(sc[r]) * a[j]);
+        if (c.type == GgmlType::kF16) bound = std::ldexp(1.0, -11) * std::fabs(double(sc[r]) * a[j]) + 1e-30;
+        if (c.block_elems == 32) {
+          const uint8_t* blk = data.data() + (size_t(r) * (n_in / 32) + j / 32) * c.block_bytes;
+          uint16_t dh, mh = 0;
+          std::memcpy(&dh, blk, 2);
+          if (c.type == GgmlType::kQ4_1) std::memcpy(&mh, blk + 2, 2);
+          const double d = gguf::Fp16ToFp32(dh), m = gguf::Fp16ToFp32(mh);
+          const double q = d != 0 ? std::fabs((a[j] - m) / d) : 0;  // |code| (after the offset)
+          bound += (std::ldexp(1.0, -11) + std::ldexp(1.0, -22)) * (std::fabs(sc[r] * d) * q + std::fabs(sc[r] * m));
+        }
+        const double err = std::fabs(double(b[j]) - double(sc[r]) * a[j]);
+        ASSERT_LE(err, bound) << "row " << r << " j " << j << " w " << a[j] << " s " << sc[r];
+        worst = std::max(worst, err / (std::fabs(double(sc[r]) * a[j]) + 1e-30));
+      }
+    }
+    EXPECT_GT(worst, 0.0);  // the scales do round (so the bound above is exercised) ...
+    if (c.type != GgmlType::kF32) EXPECT_LT(worst, 0.1);
+    // ... and MatMul goes through the folded bytes: y' ≈ s ∘ y.
+    const int64_t n_tokens = 3;
+    const std::vector<float> x = RandomActivations(n_tokens, n_in, rng);
+    std::vector<float> y(n_tokens * n_out), y2(n_tokens * n_out);
+    MatMul(**plain, x.data(), n_tokens, y.data());
+    MatMul(**w, x.data(), n_tokens, y2.data());
+    double num = 0, den = 0;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      for (int64_t r = 0; r < n_out; ++r) {
+        const double want = double(sc[r]) * y[t * n_out + r];
+        num += (y2[t * n_out + r] - want) * (y2[t * n_out + r] - want);
+        den += want * want;
+      }
+    }
+    EXPECT_LT(std::sqrt(num / den), 2e-2);
+  }
+  // Bad scales.
+  const TypeCase c = kCases[4];
+  const std::vector<uint8_t> data = RandomTensor(c, 64, 4, rng);
+  auto info = MakeInfo(c, 64, 4, data);
+  EXPECT_FALSE(PrepareWeightScaledRows(info, {1.f, 1.f, 1.f}).ok());             // count
+  EXPECT_FALSE(PrepareWeightScaledRows(info, {1.f, NAN, 1.f, 1.f}).ok());        // NaN
+  EXPECT_FALSE(PrepareWeightScaledRows(info, {1.f, -2.f, 1.f, 1.f}).ok());       // negative
+  EXPECT_FALSE(PrepareWeightScaledRows(info, {1.f, 1e30f, 1.f, 1.f}).ok());      // fp16 overflow
+}
+
 TEST(PrepareWeight, UnsupportedTypeIsUnimplementedAndNamesTensor) {
   std::vector<uint8_t> data(84 * 4);
   gguf::TensorInfo t;

@@ -263,18 +263,21 @@ TEST_P(KvKernels, CodebookRopeDotBlocksMatchReference) {
     for (int d : {64, 32, 6}) {
       const std::vector<float> cb = Randn(size_t(1) << b, 70 + b), mul = Randn(d, 71), add = Randn(d, 72);
       const int64_t nb = 3, n = nb * kRopeBlockTokens, stride = n + 9;
-      const int n_sparse = 2;  // slots after the codes: token t's at codes + t · 6
-      const size_t sparse_off = size_t(d) * 2 * b, block_bytes = sparse_off + 16 * 3 * n_sparse;
+      // Block-level slots after the codes: {u16 t·d + c, fp16}; distinct positions, some empty.
+      const int n_sparse = 5;
+      const size_t sparse_off = size_t(d) * 2 * b, block_bytes = sparse_off + 4 * n_sparse;
       auto blocks = RandBytes(block_bytes * nb, 73 + b + d);
       for (int64_t k = 0; k < nb; ++k) {
-        for (int t = 0; t < 16; ++t) {
-          uint8_t* sl = &blocks[k * block_bytes + sparse_off + t * 3 * n_sparse];
-          sl[0] = uint8_t((5 * t + k) % (d + 3));  // some >= d: empty
-          sl[3] = uint8_t((3 * t + 1) % d);
-          if (sl[3] == sl[0]) sl[3] = uint8_t((sl[3] + 1) % d);  // a token's slots name distinct channels
-          const uint16_t v0 = uint16_t(0x4200 + 7 * t), v1 = uint16_t(0xC100 + 5 * t);  // finite fp16
-          std::memcpy(sl + 1, &v0, 2);
-          std::memcpy(sl + 4, &v1, 2);
+        uint8_t* sl = &blocks[k * block_bytes + sparse_off];
+        for (int i = 0; i < n_sparse; ++i) {
+          // token (3i + k) mod 16, channel (7i + 2k) mod d: distinct per block for i < 5; slot 3
+          // of block 1 empty (0xFFFF), slot 4 of block 2 just past the end (16·d: empty too).
+          uint16_t at = uint16_t(((3 * i + k) % 16) * d + (7 * i + 2 * k) % d);
+          if (k == 1 && i == 3) at = 0xFFFF;
+          if (k == 2 && i == 4) at = uint16_t(16 * d);
+          const uint16_t v = uint16_t((i % 2 ? 0xC100 : 0x4200) + 7 * i + int(k));  // finite fp16
+          std::memcpy(sl + 4 * i, &at, 2);
+          std::memcpy(sl + 4 * i + 2, &v, 2);
         }
       }
       const auto trig = Randn(size_t(d) * stride, 74 + d);
@@ -305,11 +308,12 @@ TEST_P(KvKernels, CodebookRopeDotBlocksMatchReference) {
                 ref::AffineCodesRow(bk + size_t(c) * 2 * b, 16, b, 1.f, 0.f, codes16);
                 xm[c] = std::fabs(double(cb[size_t(codes16[t])]) * mul[c]) + std::fabs(add[c]);
               }
-              const uint8_t* sl = bk + sparse_off + t * 3 * n_sparse;
+              const uint8_t* sl = bk + sparse_off;
               for (int i = 0; i < n_sparse; ++i) {
-                uint16_t h;
-                std::memcpy(&h, sl + 3 * i + 1, 2);
-                if (sl[3 * i] < d) xm[sl[3 * i]] = std::fabs(gguf::Fp16ToFp32(h));
+                uint16_t at, h;
+                std::memcpy(&at, sl + 4 * i, 2);
+                std::memcpy(&h, sl + 4 * i + 2, 2);
+                if (at < 16 * d && at / d == t) xm[at % d] = std::fabs(gguf::Fp16ToFp32(h));
               }
               const int64_t col = blk * 16 + t;
               for (int r = 0; r < n_q; ++r) {

@@ -50,11 +50,22 @@ struct Common {
   std::string kv_config;  // --kv-config FILE: a complete KV configuration from a file (kv_config_file.h)
   int sinks = 0;
   std::string sink_codec = "f16";
+  std::string kv_smooth;  // --kv-smooth FILE: key smoothing folded into W_q / W_k at load
+  double kv_smooth_alpha = 0.5;
+  std::string kv_smooth_stat = "max";
 };
 
 void AddModelFlags(CLI::App* app, Common& c) {
   app->add_option("-m,--model", c.model, "GGUF model path (default: models/SmolLM2-135M-Instruct.Q4_1.gguf)");
   app->add_option("-t,--threads", c.threads, "threads")->check(CLI::Range(1, 256));
+  app->add_option("--kv-smooth", c.kv_smooth,
+                  "smoothing FILE (`calibrate --method smooth`): fold the per-channel key scales into "
+                  "W_q / W_k at load (exact in attention up to the weights' fp16 scale rounding, no "
+                  "per-token cost, works with every K codec)");
+  app->add_option("--kv-smooth-alpha", c.kv_smooth_alpha, "α of --kv-smooth (default 0.5)")
+      ->check(CLI::Range(0.0, 1.0));
+  app->add_option("--kv-smooth-stat", c.kv_smooth_stat, "statistic of --kv-smooth: max (default) | rms")
+      ->check(CLI::IsMember({"max", "rms"}));
 }
 
 void AddKvFlags(CLI::App* app, Common& c) {
@@ -130,7 +141,11 @@ StatusOr<std::unique_ptr<Model>> LoadModel(Common& c) {
     spdlog::warn("the SIMD kernels run their portable {} path (no SSSE3/SSE4/AVX2/AVX-512 on this "
                  "CPU, or KVC_SIMD): several times slower (see README, 'Supported CPUs')", t);
   }
-  return Model::Load(c.model);
+  ModelLoadOptions opt;
+  opt.kv_smooth = c.kv_smooth;
+  opt.kv_smooth_alpha = c.kv_smooth_alpha;
+  opt.kv_smooth_stat = c.kv_smooth_stat;
+  return Model::Load(c.model, opt);
 }
 
 StatusOr<KvRunConfig> RunConfigFromFlags(const Common& c) {
@@ -555,6 +570,11 @@ int CmdCalibrateBits(Common& c, std::string file, const std::string& out_path, B
 int CmdCalibrate(Common& c, const std::string& file, const std::string& out_path, int64_t max_tokens) {
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
+  if (!c.kv_smooth.empty()) {
+    return Fail(InvalidArgument("calibrate --kv-smooth: calibration statistics are taken on the plain "
+                                "model (a file made on a smoothed model would carry the same model_id "
+                                "but describe rescaled keys); drop --kv-smooth"));
+  }
   if (file.empty()) return Fail(InvalidArgument("calibrate needs -f TEXT (use text disjoint from the evaluation text, e.g. a PG-19 book)"));
   // Refuse an output path that cannot be written before the (minutes-long) calibration runs.
   if (std::error_code ec; std::filesystem::is_directory(out_path, ec)) {

@@ -22,7 +22,10 @@
 namespace kvc::kv {
 namespace {
 
-constexpr uint8_t kEmpty = 255;
+constexpr uint8_t kEmpty = 255;       // value slot: no channel
+constexpr uint16_t kEmptyAt = 0xFFFF;  // key slot: no position
+
+constexpr int kCalibVersion = 2;  // 2: outlier_pct, Q-Norm constants (k_qn / v_qn)
 
 std::string T(const char* what, int layer) { return fmt::format("kvquant.{}.L{}", what, layer); }
 
@@ -45,26 +48,29 @@ void TokenRange(const float* x, int d, int n_out, float* lo, float* hi, std::vec
   *hi = h;
 }
 
+// K / V codes of one layer's calibration: the nearest-signpost thresholds come from the k-means
+// centroids `cb`; the decode table is cb·scale + shift (Q-Norm, the paper's contribution (v);
+// scale 1, shift 0 when off) — the reference code rounds to the plain centroids and applies Q-Norm after.
 class KvQuantCodec final : public Codec {
  public:
-  KvQuantCodec(int d, int bits, int n_out, bool key, std::vector<float> off, std::vector<float> rng,
-               std::vector<float> cb)
-      : d_(d), b_(bits), n_out_(n_out), key_(key), off_(std::move(off)), rng_(std::move(rng)),
-        cb_(std::move(cb)) {
-    for (size_t i = 0; i + 1 < cb_.size(); ++i) thr_.push_back(0.5f * (cb_[i] + cb_[i + 1]));
+  KvQuantCodec(int d, int bits, int n_out, double pct, bool qnorm, bool key, std::vector<float> off,
+               std::vector<float> rng, const std::vector<float>& cb, float qn_scale, float qn_shift)
+      : d_(d), b_(bits), n_out_(n_out), pct_(pct), qnorm_(qnorm), key_(key), off_(std::move(off)),
+        rng_(std::move(rng)) {
+    for (size_t i = 0; i + 1 < cb.size(); ++i) thr_.push_back(0.5f * (cb[i] + cb[i + 1]));
+    for (float c : cb) cb_.push_back(qnorm_ ? c * qn_scale + qn_shift : c);
     head_ = key_ ? 0 : 4;
     code_bytes_ = (size_t(d_) * b_ + 7) / 8;
     tokens_ = key_ ? cpu::kRopeBlockTokens : 1;
   }
   std::string Name() const override {
-    return fmt::format("kvquant:bits={},outliers={}", b_, n_out_);
+    return fmt::format("kvquant:bits={},outliers={:g},qnorm={}", b_, pct_, qnorm_ ? 1 : 0);
   }
   int dim() const override { return d_; }
   int block_tokens() const override { return tokens_; }
-  // Keys: 16 tokens × (d·b/8 code bytes + 3 per outlier slot); values: 4 + d·b/8 + 3 per slot.
+  // Keys: 16 tokens × d·b/8 code bytes + 4 per block outlier slot; values: 4 + d·b/8 + 3 per slot.
   size_t BlockBytes() const override {
-    return key_ ? size_t(tokens_) * (code_bytes_ + 3 * size_t(n_out_))
-                : head_ + code_bytes_ + 3 * size_t(n_out_);
+    return key_ ? KeyCodeBytes() + 4 * size_t(n_out_) : head_ + code_bytes_ + 3 * size_t(n_out_);
   }
   bool wants_pre_rope_keys() const override { return key_; }
 
@@ -73,32 +79,27 @@ class KvQuantCodec final : public Codec {
       EncodeValue(x, block);
       return;
     }
-    // Per token exactly as before (static per-channel thresholds, nearest signpost, the slots
-    // to the values farthest outside [lo, hi]); then the codes are stored channel-major.
-    std::vector<uint8_t> idx(size_t(tokens_) * d_);
-    uint8_t* slots = block + KeyCodeBytes();
-    for (int t = 0; t < tokens_; ++t) {
-      const float* xt = x + size_t(t) * d_;
-      std::vector<std::pair<float, int>> ex;
-      for (int c = 0; c < d_; ++c) {
-        const float u = std::fabs((xt[c] - off_[c]) / rng_[c]);
-        if (u > 1.f) ex.push_back({u, c});
-      }
-      std::sort(ex.begin(), ex.end(), [](auto& a, auto& b) { return a.first > b.first; });
-      for (int c = 0; c < d_; ++c) {
-        const float u = std::clamp((xt[c] - off_[c]) / rng_[c], -1.f, 1.f);
-        idx[size_t(t) * d_ + c] = uint8_t(NearestIndex(thr_.data(), int(thr_.size()), u));
-      }
-      uint8_t* o = slots + size_t(t) * 3 * n_out_;
-      for (int i = 0; i < n_out_; ++i) {
-        if (i < int(ex.size())) {
-          o[3 * i] = uint8_t(ex[i].second);
-          StoreU16(o + 3 * i + 1, Fp32ToFp16Sat(xt[ex[i].second]));
-        } else {
-          o[3 * i] = kEmpty;
-          StoreU16(o + 3 * i + 1, 0);
-        }
-      }
+    // Static per-channel thresholds, nearest signpost of the clamped normalised value; the
+    // block's n_out slots go to the values with the largest clamping error |x − clamp(x)|
+    // (ties: lower position first) — the rest of those beyond the thresholds are clamped.
+    const int n = tokens_ * d_;
+    std::vector<uint8_t> idx(n);
+    std::vector<std::pair<float, int>> ex;
+    for (int i = 0; i < n; ++i) {
+      const int c = i % d_;
+      const float u = (x[i] - off_[c]) / rng_[c];
+      if (std::fabs(u) > 1.f) ex.push_back({(std::fabs(u) - 1.f) * rng_[c], i});
+      idx[i] = uint8_t(NearestIndex(thr_.data(), int(thr_.size()), std::clamp(u, -1.f, 1.f)));
+    }
+    const size_t keep = std::min(ex.size(), size_t(n_out_));
+    std::partial_sort(ex.begin(), ex.begin() + keep, ex.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    uint8_t* o = block + KeyCodeBytes();
+    for (int i = 0; i < n_out_; ++i) {
+      const bool used = size_t(i) < keep;
+      StoreU16(o + 4 * i, used ? uint16_t(ex[i].second) : kEmptyAt);
+      StoreU16(o + 4 * i + 2, used ? Fp32ToFp16Sat(x[ex[i].second]) : 0);
     }
     for (int c = 0; c < d_; ++c) {
       uint64_t w = 0;
@@ -117,8 +118,10 @@ class KvQuantCodec final : public Codec {
           x[size_t(t) * d_ + c] = cb_[uint32_t(w >> (t * b_)) & mask] * rng_[c] + off_[c];
         }
       }
-      for (int t = 0; t < tokens_; ++t) {
-        PatchOutliers(block + KeyCodeBytes() + size_t(t) * 3 * n_out_, x + size_t(t) * d_);
+      const uint8_t* o = block + KeyCodeBytes();
+      for (int i = 0; i < n_out_; ++i) {
+        const uint16_t at = LoadU16(o + 4 * i);
+        if (at < tokens_ * d_) x[at] = gguf::Fp16ToFp32(LoadU16(o + 4 * i + 2));
       }
       return;
     }
@@ -278,10 +281,12 @@ class KvQuantCodec final : public Codec {
       if (o[3 * i] != kEmpty && o[3 * i] < d_) x[o[3 * i]] = gguf::Fp16ToFp32(LoadU16(o + 3 * i + 1));
     }
   }
-  int d_, b_, n_out_;
+  int d_, b_, n_out_;  // n_out_: slots per key block (16 tokens) or per value vector
+  double pct_;         // the spec's outlier percentage (for Name())
+  bool qnorm_;
   bool key_;
   std::vector<float> off_, rng_;  // [d] keys only
-  std::vector<float> cb_, thr_;   // [2^b], [2^b − 1]
+  std::vector<float> cb_, thr_;   // [2^b] decode table (Q-Norm applied), [2^b − 1] from the raw centroids
   int head_;
   size_t code_bytes_;
   int tokens_;                    // block_tokens: 16 (keys, channel-major codes) or 1 (values)
@@ -354,14 +359,20 @@ StatusOr<std::shared_ptr<const CalibrationData>> FindCalibration(const std::stri
 
 StatusOr<std::unique_ptr<Codec>> MakeKvQuantCodec(const CodecSpec& spec, const CodecContext& ctx) {
   auto bits = spec.GetInt("bits", 3);
-  auto n_out = spec.GetInt("outliers", 1);
+  auto pct = spec.GetDouble("outliers", -1.0);  // −1: the calibration's percentage
   auto calib = spec.GetString("calib", "");
-  for (const Status& s : {bits.status(), n_out.status(), calib.status()}) KVC_RETURN_IF_ERROR(s);
-  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
+  for (const Status& s : {bits.status(), pct.status(), calib.status()}) KVC_RETURN_IF_ERROR(s);
   if (*bits < 2 || *bits > 4) return InvalidArgument(fmt::format("kvquant: bits={} must be 2, 3 or 4", *bits));
-  if (*n_out < 0 || *n_out > 8) return InvalidArgument("kvquant: outliers must be in [0, 8]");
-  if (ctx.dim > 255 || ctx.dim < 2 * *n_out + 2) {
-    return Unimplemented(fmt::format("kvquant needs 2·outliers+2 <= dim <= 255, got {}", ctx.dim));
+  // The paper applies Q-Norm at 2 bits; on SmolLM2 it helped at every width (-c 4096: 4-bit
+  // +1.46 → +0.96 %, 3-bit +6.04 → +4.89 %, 2-bit +39.8 → +34.6 %), so it is on by default.
+  auto qnorm = spec.GetBool("qnorm", true);
+  KVC_RETURN_IF_ERROR(qnorm.status());
+  KVC_RETURN_IF_ERROR(spec.CheckAllUsed());
+  if (*pct != -1.0 && !(*pct >= 0.0 && *pct <= 10.0)) {
+    return InvalidArgument(fmt::format("kvquant: outliers={} is a percentage of values in [0, 10]", *pct));
+  }
+  if (ctx.dim > 255 || ctx.dim < 8) {
+    return Unimplemented(fmt::format("kvquant needs 8 <= dim <= 255, got {}", ctx.dim));
   }
   std::shared_ptr<const CalibrationData> owned;
   const CalibrationData* cd = nullptr;
@@ -373,16 +384,51 @@ StatusOr<std::unique_ptr<Codec>> MakeKvQuantCodec(const CodecSpec& spec, const C
     owned = *f;
     cd = owned.get();
   }
+  if (!IsCurrentKvQuantCalibration(*cd)) {
+    return FailedPrecondition(fmt::format(
+        "kvquant: calibration ({}) is not format {} (the per-channel thresholds at a recorded "
+        "outlier percentage and the Q-Norm constants are missing); delete the file so `kvcrunch "
+        "eval` recreates it, or recalibrate with the model test KvQuantModel.*", cd->source,
+        kCalibVersion));
+  }
   auto get = [&](const std::string& n, size_t want) -> StatusOr<const std::vector<float>*> {
     auto it = cd->tensors.find(n);
     if (it == cd->tensors.end() || it->second.size() != want) {
       return NotFound(fmt::format("kvquant calibration lacks {} [{}]", n, want));
     }
+    for (float v : it->second) {
+      if (!std::isfinite(v)) return InvalidArgument(fmt::format("kvquant calibration: {} holds {}", n, v));
+    }
     return &it->second;
   };
   const bool key = ctx.kind == KvKind::kKey;
-  auto cb = get(T(fmt::format("{}_cb{}", key ? "k" : "v", *bits).c_str(), ctx.layer), 1u << *bits);
+  const char* kv = key ? "k" : "v";
+  auto cal_pct = get("kvquant.outlier_pct", 1);
+  if (!cal_pct.ok()) return cal_pct.status();
+  const double p = *pct == -1.0 ? double((**cal_pct)[0]) : *pct;
+  // Slots: keys per 16-token block (round(p% of 16·d): 10 at 1 %, d 64), values per vector
+  // (round(p% of d): 1 at 1 %, d 64 — 1.56 %, the smallest non-zero per-vector budget).
+  const int n_out = key ? int(std::lround(p / 100.0 * cpu::kRopeBlockTokens * ctx.dim))
+                        : int(std::lround(p / 100.0 * ctx.dim));
+  if (!key && n_out > ctx.dim / 4) {
+    return InvalidArgument(fmt::format("kvquant: outliers={} leaves too few values per vector", p));
+  }
+  auto cb = get(T(fmt::format("{}_cb{}", kv, *bits).c_str(), ctx.layer), 1u << *bits);
   if (!cb.ok()) return cb.status();
+  for (size_t i = 0; i + 1 < (*cb)->size(); ++i) {
+    if (!((**cb)[i] <= (**cb)[i + 1])) {
+      return InvalidArgument(fmt::format("kvquant calibration: codebook {}_cb{} of layer {} is not ascending",
+                                         kv, *bits, ctx.layer));
+    }
+  }
+  float qs = 1.f, qo = 0.f;
+  if (*qnorm) {
+    auto qn = get(T(fmt::format("{}_qn{}", kv, *bits).c_str(), ctx.layer), 2);
+    if (!qn.ok()) return qn.status();
+    qs = (**qn)[0];
+    qo = (**qn)[1];
+    if (!(qs > 0.f)) return InvalidArgument(fmt::format("kvquant calibration: Q-Norm scale {} <= 0", qs));
+  }
   std::vector<float> off, rng;
   if (key) {
     const size_t n = size_t(ctx.n_head_kv) * ctx.dim;
@@ -391,23 +437,64 @@ StatusOr<std::unique_ptr<Codec>> MakeKvQuantCodec(const CodecSpec& spec, const C
     if (!hi.ok()) return hi.status();
     for (int c = 0; c < ctx.dim; ++c) {
       const float l = (**lo)[size_t(ctx.head) * ctx.dim + c], h = (**hi)[size_t(ctx.head) * ctx.dim + c];
+      if (!(l <= h)) {
+        return InvalidArgument(fmt::format("kvquant calibration: layer {} head {} channel {}: lo {} > hi {}",
+                                           ctx.layer, ctx.head, c, l, h));
+      }
       off.push_back(0.5f * (h + l));
       rng.push_back(std::max(0.5f * (h - l), 1e-6f));
     }
   }
-  return std::unique_ptr<Codec>(
-      new KvQuantCodec(ctx.dim, *bits, *n_out, key, std::move(off), std::move(rng), **cb));
+  return std::unique_ptr<Codec>(new KvQuantCodec(ctx.dim, *bits, n_out, p, *qnorm, key, std::move(off),
+                                                 std::move(rng), **cb, qs, qo));
 }
 
-StatusOr<CalibrationData> CalibrateKvQuant(const KvQuantSamples& s, double lo_pct, int n_out) {
+namespace {
+// Q-Norm (KVQuant contribution (v)): on the normalised, non-outlier calibration values u, the affine map
+// (scale, shift) that gives the dequantised values cb[nearest(u)] the mean and standard deviation
+// of u: scale = σ_u / σ_q, shift = μ_u − μ_q · scale.
+std::vector<float> QNorm(const std::vector<float>& u, const std::vector<float>& cb) {
+  std::vector<float> thr;
+  for (size_t i = 0; i + 1 < cb.size(); ++i) thr.push_back(0.5f * (cb[i] + cb[i + 1]));
+  double s1 = 0, s2 = 0, q1 = 0, q2 = 0;
+  for (float x : u) {
+    const double q = cb[NearestIndex(thr.data(), int(thr.size()), x)];
+    s1 += x;
+    s2 += double(x) * x;
+    q1 += q;
+    q2 += q * q;
+  }
+  const double n = double(std::max<size_t>(u.size(), 1));
+  const double mu = s1 / n, mq = q1 / n;
+  const double sd_u = std::sqrt(std::max(0.0, s2 / n - mu * mu));
+  const double sd_q = std::sqrt(std::max(0.0, q2 / n - mq * mq));
+  const double scale = sd_q > 0 && sd_u > 0 ? sd_u / sd_q : 1.0;
+  return {float(scale), float(mu - mq * scale)};
+}
+}  // namespace
+
+bool IsCurrentKvQuantCalibration(const CalibrationData& c) {
+  auto it = c.tensors.find("kvquant.version");
+  return it != c.tensors.end() && it->second.size() == 1 && it->second[0] == float(kCalibVersion);
+}
+
+StatusOr<CalibrationData> CalibrateKvQuant(const KvQuantSamples& s, double outlier_pct) {
   if (s.n_layer <= 0 || s.n_head_kv <= 0 || s.head_dim <= 0 || int(s.k.size()) != s.n_layer ||
       int(s.v.size()) != s.n_layer) {
     return InvalidArgument("CalibrateKvQuant: bad sample shape");
   }
+  if (!(outlier_pct >= 0.0 && outlier_pct <= 10.0)) {
+    return InvalidArgument(fmt::format("CalibrateKvQuant: outlier percentage {} not in [0, 10]", outlier_pct));
+  }
   const int nh = s.n_head_kv, d = s.head_dim, w = nh * d;
+  const double lo_pct = outlier_pct / 2.0;                           // per side
+  const int n_out = int(std::lround(outlier_pct / 100.0 * d));        // value slots per vector
+  if (n_out > d / 4) return InvalidArgument("CalibrateKvQuant: outlier percentage too large for head_dim");
   CalibrationData out;
   out.source = s.source;
   out.tensors["kvquant.shape"] = {float(s.n_layer), float(nh), float(d)};
+  out.tensors["kvquant.version"] = {float(kCalibVersion)};
+  out.tensors["kvquant.outlier_pct"] = {float(outlier_pct)};
   constexpr size_t kMaxSamples = 400000;
   for (int l = 0; l < s.n_layer; ++l) {
     const auto& K = s.k[l];
@@ -415,6 +502,14 @@ StatusOr<CalibrationData> CalibrateKvQuant(const KvQuantSamples& s, double lo_pc
     const size_t n_tok = K.size() / w;
     if (n_tok < 16 || K.size() != n_tok * w || V.size() != n_tok * w) {
       return InvalidArgument(fmt::format("CalibrateKvQuant: layer {} needs >= 16 tokens", l));
+    }
+    for (const auto* a : {&K, &V}) {
+      for (size_t i = 0; i < a->size(); ++i) {
+        if (!std::isfinite((*a)[i])) {
+          return InvalidArgument(fmt::format("CalibrateKvQuant: layer {} {} sample {} is {}", l,
+                                             a == &K ? "key" : "value", i, (*a)[i]));
+        }
+      }
     }
     std::vector<float> lo(w), hi(w), col(n_tok);
     for (int c = 0; c < w; ++c) {
@@ -449,8 +544,11 @@ StatusOr<CalibrationData> CalibrateKvQuant(const KvQuantSamples& s, double lo_pc
     out.tensors[T("k_lo", l)] = lo;
     out.tensors[T("k_hi", l)] = hi;
     for (int b = 2; b <= 4; ++b) {
-      out.tensors[T(fmt::format("k_cb{}", b).c_str(), l)] = KMeans1D(ks, 1 << b, 100);
-      out.tensors[T(fmt::format("v_cb{}", b).c_str(), l)] = KMeans1D(vs, 1 << b, 100);
+      auto kc = KMeans1D(ks, 1 << b, 100), vc = KMeans1D(vs, 1 << b, 100);
+      out.tensors[T(fmt::format("k_qn{}", b).c_str(), l)] = QNorm(ks, kc);
+      out.tensors[T(fmt::format("v_qn{}", b).c_str(), l)] = QNorm(vs, vc);
+      out.tensors[T(fmt::format("k_cb{}", b).c_str(), l)] = std::move(kc);
+      out.tensors[T(fmt::format("v_cb{}", b).c_str(), l)] = std::move(vc);
     }
   }
   return out;

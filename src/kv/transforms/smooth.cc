@@ -137,29 +137,46 @@ StatusOr<std::unique_ptr<Transform>> MakeSmoothTransform(const CodecSpec& spec,
     return Unimplemented(fmt::format("smooth: rot=1 needs a power-of-2 head dimension, got {}",
                                      ctx.dim));
   }
+  std::vector<float> s;
+  KVC_ASSIGN_OR_RETURN(s, LoadSmoothScales(path, alpha, stat, ctx.n_layer, ctx.n_head_kv, ctx.dim,
+                                           ctx.layer, ctx.head));
+  return MakeSmoothFromScales(std::move(s), rot,
+                              fmt::format("smooth:alpha={},stat={}{}", alpha, stat,
+                                          rot ? ",rot=1" : ""));
+}
+
+StatusOr<std::vector<float>> LoadSmoothScales(const std::string& path, double alpha,
+                                              const std::string& stat, int n_layer, int n_head_kv,
+                                              int head_dim, int layer, int head) {
+  if (!(alpha >= 0 && alpha <= 1)) {
+    return InvalidArgument(fmt::format("smooth: alpha {} must be in [0, 1]", alpha));
+  }
+  if (stat != "max" && stat != "rms") {
+    return InvalidArgument(fmt::format("smooth: stat '{}' unknown (max, rms)", stat));
+  }
   std::shared_ptr<const CalibrationFile> f;
   KVC_ASSIGN_OR_RETURN(f, LoadCalibrationFileShared(path));
-  if (std::atoi(f->MetaOr("n_layer", "0").c_str()) != ctx.n_layer ||
-      std::atoi(f->MetaOr("n_head_kv", "0").c_str()) != ctx.n_head_kv ||
-      std::atoi(f->MetaOr("head_dim", "0").c_str()) != ctx.dim) {
+  if (std::atoi(f->MetaOr("n_layer", "0").c_str()) != n_layer ||
+      std::atoi(f->MetaOr("n_head_kv", "0").c_str()) != n_head_kv ||
+      std::atoi(f->MetaOr("head_dim", "0").c_str()) != head_dim) {
     return InvalidArgument(fmt::format(
         "calibration file '{}' (model '{}', n_layer {} n_head_kv {} head_dim {}) does not match "
-        "this cache (n_layer {} n_head_kv {} head_dim {}): calibrate for this model", path,
+        "this model (n_layer {} n_head_kv {} head_dim {}): calibrate for this model", path,
         f->MetaOr("model_id", "?"), f->MetaOr("n_layer", "?"), f->MetaOr("n_head_kv", "?"),
-        f->MetaOr("head_dim", "?"), ctx.n_layer, ctx.n_head_kv, ctx.dim));
+        f->MetaOr("head_dim", "?"), n_layer, n_head_kv, head_dim));
   }
-  const std::string kname = SmoothTensorName(stat == "max" ? "kmax" : "krms", ctx.layer, ctx.head);
-  const std::string qname = SmoothTensorName(stat == "max" ? "qmax" : "qrms", ctx.layer, ctx.head);
+  const std::string kname = SmoothTensorName(stat == "max" ? "kmax" : "krms", layer, head);
+  const std::string qname = SmoothTensorName(stat == "max" ? "qmax" : "qrms", layer, head);
   if (!f->Find(kname) || !f->Find(qname)) {
     return NotFound(fmt::format("calibration file '{}' has no smoothing statistics ('{}'); make "
                                 "one with `kvcrunch calibrate --method smooth -f BOOK -o PATH`",
                                 path, kname));
   }
   const CalibrationFile::Tensor *tk, *tq;
-  KVC_ASSIGN_OR_RETURN(tk, f->Get(kname, ctx.dim));
-  KVC_ASSIGN_OR_RETURN(tq, f->Get(qname, ctx.dim));
+  KVC_ASSIGN_OR_RETURN(tk, f->Get(kname, head_dim));
+  KVC_ASSIGN_OR_RETURN(tq, f->Get(qname, head_dim));
   for (const auto* t : {tk, tq}) {
-    for (int c = 0; c < ctx.dim; ++c) {
+    for (int c = 0; c < head_dim; ++c) {
       const float x = t->data[c];
       if (!std::isfinite(x) || x < 0) {
         return InvalidArgument(fmt::format("calibration file '{}': tensor '{}' channel {} is {} "
@@ -169,10 +186,7 @@ StatusOr<std::unique_ptr<Transform>> MakeSmoothTransform(const CodecSpec& spec,
       }
     }
   }
-  auto s = SmoothScales(tk->data, tq->data, alpha);
-  return MakeSmoothFromScales(std::move(s), rot,
-                              fmt::format("smooth:alpha={},stat={}{}", alpha, stat,
-                                          rot ? ",rot=1" : ""));
+  return SmoothScales(tk->data, tq->data, alpha);
 }
 
 }  // namespace kvc::kv

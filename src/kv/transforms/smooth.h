@@ -18,8 +18,10 @@
 // y = H D⁻¹ x, q' = H D q, x̂ = D H ŷ, so a codec's default rotation (q4_0 ... "rot=1") is kept
 // when smoothing is put in front of it (kvcache.cc ApplyRotParam adds rot=1 here).
 // Because s is equal on both channels of every RoPE pair, D commutes with RoPE's 2×2 rotations:
-// the same scales are exact on keys stored before RoPE, and could be folded into W_q / W_k at load
-// time (QServe); here they are applied per vector (d multiplies per key and per query row).
+// the same scales are exact on keys stored before RoPE. This transform applies them per vector (d
+// multiplies per key and per query row); `--kv-smooth FILE` (ModelLoadOptions::kv_smooth,
+// model.h) folds the same scales into W_q / W_k at load time instead (QServe), with no per-token
+// cost, using LoadSmoothScales below.
 //
 // Scales, from calibration statistics per channel c (RoPE pairs combined: a pair's amplitude is
 // its norm / √2, so both channels carry the same number; an unrotated channel uses |x|):
@@ -63,6 +65,13 @@ std::vector<float> SmoothScales(const std::vector<float>& a_k, const std::vector
 
 // The transform from explicit scales (tests; MakeSmoothTransform builds it from a file).
 std::unique_ptr<Transform> MakeSmoothFromScales(std::vector<float> s, bool rot, std::string name);
+
+// The scales s [head_dim] of one (layer, KV head) from a `kvcrunch calibrate --method smooth`
+// file: the checks and errors listed above (another shape, missing / non-finite statistics, α
+// outside [0, 1], unknown stat). Shared by the transform and the load-time fold (model.cc).
+StatusOr<std::vector<float>> LoadSmoothScales(const std::string& path, double alpha,
+                                              const std::string& stat, int n_layer, int n_head_kv,
+                                              int head_dim, int layer, int head);
 
 StatusOr<std::unique_ptr<Transform>> MakeSmoothTransform(const CodecSpec& spec,
                                                          const CodecContext& ctx);

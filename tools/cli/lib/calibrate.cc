@@ -351,20 +351,7 @@ void StoreWoGram(const Model& m, kv::CalibrationFile* f) {
 
 }  // namespace
 
-std::string ModelIdentity(const Model& m) {
-  const ModelConfig& c = m.config();
-  const kv::KvShape s = m.kv_shape();
-  uint64_t w0 = 0;
-  for (const char* name : {"blk.0.attn_k.weight", "blk.0.attn_kv_a_mqa.weight"}) {
-    if (const gguf::TensorInfo* t = m.file().FindTensor(name)) {
-      w0 = kv::Fnv1a64(t->data, t->n_bytes);
-      break;
-    }
-  }
-  return fmt::format("arch={} name={} n_layer={} n_head={} n_head_kv={} head_dim={} head_dim_v={} "
-                     "n_embd={} n_vocab={} w0={:016x}", c.arch, c.name, s.n_layer, s.n_head,
-                     s.n_head_kv, s.head_dim, s.DimV(), c.n_embd, c.n_vocab, w0);
-}
+std::string ModelIdentity(const Model& m) { return m.Identity(); }
 
 // Feeds the calibration text, in chunks of opt.n_ctx tokens (at most opt.max_tokens), through a
 // session with an f32 cache and `obs` attached. Returns the number of chunks.

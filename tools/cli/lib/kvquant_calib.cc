@@ -128,8 +128,22 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
   }
   KVC_RETURN_IF_ERROR(EnsurePredictCalibration(m, model_path, configs).status());
   if (!need || std::getenv("KVC_KVQUANT_CALIB")) return std::string();
+  if (!m.kv_smooth_desc().empty()) {
+    // The file beside the model holds thresholds of the plain keys; folded smoothing rescales
+    // every key channel, so those thresholds would clamp the wrong ranges.
+    return InvalidArgument("kvquant keys with --kv-smooth: the calibration beside the model is for "
+                           "the unsmoothed keys; drop --kv-smooth (KVQuant's per-channel ranges make "
+                           "smoothing redundant for its keys) or pass kvquant:calib=FILE made on the "
+                           "smoothed model");
+  }
   const std::string path = KvQuantCalibrationPath(model_path);
-  if (!std::filesystem::exists(path)) {
+  bool make = !std::filesystem::exists(path);
+  if (!make) {  // a file of an older format (no Q-Norm constants / outlier percentage): redo it
+    auto old = kv::LoadCalibrationJson(path);
+    make = old.ok() && !kv::IsCurrentKvQuantCalibration(*old);
+    if (make) fmt::print(stderr, "kvquant: {} is an older calibration format; recalibrating\n", path);
+  }
+  if (make) {
     const std::string book = "pg1342_pride_and_prejudice_austen.txt";
     std::string text_path;
     KVC_ASSIGN_OR_RETURN(text_path, FindPg19Book(book, "kvquant calibration"));
