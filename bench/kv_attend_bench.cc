@@ -121,6 +121,8 @@ const std::vector<Config>& Configs() {
       {"nsn2.5-center", "nsn2.5:center=1", "nsn2.5:center=1"},
       {"nsn3-center", "nsn3:center=1", "nsn3:center=1"},
       {"nsn3.25-center", "nsn3.25:center=1", "nsn3.25:center=1"},
+      {"nsn2.5-center-lut", "nsn2.5:center=1,lut=1", "nsn2.5:center=1,lut=1"},
+      {"nsn3.25-center-lut", "nsn3.25:center=1,lut=1", "nsn3.25:center=1,lut=1"},
       {"palu-k25-v75", "f16", "f16", "lowrank:ratio=0.25", "lowrank:ratio=0.75"},
       {"palu-k25-v75+q4_0", "q4_0", "q4_0", "lowrank:ratio=0.25", "lowrank:ratio=0.75"},
   };

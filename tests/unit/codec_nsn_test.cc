@@ -131,11 +131,13 @@ TEST(Nsn, RoundTripErrorIsTheCodebookDistortion) {
   }
 }
 
-// ScoreBlocks (lookup tables) and AccumulateBlocks (codebook-domain weights) equal the scalar
-// references Score / AccumulateWeighted, on enough tokens to take the table paths (n >= K/4) and
-// on few tokens (fallback), for several query-row counts.
+// ScoreBlocks and AccumulateBlocks equal the scalar references Score / AccumulateWeighted: the
+// default tile path (decoded rotated rows, SIMD dot / axpy, one S·H per row) and lut=1 (lookup
+// tables, codebook-domain weights), on enough tokens to take the table paths (n >= K/4) and on
+// few tokens (fallback), for several query-row counts.
 TEST(Nsn, TablePathsEqualScalarReference) {
-  for (const char* spec : {"nsn2", "nsn2.5", "nsn3", "nsn3.25", "nsn:bits=1,dim=8"}) {
+  for (const char* spec : {"nsn2", "nsn2.5", "nsn3", "nsn3.25", "nsn:bits=1,dim=8", "nsn2:lut=1",
+                           "nsn2.5:lut=1", "nsn3:lut=1", "nsn3.25:lut=1", "nsn:bits=1,dim=8,lut=1"}) {
     auto c = Make(spec, 9);
     const size_t bb = c->BlockBytes();
     for (int n : {7, 600}) {
