@@ -21,13 +21,14 @@
 //   - No fp16 recent window inside the codec (the cache's `sinks=` keeps the first tokens exact);
 //     the bits below are all-in.
 //
-// Spec: nsn:bits=B,dim=D[,nc=0|1]   aliases nsn2 (B=1.75, D=4), nsn2.5 (2.25, 4), nsn3 (2.75, 4),
+// Spec: nsn:bits=B,dim=D[,nc=0|1][,lut=0|1]   aliases nsn2 (B=1.75, D=4), nsn2.5 (2.25, 4), nsn3 (2.75, 4),
 //       nsn3.25 (3, 2). Usual use: `nsn2.5:center=1` (the Shift).
 //   bits  code bits per value, B·D must be an integer in [1, 12] (K = 2^(B·D) codewords of D
 //         dims), e.g. D=4: 1.75 (K=128), 2 (256), 2.25 (512), 2.5 (1024), 2.75 (2048), 3 (4096).
 //   dim   codebook dimension D in {1, 2, 4, 8}, D divides head_dim (default 4).
 //   nc    (default 1) store γ/‖ŷ‖ so ‖x̂ − μ‖ = ‖x − μ‖ (norm-preserving, as turbo's nc=1);
 //         nc=0 stores γ/√d.
+//   lut   (default 0) score / accumulate through per-query lookup tables (below); same bytes.
 // Errors: INVALID_ARGUMENT for bad bits/dim/nc or unknown keys (the message names the key and the
 // allowed values); UNIMPLEMENTED for a head_dim that is not a power of 2 in [8, 512] or not a
 // multiple of D.
@@ -45,13 +46,17 @@
 // An all-zero token stores s = 0 (decodes to exactly 0).
 //
 // Attention on packed data: PrepareQuery rotates q once (q' = H·S·q, orthogonal, so
-// q·x̂ = s · q'·ŷ). Score (scalar reference) sums the D-dim dot of q' with each codeword. ScoreBlocks
-// builds a per-query lookup table T[r][i][k] = q'_i · c_k (i < d/D sub-vectors) once per call and
-// scores a token as s · Σ_i T[r][i][idx_i] (d/D lookups instead of d multiply-adds); it falls back
-// to the reference when the call has too few tokens to pay for the table (< K/4). Values:
-// AccumulateBlocks accumulates in the codebook domain, W[r][i][k] += p · s, then forms
-// Σ_k W[r][i][k] c_k and applies S·H once per query row; AccumulateWeighted (decode-then-axpy) is
-// the reference. Both are scalar C++ (no Highway kernel); tests check them equal to the references.
+// q·x̂ = s · q'·ŷ); keys are never rotated back. Score (scalar reference) sums the D-dim dot of q'
+// with each codeword. Default (lut=0) ScoreBlocks decodes s·ŷ rows (codeword copies, no
+// rotation) into an f32 tile and dots them with the SIMD cpu::DotF32Rows; AccumulateBlocks adds
+// p·s·ŷ in the rotated domain (cpu::AxpyF32Rows) and applies S·H once per query row per call.
+// lut=1 (the VQ lookup-table form): ScoreBlocks builds T[r][i][k] = q'_i · c_k (i < d/D) once per
+// call and scores a token as s · Σ_i T[r][i][idx_i]; AccumulateBlocks accumulates in the codebook
+// domain, W[r][i][k] += p·s, then Σ_k W[r][i][k] c_k and one S·H per row; both fall back to the
+// reference below K/4 tokens. On this CPU lut=1 measured no faster (kv_attend_bench, nsn2.5 at 4k:
+// 3.36x vs 3.01x the f16 time; docs/quantization-advanced.md), so it is not the default.
+// AccumulateWeighted (decode-then-axpy) is the value reference. The codec's own loops are scalar
+// C++ (no Highway VQ kernel); tests check every path equal to the references.
 #pragma once
 
 #include <memory>
