@@ -278,11 +278,39 @@ class NsnCodec final : public Codec {
     }
   }
 
-  // m rows -> y [m, d] rotated; rows before `end` - 7 bytes read in place.
+  // m rows -> y [m, d] rotated; rows before `end` - 7 bytes read in place. Same values as
+  // DecodeRotated (one product s·c per value); D is a compile-time constant in the loop.
   void DecodeRotatedRows(const uint8_t* rows, int64_t m, const uint8_t* end, float* y) const {
+    switch (sub_) {
+      case 1: return DecodeRowsD<1>(rows, m, end, y);
+      case 2: return DecodeRowsD<2>(rows, m, end, y);
+      case 4: return DecodeRowsD<4>(rows, m, end, y);
+      default: return DecodeRowsD<8>(rows, m, end, y);
+    }
+  }
+  template <int D>
+  void DecodeRowsD(const uint8_t* rows, int64_t m, const uint8_t* end, float* y) const {
+    const float* cb = cb_.c.data();
+    const uint64_t mask = (uint64_t(1) << w_) - 1;
+    const int n_sub = n_sub_, w = w_;
+    uint8_t pad[768 + 8];
     for (int64_t t = 0; t < m; ++t) {
       const uint8_t* row = rows + size_t(t) * bytes_;
-      DecodeRotated(row, y + size_t(t) * d_, row + bytes_ + 7 <= end);
+      const float s = ScaleOf(row);
+      const uint8_t* p = row + 2;
+      if (row + bytes_ + 7 > end) {
+        std::memcpy(pad, p, code_bytes_);
+        std::memset(pad + code_bytes_, 0, 8);
+        p = pad;
+      }
+      float* yt = y + size_t(t) * d_;
+      for (int i = 0; i < n_sub; ++i) {
+        const size_t bit = size_t(i) * w;
+        uint64_t v;
+        std::memcpy(&v, p + bit / 8, 8);
+        const float* c = cb + size_t((v >> (bit & 7)) & mask) * D;
+        for (int j = 0; j < D; ++j) yt[i * D + j] = s * c[j];
+      }
     }
   }
 

@@ -53,8 +53,8 @@
 // lut=1 (the VQ lookup-table form): ScoreBlocks builds T[r][i][k] = q'_i · c_k (i < d/D) once per
 // call and scores a token as s · Σ_i T[r][i][idx_i]; AccumulateBlocks accumulates in the codebook
 // domain, W[r][i][k] += p·s, then Σ_k W[r][i][k] c_k and one S·H per row; both fall back to the
-// reference below K/4 tokens. On this CPU lut=1 measured no faster (kv_attend_bench, nsn2.5 at 4k:
-// 3.36x vs 3.01x the f16 time; docs/quantization-advanced.md), so it is not the default.
+// reference below K/4 tokens. On this CPU lut=1 measured slower (kv_attend_bench, nsn2.5 at 4k:
+// 3.3x vs 2.1x the f16 time; docs/quantization-advanced.md), so it is not the default.
 // AccumulateWeighted (decode-then-axpy) is the value reference. The codec's own loops are scalar
 // C++ (no Highway VQ kernel); tests check every path equal to the references.
 #pragma once
