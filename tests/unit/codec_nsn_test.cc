@@ -83,7 +83,11 @@ TEST(NsnCodebook, VectorBeatsScalarAtTheSameBits) {
 }
 
 TEST(Nsn, BytesMatchFormat) {
-  struct Case { const char* spec; size_t bytes; double bpv; };
+  struct Case {
+    const char* spec;
+    size_t bytes;
+    double bpv;
+  };
   for (const Case& c : {Case{"nsn2", 16, 2.0}, Case{"nsn2.5", 20, 2.5}, Case{"nsn3", 24, 3.0},
                         Case{"nsn3.25", 26, 3.25}, Case{"nsn:bits=2,dim=4", 18, 2.25},
                         Case{"nsn:bits=1,dim=8", 10, 1.25}}) {
@@ -136,8 +140,9 @@ TEST(Nsn, RoundTripErrorIsTheCodebookDistortion) {
 // tables, codebook-domain weights), on enough tokens to take the table paths (n >= K/4) and on
 // few tokens (fallback), for several query-row counts.
 TEST(Nsn, TablePathsEqualScalarReference) {
-  for (const char* spec : {"nsn2", "nsn2.5", "nsn3", "nsn3.25", "nsn:bits=1,dim=8", "nsn2:lut=1",
-                           "nsn2.5:lut=1", "nsn3:lut=1", "nsn3.25:lut=1", "nsn:bits=1,dim=8,lut=1"}) {
+  for (const char* spec :
+       {"nsn2", "nsn2.5", "nsn3", "nsn3.25", "nsn:bits=1,dim=8", "nsn2:lut=1", "nsn2.5:lut=1",
+        "nsn3:lut=1", "nsn3.25:lut=1", "nsn:bits=1,dim=8,lut=1"}) {
     auto c = Make(spec, 9);
     const size_t bb = c->BlockBytes();
     for (int n : {7, 600}) {
@@ -207,14 +212,19 @@ TEST(Nsn, ZerosHugeAndDeterminism) {
 TEST(Nsn, SpecErrors) {
   CodecContext ctx;
   ctx.dim = 64;
-  struct Bad { const char* spec; const char* needle; StatusCode code; };
-  for (const Bad& b : {Bad{"nsn:bits=2.1,dim=4", "bits*dim must be an integer", StatusCode::kInvalidArgument},
-                       Bad{"nsn:bits=4,dim=4", "[1, 12]", StatusCode::kInvalidArgument},
-                       Bad{"nsn:bits=0.25,dim=2", "[1, 12]", StatusCode::kInvalidArgument},
-                       Bad{"nsn:bits=2,dim=3", "dim=3 must be 1, 2, 4 or 8", StatusCode::kInvalidArgument},
-                       Bad{"nsn:bits=nan,dim=4", "bits", StatusCode::kInvalidArgument},
-                       Bad{"nsn:bitz=2", "bitz", StatusCode::kInvalidArgument},
-                       Bad{"nsn2.5:nc=maybe", "nc", StatusCode::kInvalidArgument}}) {
+  struct Bad {
+    const char* spec;
+    const char* needle;
+    StatusCode code;
+  };
+  for (const Bad& b :
+       {Bad{"nsn:bits=2.1,dim=4", "bits*dim must be an integer", StatusCode::kInvalidArgument},
+        Bad{"nsn:bits=4,dim=4", "[1, 12]", StatusCode::kInvalidArgument},
+        Bad{"nsn:bits=0.25,dim=2", "[1, 12]", StatusCode::kInvalidArgument},
+        Bad{"nsn:bits=2,dim=3", "dim=3 must be 1, 2, 4 or 8", StatusCode::kInvalidArgument},
+        Bad{"nsn:bits=nan,dim=4", "bits", StatusCode::kInvalidArgument},
+        Bad{"nsn:bitz=2", "bitz", StatusCode::kInvalidArgument},
+        Bad{"nsn2.5:nc=maybe", "nc", StatusCode::kInvalidArgument}}) {
     auto c = MakeCodec(b.spec, ctx);
     ASSERT_FALSE(c.ok()) << b.spec;
     EXPECT_EQ(c.status().code(), b.code) << b.spec << ": " << c.status().ToString();

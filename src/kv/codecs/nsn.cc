@@ -1,5 +1,7 @@
 #include "kv/codecs/nsn.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,8 +9,6 @@
 #include <map>
 #include <mutex>
 #include <utility>
-
-#include <fmt/format.h>
 
 #include "cpu/kv_kernels.h"
 #include "gguf/types.h"
@@ -54,7 +54,10 @@ int Nearest(const float* ct, const float* norm2, int k_n, int dim, const float* 
   int best = 0;
   float bd = dist[0];
   for (int k = 1; k < k_n; ++k) {
-    if (dist[k] < bd) { bd = dist[k]; best = k; }
+    if (dist[k] < bd) {
+      bd = dist[k];
+      best = k;
+    }
   }
   return best;
 }
@@ -162,7 +165,8 @@ VqCodebook Train(int dim, int bits) {
   cb.test_mse = Assign(cb.c, k_n, dim, test, nullptr);
   cb.norm2.assign(k_n, 0.f);
   for (int k = 0; k < k_n; ++k) {
-    for (int j = 0; j < dim; ++j) cb.norm2[k] += cb.c[size_t(k) * dim + j] * cb.c[size_t(k) * dim + j];
+    for (int j = 0; j < dim; ++j)
+      cb.norm2[k] += cb.c[size_t(k) * dim + j] * cb.c[size_t(k) * dim + j];
   }
   return cb;
 }
@@ -187,7 +191,10 @@ int NearestCodeword(const VqCodebook& cb, const float* y) {
     float dot = 0.f;
     for (int j = 0; j < cb.dim; ++j) dot += y[j] * cb.c[size_t(k) * cb.dim + j];
     const float dk = cb.norm2[k] - 2.f * dot;
-    if (dk < bd) { bd = dk; best = k; }
+    if (dk < bd) {
+      bd = dk;
+      best = k;
+    }
   }
   return best;
 }
@@ -197,8 +204,15 @@ namespace {
 class NsnCodec final : public Codec {
  public:
   NsnCodec(int d, int sub, int code_bits, bool nc, bool lut, uint64_t seed, std::string name)
-      : d_(d), sub_(sub), w_(code_bits), n_sub_(d / sub), nc_(nc), lut_(lut), name_(std::move(name)),
-        cb_(GaussianVqCodebook(sub, code_bits)), k_n_(1 << code_bits) {
+      : d_(d),
+        sub_(sub),
+        w_(code_bits),
+        n_sub_(d / sub),
+        nc_(nc),
+        lut_(lut),
+        name_(std::move(name)),
+        cb_(GaussianVqCodebook(sub, code_bits)),
+        k_n_(1 << code_bits) {
     bytes_ = 2 + (size_t(n_sub_) * w_ + 7) / 8;
     code_bytes_ = bytes_ - 2;
     const SoA s = MakeSoA(cb_.c, k_n_, sub_);
@@ -282,10 +296,14 @@ class NsnCodec final : public Codec {
   // DecodeRotated (one product s·c per value); D is a compile-time constant in the loop.
   void DecodeRotatedRows(const uint8_t* rows, int64_t m, const uint8_t* end, float* y) const {
     switch (sub_) {
-      case 1: return DecodeRowsD<1>(rows, m, end, y);
-      case 2: return DecodeRowsD<2>(rows, m, end, y);
-      case 4: return DecodeRowsD<4>(rows, m, end, y);
-      default: return DecodeRowsD<8>(rows, m, end, y);
+      case 1:
+        return DecodeRowsD<1>(rows, m, end, y);
+      case 2:
+        return DecodeRowsD<2>(rows, m, end, y);
+      case 4:
+        return DecodeRowsD<4>(rows, m, end, y);
+      default:
+        return DecodeRowsD<8>(rows, m, end, y);
     }
   }
   template <int D>
@@ -341,7 +359,8 @@ class NsnCodec final : public Codec {
     }
   }
 
-  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block, float* out) const override {
+  void AccumulateWeighted(const float* p, int n_q, const uint8_t* block,
+                          float* out) const override {
     float x[512];
     Decode(block, x);
     for (int r = 0; r < n_q; ++r) {
@@ -358,8 +377,9 @@ class NsnCodec final : public Codec {
                    int64_t ld) const override {
     if (!lut_) {  // tile path: decode s·ŷ rows into an f32 tile, SIMD dot (cpu::DotF32Rows)
       const uint8_t* end = blocks + size_t(n_blocks) * bytes_;
-      cpu::ScoreViaTile(qp, n_q, blocks, bytes_, n_blocks, d_, scores, ld,
-                        [&](const uint8_t* rows, int64_t m, float* y) { DecodeRotatedRows(rows, m, end, y); });
+      cpu::ScoreViaTile(
+          qp, n_q, blocks, bytes_, n_blocks, d_, scores, ld,
+          [&](const uint8_t* rows, int64_t m, float* y) { DecodeRotatedRows(rows, m, end, y); });
       return;
     }
     if (n_blocks * 4 < k_n_) return Codec::ScoreBlocks(qp, n_q, blocks, n_blocks, scores, ld);
@@ -390,13 +410,14 @@ class NsnCodec final : public Codec {
 
   // Codebook-domain accumulation: W[r][i][k] += p·s over the tokens, then Σ_k W c_k per
   // sub-vector and one S·H per query row.
-  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks, int64_t n_blocks,
-                        float* out) const override {
+  void AccumulateBlocks(const float* p, int64_t ld, int n_q, const uint8_t* blocks,
+                        int64_t n_blocks, float* out) const override {
     if (!lut_) {  // tile path: Σ p·s·ŷ in the rotated domain (SIMD axpy), then S·H once per row
       std::vector<float> acc(size_t(n_q) * d_, 0.f);
       const uint8_t* end = blocks + size_t(n_blocks) * bytes_;
-      cpu::AccumulateViaTile(p, ld, n_q, blocks, bytes_, n_blocks, d_, acc.data(),
-                             [&](const uint8_t* rows, int64_t m, float* y) { DecodeRotatedRows(rows, m, end, y); });
+      cpu::AccumulateViaTile(
+          p, ld, n_q, blocks, bytes_, n_blocks, d_, acc.data(),
+          [&](const uint8_t* rows, int64_t m, float* y) { DecodeRotatedRows(rows, m, end, y); });
       for (int r = 0; r < n_q; ++r) {
         float* a = &acc[size_t(r) * d_];
         Inverse(a);
@@ -494,11 +515,13 @@ StatusOr<std::unique_ptr<Codec>> MakeNsnCodec(const CodecSpec& spec, const Codec
       cbits > 12) {
     return InvalidArgument(fmt::format(
         "nsn: bits={} with dim={} gives {} bits per codeword; bits*dim must be an integer in "
-        "[1, 12] (e.g. dim=4: bits=1.75, 2, 2.25, 2.5, 2.75, 3)", *bits, D, cbits));
+        "[1, 12] (e.g. dim=4: bits=1.75, 2, 2.25, 2.5, 2.75, 3)",
+        *bits, D, cbits));
   }
   const int d = ctx.dim;
   if (d < 8 || d > 512 || (d & (d - 1)) != 0) {
-    return Unimplemented(fmt::format("nsn needs a power-of-2 head_dim in [8, 512] (Hadamard), got {}", d));
+    return Unimplemented(
+        fmt::format("nsn needs a power-of-2 head_dim in [8, 512] (Hadamard), got {}", d));
   }
   if (d % D != 0) {
     return Unimplemented(fmt::format("nsn: head_dim {} is not a multiple of dim={}", d, D));

@@ -16,13 +16,15 @@
 //     (measured in cache_internal.h). Without `center=1` the codec is Normalize + Hadamard + VQ.
 //   - Normalize after the shift: per token γ = ‖x − μ‖, y = √d · H·S·(x − μ) / γ (S = seeded ±1
 //     signs, H the normalized Sylvester Hadamard matrix), so ‖y‖² = d and y_j ≈ N(0, 1).
-//   - Codebook: one per (sub-dimension D, entries K = 2^(bits·D)), k-means (LBG splitting + Lloyd)
-//     on a fixed-seed N(0, I_D) sample, generated in-process and cached (GaussianVqCodebook).
+//   - Codebook: one per (sub-dimension D, entries K = 2^(bits·D)), k-means (LBG splitting + Lloyd
+//     steps, each on a fresh fixed-seed N(0, I_D) sample), generated in-process and cached
+//     (GaussianVqCodebook). A process that restores a saved cache regenerates the same codebook
+//     (same seeds; Box–Muller uses libm log/cos/sin, so another libm could differ in the last ulp).
 //   - No fp16 recent window inside the codec (the cache's `sinks=` keeps the first tokens exact);
 //     the bits below are all-in.
 //
-// Spec: nsn:bits=B,dim=D[,nc=0|1][,lut=0|1]   aliases nsn2 (B=1.75, D=4), nsn2.5 (2.25, 4), nsn3 (2.75, 4),
-//       nsn3.25 (3, 2). Usual use: `nsn2.5:center=1` (the Shift).
+// Spec: nsn:bits=B,dim=D[,nc=0|1][,lut=0|1]; aliases nsn2 (B=1.75, D=4), nsn2.5 (2.25, 4),
+//       nsn3 (2.75, 4), nsn3.25 (3, 2). Usual use: `k=nsn3.25:center=1` (the Shift on keys).
 //   bits  code bits per value, B·D must be an integer in [1, 12] (K = 2^(B·D) codewords of D
 //         dims), e.g. D=4: 1.75 (K=128), 2 (256), 2.25 (512), 2.5 (1024), 2.75 (2048), 3 (4096).
 //   dim   codebook dimension D in {1, 2, 4, 8}, D divides head_dim (default 4).
@@ -31,7 +33,9 @@
 //   lut   (default 0) score / accumulate through per-query lookup tables (below); same bytes.
 // Errors: INVALID_ARGUMENT for bad bits/dim/nc or unknown keys (the message names the key and the
 // allowed values); UNIMPLEMENTED for a head_dim that is not a power of 2 in [8, 512] or not a
-// multiple of D.
+// multiple of D. Non-finite input never reaches Encode (KvCache::Write refuses it with
+// INVALID_ARGUMENT "non-finite key value ..."); values beyond fp16 range give a finite block (s
+// saturates at 65504, so such a token's norm is capped).
 //
 // Format, one token (block_tokens = 1), shapes outermost first:
 //   bytes [0, 2)  fp16 s (saturated to ±65504): γ/‖ŷ‖ (nc=1) or γ/√d
