@@ -116,6 +116,13 @@ const std::vector<Config>& Configs() {
       {"kvquant3", "kvquant3", "kvquant3"},
       {"kvquant2", "kvquant2", "kvquant2"},
       {"turbo4-center", "turbo:bits=4,center=1", "turbo4"},
+      {"turbo3-nc-center", "turbo:bits=3,nc=1,center=1", "turbo:bits=3,nc=1"},
+      {"nsn2-center", "nsn2:center=1", "nsn2:center=1"},
+      {"nsn2.5-center", "nsn2.5:center=1", "nsn2.5:center=1"},
+      {"nsn3-center", "nsn3:center=1", "nsn3:center=1"},
+      {"nsn3.25-center", "nsn3.25:center=1", "nsn3.25:center=1"},
+      {"nsn2.5-center-lut", "nsn2.5:center=1,lut=1", "nsn2.5:center=1,lut=1"},
+      {"nsn3.25-center-lut", "nsn3.25:center=1,lut=1", "nsn3.25:center=1,lut=1"},
       {"palu-k25-v75", "f16", "f16", "lowrank:ratio=0.25", "lowrank:ratio=0.75"},
       {"palu-k25-v75+q4_0", "q4_0", "q4_0", "lowrank:ratio=0.25", "lowrank:ratio=0.75"},
   };

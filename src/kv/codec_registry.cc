@@ -8,6 +8,7 @@
 #include "kv/codecs/fp8.h"
 #include "kv/codecs/kivi.h"
 #include "kv/codecs/kvquant.h"
+#include "kv/codecs/nsn.h"
 #include "kv/codecs/plain.h"
 #include "kv/codecs/polar.h"
 #include "kv/codecs/q4_0.h"
@@ -49,6 +50,11 @@ const std::vector<CodecInfo>& RegisteredCodecs() {
       {"kvquant4", "KVQuant nuq4-1% + Q-Norm: K 4.3125 / V 4.875 bits/value (d=64)", {}, MakeKvQuantCodec, false},
       {"qjl", "QJL 1-bit JL sketch of keys (K only) + fp16 norm: qjl:m=64 -> (16+m)/d bits/value", {}, MakeQjlCodec, false},
       {"polar", "PolarQuant: rotation + 4-level polar angles 4/2/2/2 bits + fp16 radius per 16: 3.875 bits/value", {}, MakePolarCodec, true},
+      {"nsn", "NSNQuant-style: normalize + Hadamard + universal Gaussian VQ codebook + fp16 scale (use center=1 for the shift): nsn:bits=B,dim=D", {}, MakeNsnCodec, false},
+      {"nsn2", "NSN VQ 4-D, 128 codewords (7 bits / 4 values) + fp16 scale: 2.0 bits/value (d=64)", {}, MakeNsnCodec, false},
+      {"nsn2.5", "NSN VQ 4-D, 512 codewords (9 bits / 4 values) + fp16 scale: 2.5 bits/value (d=64)", {}, MakeNsnCodec, false},
+      {"nsn3", "NSN VQ 4-D, 2048 codewords (11 bits / 4 values) + fp16 scale: 3.0 bits/value (d=64)", {}, MakeNsnCodec, false},
+      {"nsn3.25", "NSN VQ 2-D, 64 codewords (6 bits / 2 values) + fp16 scale: 3.25 bits/value (d=64)", {}, MakeNsnCodec, false},
   };
   return kCodecs;
 }
@@ -70,6 +76,10 @@ const std::map<std::string, std::string>& CodecAliases() {
       {"kvquant2", "kvquant:bits=2"},
       {"kvquant3", "kvquant:bits=3"},
       {"kvquant4", "kvquant:bits=4"},
+      {"nsn2", "nsn:bits=1.75,dim=4"},
+      {"nsn2.5", "nsn:bits=2.25,dim=4"},
+      {"nsn3", "nsn:bits=2.75,dim=4"},
+      {"nsn3.25", "nsn:bits=3,dim=2"},
   };
   return kAliases;
 }

@@ -358,7 +358,8 @@ TEST_P(KvCacheSimd, CenteringIsExactOnEveryPath) {
     return std::sqrt(se / out.size());
   };
   // (rms output error on this data: q4_0 0.218 -> 0.118, turbo4 0.236 -> 0.132, q8_0 0.0127 -> 0.0070)
-  for (const char* spec : {"q4_0", "turbo4", "q8_0"}) {
+  // (nsn2.5, NSNQuant's Shift: see codec_nsn_test.cc)
+  for (const char* spec : {"q4_0", "turbo4", "q8_0", "nsn2.5"}) {
     const double plain = err(spec), centered = err((std::string(spec) + ":center=1").c_str());
     EXPECT_LT(centered, 0.7 * plain) << spec << " " << plain << " vs centered " << centered;
   }
@@ -368,7 +369,8 @@ TEST_P(KvCacheSimd, CenteringIsExactOnEveryPath) {
   // centred first token; nc), q4_0 behind its Hadamard transform; with and without a sink segment.
   for (const char* spec : {"turbo4:center=1", "turbo3:center=1", "turbo:bits=2.5,center=1",
                            "turbo:bits=4,nc=1,center=1", "turbo:bits=4,split=8,center=1",
-                           "q4_0:center=1"}) {
+                           "q4_0:center=1", "nsn2.5:center=1", "nsn3:center=1",
+                           "nsn:bits=2,dim=2,nc=0,center=1"}) {
     for (int sinks : {0, 4}) {
       KvCacheConfig cfg;
       cfg.k_codec = cfg.v_codec = spec;
