@@ -1,6 +1,6 @@
 // Static key smoothing on the real model: `calibrate --method smooth` on a short PG-19 slice gives
 // RoPE-pair-shared, finite scales for every (layer, head); an f32 cache with smoothing reproduces
-// the f32 cache's logits within rounding (exact fold); the kvc3 preset with smoothing in front runs.
+// the f32 cache's logits within rounding (exact fold); the first kvc3 recipe with smoothing in front runs.
 // Skips when the model or the text is missing.
 #include <gtest/gtest.h>
 
@@ -107,7 +107,9 @@ TEST(SmoothModel, CalibrateAndFoldExactly) {
   EXPECT_LT(err_s, 1.5 * err_h + 1e-3);
   EXPECT_LT(err_s, 1.2 * err_16);
   // Composes with a preset (per-layer value codecs, centring, a sink) on this model.
-  auto rc = ParseRunConfig("preset=kvc3 kt=smooth:file=" + path);
+  // (kvc3 before predictive coding; predict= refuses transforms)
+  auto rc = ParseRunConfig("k=turbo:bits=3,nc=1,center=1 v=turbo:bits=3,nc=1 v@0=turbo:bits=2.5,nc=1 "
+                           "sinks=1 kt=smooth:file=" + path);
   ASSERT_TRUE(rc.ok()) << rc.status().ToString();
   ASSERT_TRUE(FitLayerOverrides(&*rc, s.n_layer).ok());
   ASSERT_TRUE(CheckRunConfigCalibration(*rc, **m).ok());

@@ -96,13 +96,14 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
     const std::string book = "pg1342_pride_and_prejudice_austen.txt";
     std::string text_path;
     KVC_ASSIGN_OR_RETURN(text_path, FindPg19Book(book, "predict=auto calibration"));
+    // The same as `kvcrunch calibrate --method predict -f <book> -c 1024 --max-tokens 32768`.
     KVC_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(text_path));
-    KVC_ASSIGN_OR_RETURN(auto toks, TokenizeText(m, text.substr(std::min<size_t>(20000, text.size() / 4))));
+    KVC_ASSIGN_OR_RETURN(auto toks, TokenizeText(m, text));
     CalibrateOptions opt;
     opt.n_ctx = 1024;
     opt.max_tokens = 32 * 1024;
     opt.spec = "predict";
-    opt.source = "pg19 " + book;
+    opt.source = text_path;
     fmt::print(stderr, "predict=auto: calibrating on {} (32 x 1024 tokens) -> {}\n", book, path);
     KVC_ASSIGN_OR_RETURN(auto f, Calibrate(m, toks, opt));
     KVC_RETURN_IF_ERROR(kv::WriteCalibrationFile(path, f));

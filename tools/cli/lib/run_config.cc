@@ -343,10 +343,11 @@ const std::vector<KvPreset>& KvPresets() {
        "KIVI-4 keys per channel (groups of 64 tokens, 64-token fp16 window) + TurboQuant-4 values "
        "with norm correction, first token fp16: 4.47 b/v all in, +0.51 +- 0.31 % ppl, KLD 0.014 "
        "(target <= +0.5 %: missed by 0.01 points, within 1 SE)"},
-      {"kvc3", "k=turbo:bits=3,nc=1,center=1 v=turbo:bits=3,nc=1 v@0=turbo:bits=2.5,nc=1 sinks=1", 3.25,
-       "TurboQuant-3 keys (norm correction, pre-RoPE mean removed) and values, layer 0's values at "
-       "2.5 bits to pay for the fp16 first token: 3.25 b/v all in, +5.79 +- 0.69 % ppl, KLD 0.065 "
-       "(target <= +2 %, KLD <= 0.03: missed by 3.8 points)"},
+      {"kvc3", "k=turbo:bits=3,nc=1 v=turbo:bits=3,nc=1 v@0=turbo:bits=2,nc=1 sinks=4 predict=auto", 3.25,
+       "predictive coding (AQUA-KV: each layer's K/V predicted from the previous layer's "
+       "reconstruction, residual in TurboQuant-3), layer 0's values at 2 bits to pay for 4 fp16 "
+       "sink tokens: 3.249 b/v all in, +1.15 +- 0.36 % ppl, KLD 0.0215 (target <= +2 %, KLD <= 0.03: "
+       "met). Predictor file made on first use (PG-19, ~3 min)"},
       {"kvc2", "k=turbo:bits=2.5,nc=1,center=1 v=turbo:bits=1.5,nc=1 v@0=turbo:bits=1,nc=1 sinks=1", 2.5,
        "TurboQuant-2.5 keys (32 ch at 3 b + 32 at 2 b, centred) + TurboQuant-1.5 values, layer 0's "
        "values at 1 bit, first token fp16: 2.49 b/v all in, +38.2 +- 2.2 % ppl, KLD 0.354 "
