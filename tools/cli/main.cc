@@ -260,12 +260,17 @@ int CmdInfo(Common& c) {
     std::string bits = "n/a";
     if (st.ok() && rc->evict.empty() && rc->cache.k_transform.find("file=") == std::string::npos) {
       auto ab = MeasureAllInBits(shape, rc->cache, 4096);
-      if (ab.ok()) {
-        auto cache = kv::KvCache::Create(shape, rc->cache);
+      kv::KvCacheConfig body = rc->cache;
+      body.predict.clear();  // residuals in the same codecs: same bytes
+      auto cache = kv::KvCache::Create(shape, body);
+      if (ab.ok() && cache.ok()) {
         bits = fmt::format("{:.3f} (K body {:.3f}, V body {:.3f})", ab->bits, (*cache)->KBitsPerValue(),
                            (*cache)->VBitsPerValue());
+        if (rc->cache.predict == "auto") {
+          bits += fmt::format("; predictor file {} (made on first use)", PredictCalibrationPath(c.model));
+        }
       } else {
-        bits = "unavailable: " + std::string(ab.status().message());
+        bits = "unavailable: " + std::string(ab.ok() ? cache.status().message() : ab.status().message());
       }
     }
     fmt::print("  {:<7} = \"{}\"\n          class <= {:.2f} b/v; bits/value here: {}\n          {}\n", p.name,
