@@ -131,7 +131,7 @@ TEST(RunConfigDefaults, EveryDefaultRowParsesAndBuilds) {
   const auto rows = DefaultRunConfigs();
   ASSERT_EQ(rows.size(), 26u);
   kv::KvShape s;
-  s.n_layer = 2;
+  s.n_layer = 30;  // presets name layers up to 29
   s.n_head = 3;
   s.n_head_kv = 1;
   s.head_dim = 64;

@@ -348,10 +348,10 @@ const std::vector<KvPreset>& KvPresets() {
        "reconstruction, residual in TurboQuant-3), layer 0's values at 2 bits to pay for 4 fp16 "
        "sink tokens: 3.249 b/v all in, +1.15 +- 0.36 % ppl, KLD 0.0215 (target <= +2 %, KLD <= 0.03: "
        "met). Predictor file made on first use (PG-19, ~3 min)"},
-      {"kvc2", "k=turbo:bits=2.5,nc=1,center=1 v=turbo:bits=1.5,nc=1 v@0=turbo:bits=1,nc=1 sinks=1", 2.5,
-       "TurboQuant-2.5 keys (32 ch at 3 b + 32 at 2 b, centred) + TurboQuant-1.5 values, layer 0's "
-       "values at 1 bit, first token fp16: 2.49 b/v all in, +38.2 +- 2.2 % ppl, KLD 0.354 "
-       "(target <= +6 %: missed by 32 points)"},
+      {"kvc2", "k=nsn3 v=nsn2 k@29=nsn2.5 sinks=1 predict=auto", 2.5,
+       "predictive coding (AQUA-KV predictors) with NSN vector-quantized residuals: keys 3 b/v "
+       "(layer 29: 2.5), values 2 b/v, first token fp16: 2.496 b/v all in, +2.82 +- 0.53 % ppl, "
+       "KLD 0.041 (target <= +6 %: met). Predictor file made on first use (PG-19, ~3 min)"},
       {"kvc-25", "k=kivi:bits=4,group=128,residual=128 v=turbo:bits=3,nc=1 sinks=1", 4.0,
        "<= 25 % of the f16 KV bytes by quantization alone (no token evicted): KIVI-4 keys (groups of "
        "128, 128-token fp16 window) + TurboQuant-3 values, first token fp16: 3.94 b/v = 24.6 % of "
