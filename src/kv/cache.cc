@@ -682,7 +682,7 @@ void KvCache::DecodeKeys(int layer, int head, float* k) const {
   }
 }
 
-// KVSink-style sink detection (Su et al., "KVSink", arXiv 2508.04257 §3-4: sink tokens beyond
+// KVSink-style sink detection (Su & Yuan, "KVSink", arXiv 2508.04257, abstract and Fig. 1: sink tokens beyond
 // position 0 carry stable massive activations and are predicted from them). The hidden states are
 // not reachable from the cache, so the rule reads their trace in the values: a sink token's value
 // vectors are tiny (its attention mass is a no-op). Measured on SmolLM2-135M, WikiText-2, 512

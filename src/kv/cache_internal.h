@@ -75,7 +75,7 @@ struct Segment {
   int64_t n() const { return k.n(); }
 };
 
-// A side tier of one head (MiKV, arXiv 2402.18096 §3; KVSink, arXiv 2508.04257 §4): cells that
+// A side tier of one head (MiKV, arXiv 2402.18096 §3; KVSink, arXiv 2508.04257, abstract and Fig. 1): cells that
 // live outside the policy-visible cells, each with its own codecs. Attention covers them exactly
 // like the main cells (causal mask by seq, RoPE at pos, same softmax); eviction policies never see
 // them. Cells are in arrival order, NOT sorted by seq (a cell a policy kept for long may be
