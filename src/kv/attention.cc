@@ -244,7 +244,7 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
                   hd, p.side_k.data(), hd, 0.0f, s2.data(), int(n_side));
     }
     if (n_eff > 0 || n_side > 0) {
-    if (n_eff > 0) {
+    if (n_eff > 0) {  // main cells' scores (block kept at its pre-demotion indentation)
       // ---- scores
       if (p.tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_eff), hd, 1.0f, qh.data(),
