@@ -183,6 +183,16 @@ Status Engine::Validate(const Request& r) const {
     return InvalidArgument(fmt::format("sink tokens ({}) must be in [0, n_ctx = {}]",
                                        r.kv.cache.sink_tokens, opt_.n_ctx));
   }
+  // The KV plan reserves bytes for the policy's MaxCells at the main codecs; demoted cells (every
+  // evicted token, at the demote codec) and pinned sinks are not in that bound, so admission would
+  // under-reserve. Refused until kv_plan counts the side tiers (docs/eviction.md "Demotion").
+  if (!r.kv.cache.demote_k_codec.empty() || !r.kv.cache.demote_v_codec.empty() ||
+      r.kv.cache.sink_detect > 0) {
+    return InvalidArgument(
+        "demotion (demote=) and activation-found sinks (sink_detect=) are not supported by the "
+        "engine/server: its KV byte reservation does not count their side tiers yet; use them "
+        "with the CLI's eval / retrieval / generate");
+  }
   KVC_RETURN_IF_ERROR(ValidateSampling(r.gen.sampling));
   KVC_RETURN_IF_ERROR(ValidateStops(r.gen.stop));
   if (r.restore_sequence && !r.restore_blocks.empty()) {

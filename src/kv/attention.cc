@@ -51,7 +51,31 @@ struct HeadPlan {
     }
   };
   std::vector<Pending> k_pend, v_pend;
+  // Side tiers (demoted / pinned cells, cache_internal.h SideTier), all tiers concatenated and
+  // decoded once per call: keys post-RoPE at their positions, values; seq for the causal mask
+  // (arrival order, not sorted: masked per cell). Empty when the head has none.
+  std::vector<int64_t> side_seq;     // [n_side]
+  std::vector<float> side_k;         // [n_side, head_dim]
+  std::vector<float> side_v;         // [n_side, dv]
 };
+
+// Decodes every side tier of a head into plan p (keys rotated at their positions).
+void DecodeSide(const HeadCache& hc, const Rope* rope, int hd, int dv, HeadPlan* p) {
+  int64_t n = 0;
+  for (const auto& t : hc.side) n += t.seg.k.codec ? t.n() : 0;
+  p->side_seq.clear();
+  if (n == 0) return;
+  p->side_k.resize(size_t(n) * hd);
+  p->side_v.resize(size_t(n) * dv);
+  int64_t off = 0;
+  for (const auto& t : hc.side) {
+    if (!t.seg.k.codec || t.n() == 0) continue;
+    DecodeStreamFull(t.seg.k, rope, t.pos.data(), &p->side_k[size_t(off) * hd]);
+    DecodeStreamFull(t.seg.v, nullptr, nullptr, &p->side_v[size_t(off) * dv]);
+    p->side_seq.insert(p->side_seq.end(), t.seq.begin(), t.seq.end());
+    off += t.n();
+  }
+}
 
 // Saves the fp16 tail of a window stream as seen before its flush, then flushes it.
 void TakePending(Stream& st, int64_t seg_off, const Rope* rope, const int64_t* rope_pos,
@@ -188,6 +212,7 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
       p.v_tile.reset(new float[size_t(n) * dv]);
       DecodeValues(layer, h, p.v_tile.get());
     }
+    if (!hc.side.empty()) DecodeSide(hc, &rope, hd, dv, &p);
   }
 
   // Tasks: (head, query token tile).
@@ -225,7 +250,17 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
 
     std::vector<float> s(size_t(rows) * std::max<int64_t>(n_eff, 1));
     std::vector<float> o(size_t(rows) * dv, 0.f);
-    if (n_eff > 0) {
+    // Side-tier scores [rows, n_side]: same scale, causal mask per cell, one softmax with the
+    // main cells (so attention over every tier is one distribution, exactly as before demotion).
+    const int64_t n_side = int64_t(p.side_seq.size());
+    std::vector<float> s2;
+    if (n_side > 0) {
+      s2.resize(size_t(rows) * n_side);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_side), hd, 1.0f, qh.data(),
+                  hd, p.side_k.data(), hd, 0.0f, s2.data(), int(n_side));
+    }
+    if (n_eff > 0 || n_side > 0) {
+    if (n_eff > 0) {  // main cells' scores (block kept at its pre-demotion indentation)
       // ---- scores
       if (p.tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, int(n_eff), hd, 1.0f, qh.data(),
@@ -302,13 +337,30 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
           off += n_seg;
         }
       }
+      }
       // ---- scale, causal mask, softmax, statistics
       const float neg_inf = -std::numeric_limits<float>::infinity();
       for (int r = 0; r < rows; ++r) {
         const int64_t qs = q_seq[t0 + r / g];
         float* sr = &s[size_t(r) * n_eff];
         for (int64_t c = 0; c < n_eff; ++c) sr[c] = hc.seq[c] <= qs ? sr[c] * scale : neg_inf;
-        cpu::Softmax(sr, n_eff);
+        if (n_side == 0) {
+          cpu::Softmax(sr, n_eff);
+          continue;
+        }
+        float* sr2 = &s2[size_t(r) * n_side];
+        float m = neg_inf;
+        for (int64_t c = 0; c < n_eff; ++c) m = std::max(m, sr[c]);
+        for (int64_t c = 0; c < n_side; ++c) {
+          sr2[c] = p.side_seq[c] <= qs ? sr2[c] * scale : neg_inf;
+          m = std::max(m, sr2[c]);
+        }
+        double sum = 0;
+        for (int64_t c = 0; c < n_eff; ++c) sum += sr[c] = sr[c] == neg_inf ? 0.f : std::exp(sr[c] - m);
+        for (int64_t c = 0; c < n_side; ++c) sum += sr2[c] = sr2[c] == neg_inf ? 0.f : std::exp(sr2[c] - m);
+        const float inv = sum > 0 ? float(1.0 / sum) : 0.f;
+        for (int64_t c = 0; c < n_eff; ++c) sr[c] *= inv;
+        for (int64_t c = 0; c < n_side; ++c) sr2[c] *= inv;
       }
       if (stats_.accumulate) {
         auto& a = acc_part[task];
@@ -325,9 +377,15 @@ void KvCache::Attend(int layer, const float* q, const int64_t* q_seq, int n_q, f
         }
       }
       // ---- values
-      if (p.v_tiled) {
+      if (n_side > 0) {  // o = P_side · V_side first; the main paths below add to o
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_side), 1.0f,
+                    s2.data(), int(n_side), p.side_v.data(), dv, 0.0f, o.data(), dv);
+      }
+      if (n_eff == 0) {
+        // only side cells are visible
+      } else if (p.v_tiled) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dv, int(n_eff), 1.0f,
-                    s.data(), int(n_eff), p.v_tile.get(), dv, 0.0f, o.data(), dv);
+                    s.data(), int(n_eff), p.v_tile.get(), dv, 1.0f, o.data(), dv);
         for (const auto& pd : p.v_pend) {
           const int64_t a = pd.begin, b = std::min(pd.end, n_eff);
           if (a >= b) continue;

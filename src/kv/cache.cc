@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 #include <fmt/format.h>
@@ -206,6 +208,11 @@ size_t MemoryReport::TotalBytes() const {
   for (auto& l : layers) s += l.cells + l.transform;
   return s;
 }
+int64_t MemoryReport::SideCells() const {
+  int64_t s = 0;
+  for (auto& l : layers) s += l.n_side_cells;
+  return s;
+}
 int64_t MemoryReport::Cells() const {
   int64_t s = 0;
   for (auto& l : layers) s += l.n_cells;
@@ -340,6 +347,27 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
   if (!cfg.v_codec_layer.empty() && int(cfg.v_codec_layer.size()) != shape.n_layer) {
     return InvalidArgument("per-layer V codec list must have n_layer entries");
   }
+  if (cfg.demote_k_codec.empty() != cfg.demote_v_codec.empty()) {
+    return InvalidArgument("demotion needs both a K and a V codec (demote=SPEC sets both; "
+                           "demote_k= / demote_v= set one)");
+  }
+  if (!(cfg.sink_detect >= 0) ||
+      (cfg.sink_detect > 0 && (cfg.sink_detect_layer < 0 || cfg.sink_detect_layer >= shape.n_layer))) {
+    return InvalidArgument(fmt::format("sink_detect must be >= 0 (0 = off) and its layer in [0, {}) "
+                                       "(got {} at layer {})", shape.n_layer, cfg.sink_detect,
+                                       cfg.sink_detect_layer));
+  }
+  if (cfg.sink_detect > 0 && cfg.sink_detect <= 1) {
+    return InvalidArgument(fmt::format("sink_detect={} is a ratio to the channel median and must be "
+                                       "> 1 (e.g. 8), or 0 for off", cfg.sink_detect));
+  }
+  const bool side = !cfg.demote_k_codec.empty() || cfg.sink_detect > 0;
+  if (side && cfg.position_mode != PositionMode::kOriginal) {
+    return InvalidArgument(fmt::format(
+        "demotion (demote=) and activation-found sinks (sink_detect=) keep each cell's original "
+        "RoPE position; position mode '{}' (in-cache / rerotate, e.g. from the streaming policy or "
+        "pos=) relabels cells and is not supported with them", PositionModeName(cfg.position_mode)));
+  }
   std::unique_ptr<KvCache> c(new KvCache());
   c->shape_ = shape;
   c->cfg_ = cfg;
@@ -379,9 +407,47 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
         if (sink) seg.k.limit_tokens = seg.v.limit_tokens = cfg.sink_tokens;  // no 64-token step
         heads[h].segs.push_back(std::move(seg));
       }
+      if (!side) continue;
+      // Side tiers (cache_internal.h SideTier): pinned sinks at sink_codec, demoted cells at the
+      // demote codecs. A tier that is not configured has no codec and is skipped everywhere.
+      heads[h].side.resize(kNumSideTiers);
+      for (int t = 0; t < kNumSideTiers; ++t) {
+        const bool pinned = t == kPinnedTier;
+        if (pinned ? cfg.sink_detect <= 0 : cfg.demote_k_codec.empty()) continue;
+        CodecContext ctx;
+        ctx.layer = l;
+        ctx.n_layer = shape.n_layer;
+        ctx.head = h;
+        ctx.n_head_kv = shape.n_head_kv;
+        ctx.calib = cfg.calib;
+        const uint64_t base = cfg.seed ^ (uint64_t(l) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(h) << 32);
+        ctx.kind = KvKind::kKey;
+        ctx.seed = base ^ (pinned ? 0x504bull : 0x444bull);
+        auto ks = MakeStream(pinned ? cfg.sink_codec : cfg.demote_k_codec, "", ctx, shape.head_dim,
+                             cfg, pinned);
+        if (!ks.ok()) {
+          return Status(ks.status().code(), std::string(pinned ? "" : "demoted tier (demote_k=): ") +
+                                                std::string(ks.status().message()));
+        }
+        ctx.kind = KvKind::kValue;
+        ctx.seed = base ^ (pinned ? 0x5056ull : 0x4456ull);
+        auto vs = MakeStream(pinned ? cfg.sink_codec : cfg.demote_v_codec, "", ctx, shape.DimV(),
+                             cfg, pinned);
+        if (!vs.ok()) {
+          return Status(vs.status().code(), std::string(pinned ? "" : "demoted tier (demote_v=): ") +
+                                                std::string(vs.status().message()));
+        }
+        heads[h].side[t].seg.k = std::move(ks).value();
+        heads[h].side[t].seg.v = std::move(vs).value();
+      }
     }
   }
   if (!cfg.predict.empty()) {
+    if (!cfg.demote_k_codec.empty() || !cfg.demote_v_codec.empty() || cfg.sink_detect > 0) {
+      return InvalidArgument("predict=: demotion (demote=) and activation-found sinks (sink_detect=) "
+                             "cannot be combined with predictive coding (cells must stay aligned "
+                             "across layers)");
+    }
     if (cfg.position_mode != PositionMode::kOriginal) {
       return InvalidArgument("predict=: a predictive cache keeps original positions (no --kv-positions "
                              "in-cache / rerotate)");
@@ -420,6 +486,9 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
       for (auto& seg : hc.segs) {
         if (seg.k.center && !seg.k.pre_rope) seg.k.mu_rope = c->impl_->rope.get();
       }
+      for (auto& t : hc.side) {
+        if (t.seg.k.codec && t.seg.k.center && !t.seg.k.pre_rope) t.seg.k.mu_rope = c->impl_->rope.get();
+      }
     }
   }
   return c;
@@ -444,6 +513,40 @@ static void AppendCells(HeadCache& hc, const int64_t* seq, const int64_t* pos, i
   }
 }
 
+// Appends n cells to a side tier: k [n, head_dim] post-RoPE at pos (modified in place), v [n, dv]
+// (modified). The tier's codecs may want pre-RoPE keys (rotated back by −pos), centring
+// (Stream::Center) or a rotation (rot=1). Encoded at once (no deferred window flush).
+static void SideAppend(SideTier& t, const Rope& rope, float* k, float* v, const int64_t* seq,
+                       const int64_t* pos, int64_t n, int hd) {
+  if (n <= 0) return;
+  Stream& ks = t.seg.k;
+  Stream& vs = t.seg.v;
+  if (ks.pre_rope) {
+    std::vector<int64_t> back(pos, pos + n);
+    for (auto& p : back) p = -p;
+    rope.Apply(k, int(n), hd, back.data());
+  }
+  ks.Center(k, n, seq, pos);
+  std::vector<float> y;
+  if (ks.transform) {
+    y.resize(size_t(n) * ks.dim);
+    ks.transform->Forward(k, int(n), y.data());
+    ks.Append(y.data(), n);
+  } else {
+    ks.Append(k, n);
+  }
+  vs.Center(v, n, seq);
+  if (vs.transform) {
+    y.resize(size_t(n) * vs.dim);
+    vs.transform->Forward(v, int(n), y.data());
+    vs.Append(y.data(), n);
+  } else {
+    vs.Append(v, n);
+  }
+  t.seq.insert(t.seq.end(), seq, seq + n);
+  t.pos.insert(t.pos.end(), pos, pos + n);
+}
+
 Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, const float* v) {
   KVC_CHECK(layer >= 0 && layer < shape_.n_layer);
   if (n <= 0) return Status::Ok();
@@ -465,13 +568,62 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
   }
   auto& heads = impl_->layers[layer];
   for (int h = 0; h < nkv; ++h) {
-    if (!heads[h].seq.empty() && seq[0] <= heads[h].seq.back()) {
+    int64_t last = heads[h].seq.empty() ? -1 : heads[h].seq.back();
+    for (const auto& t : heads[h].side) {
+      for (int64_t x : t.seq) last = std::max(last, x);
+    }
+    if (last >= 0 && seq[0] <= last) {
       return InvalidArgument(fmt::format("Write: layer {} seq {} not after cached seq {}", layer,
-                                         seq[0], heads[h].seq.back()));
+                                         seq[0], last));
     }
   }
   if (observer_) observer_->OnWrite(layer, seq, n, k, v);
   if (impl_->pred) return WritePredictive(layer, seq, n, k, v);
+  const int n_in = n;
+  // KVSink (sink_detect): tokens found as sinks (this layer or an earlier one) go to the pinned
+  // tier; the rest continue below as main cells.
+  std::vector<int64_t> main_seq;
+  std::vector<float> main_k, main_v;
+  if (cfg_.sink_detect > 0) {
+    if (layer >= cfg_.sink_detect_layer) DetectSinks(layer, seq, n, k, v);
+    else if (layer == 0) sink_streak_.clear();
+    std::vector<int> pin;
+    for (int i = 0; i < n; ++i) {
+      // Tokens of the sink segment (the first sink_tokens) are already kept at sink_codec there.
+      if (seq[i] >= cfg_.sink_tokens &&
+          std::binary_search(sink_seqs_.begin(), sink_seqs_.end(), seq[i])) {
+        pin.push_back(i);
+      }
+    }
+    if (!pin.empty()) {
+      const int np = int(pin.size());
+      std::vector<float> pk(size_t(np) * hd), pv(size_t(np) * dv);
+      std::vector<int64_t> ps(np), pp(np);
+      for (int h = 0; h < nkv; ++h) {
+        HeadCache& hc = heads[h];
+        for (int j = 0; j < np; ++j) {
+          const int i = pin[j];
+          std::memcpy(&pk[size_t(j) * hd], k + (int64_t(i) * nkv + h) * hd, hd * sizeof(float));
+          std::memcpy(&pv[size_t(j) * dv], v + (int64_t(i) * nkv + h) * dv, dv * sizeof(float));
+          ps[j] = seq[i];
+          pp[j] = seq[i] - hc.shift;
+        }
+        impl_->rope->Apply(pk.data(), np, hd, pp.data());
+        SideAppend(hc.side[kPinnedTier], *impl_->rope, pk.data(), pv.data(), ps.data(), pp.data(),
+                   np, hd);
+      }
+      for (int i = 0, j = 0; i < n; ++i) {
+        if (j < np && pin[j] == i) { ++j; continue; }
+        main_seq.push_back(seq[i]);
+        main_k.insert(main_k.end(), k + int64_t(i) * nkv * hd, k + int64_t(i + 1) * nkv * hd);
+        main_v.insert(main_v.end(), v + int64_t(i) * nkv * dv, v + int64_t(i + 1) * nkv * dv);
+      }
+      seq = main_seq.data();
+      k = main_k.data();
+      v = main_v.data();
+      n = int(main_seq.size());
+    }
+  }
   std::vector<float> kx(size_t(n) * hd), vx(size_t(n) * dv), y;
   std::vector<int64_t> pos(n);
   for (int h = 0; h < nkv; ++h) {
@@ -517,7 +669,7 @@ Status KvCache::Write(int layer, const int64_t* seq, int n, const float* k, cons
     KVC_CHECK_EQ(done, n);
     AppendCells(hc, seq, pos.data(), n, cfg_.grow_tokens, stats_.accumulate);
   }
-  if (layer == 0) n_consumed_ += n;
+  if (layer == 0) n_consumed_ += n_in;
   return Status::Ok();
 }
 
@@ -679,7 +831,7 @@ void KvCache::set_pos_shift(int layer, int head, int64_t s) { impl_->layers[laye
 
 // Decodes one stream fully into the head_dim domain: reconstructs transforms, applies RoPE for
 // pre-RoPE keys at `rope_pos` (null for values). out [n, dim_in].
-static void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* rope_pos, float* out) {
+void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* rope_pos, float* out) {
   const int64_t n = s.n();
   if (n == 0) return;
   if (s.transform) {
@@ -711,6 +863,101 @@ void KvCache::DecodeKeys(int layer, int head, float* k) const {
   for (const auto& seg : hc.segs) {
     DecodeStreamFull(seg.k, impl_->rope.get(), rp.data() + off, k + off * shape_.head_dim);
     off += seg.n();
+  }
+}
+
+// KVSink-style sink detection (Su & Yuan, "KVSink", arXiv 2508.04257, abstract and Fig. 1: sink tokens beyond
+// position 0 carry stable massive activations and are predicted from them). The hidden states are
+// not reachable from the cache, so the rule reads their trace in the values: a sink token's value
+// vectors are tiny (its attention mass is a no-op). Measured on SmolLM2-135M, WikiText-2, 512
+// tokens (docs/eviction.md "Activation-found sinks"): ||v|| of token 0 is 0.09-0.38x the median in
+// layers 12-29, and 15-17 other tokens sit at 0.11-0.23x in every layer 3-9 while no other token
+// goes below 0.4x in any layer; key channels showed no such separation (max |k_c| / median: the
+// same 6-14x for all tokens). Rule: in layers >= sink_detect_layer, a token whose ||v|| (all KV
+// heads of the layer) is below median / sink_detect in kSinkStableLayers consecutive layers is a
+// sink from that layer on. The median is the write batch's (>= 16 tokens) or, for smaller batches
+// (decode), the last such batch's of that layer.
+constexpr int kSinkStableLayers = 3;
+constexpr int kSinkMinBatch = 16;
+
+void KvCache::DetectSinks(int layer, const int64_t* seq, int n, const float* k, const float* v) {
+  (void)k;
+  const int wv = shape_.n_head_kv * shape_.DimV();
+  if (sink_ref_.size() != size_t(shape_.n_layer)) sink_ref_.assign(shape_.n_layer, 0.f);
+  std::vector<float> vn(n);
+  for (int i = 0; i < n; ++i) {
+    double s = 0;
+    for (int c = 0; c < wv; ++c) s += double(v[int64_t(i) * wv + c]) * v[int64_t(i) * wv + c];
+    vn[i] = float(std::sqrt(s));
+  }
+  if (n >= kSinkMinBatch) {
+    std::vector<float> t(vn);
+    std::nth_element(t.begin(), t.begin() + n / 2, t.end());
+    sink_ref_[layer] = t[n / 2];
+  }
+  const float ref = sink_ref_[layer];
+  for (int i = 0; i < n; ++i) {
+    const bool low = ref > 0 && vn[i] * cfg_.sink_detect < ref;
+    int& streak = sink_streak_[seq[i]];
+    streak = low ? streak + 1 : 0;
+    if (streak >= kSinkStableLayers) {
+      auto it = std::lower_bound(sink_seqs_.begin(), sink_seqs_.end(), seq[i]);
+      if (it == sink_seqs_.end() || *it != seq[i]) sink_seqs_.insert(it, seq[i]);
+    }
+  }
+  if (const char* dump = std::getenv("KVC_SINK_DUMP")) {  // debug: per-token ||v|| per layer
+    if (std::FILE* f = std::fopen(dump, "a")) {
+      std::fprintf(f, "{\"layer\":%d,\"ref\":%.5g,\"seq\":[", layer, ref);
+      for (int i = 0; i < n; ++i) std::fprintf(f, "%s%lld", i ? "," : "", (long long)seq[i]);
+      std::fprintf(f, "],\"vnorm\":[");
+      for (int i = 0; i < n; ++i) std::fprintf(f, "%s%.4g", i ? "," : "", vn[i]);
+      std::fprintf(f, "]}\n");
+      std::fclose(f);
+    }
+  }
+  // Streaks only span one forward pass (layers in order): forget them after the last layer.
+  if (layer == shape_.n_layer - 1) {
+    for (int i = 0; i < n; ++i) sink_streak_.erase(seq[i]);
+  }
+}
+
+int64_t KvCache::n_demoted(int layer, int head) const {
+  const auto& hc = impl_->layers[layer][head];
+  return hc.side.empty() ? 0 : hc.side[kDemotedTier].n();
+}
+int64_t KvCache::n_pinned(int layer, int head) const {
+  const auto& hc = impl_->layers[layer][head];
+  return hc.side.empty() ? 0 : hc.side[kPinnedTier].n();
+}
+std::vector<int64_t> KvCache::demoted_seqs(int layer, int head) const {
+  const auto& hc = impl_->layers[layer][head];
+  return hc.side.empty() ? std::vector<int64_t>{} : hc.side[kDemotedTier].seq;
+}
+std::vector<int64_t> KvCache::pinned_seqs(int layer, int head) const {
+  const auto& hc = impl_->layers[layer][head];
+  return hc.side.empty() ? std::vector<int64_t>{} : hc.side[kPinnedTier].seq;
+}
+
+void KvCache::DecodeAllTiers(int layer, int head, std::vector<int64_t>* seq,
+                             std::vector<int64_t>* pos, std::vector<float>* k,
+                             std::vector<float>* v) const {
+  const auto& hc = impl_->layers[layer][head];
+  const int hd = shape_.head_dim, dv = shape_.DimV();
+  *seq = hc.seq;
+  *pos = hc.pos;
+  k->assign(size_t(hc.n()) * hd, 0.f);
+  v->assign(size_t(hc.n()) * dv, 0.f);
+  DecodeKeys(layer, head, k->data());
+  DecodeValues(layer, head, v->data());
+  for (const auto& t : hc.side) {
+    if (!t.seg.k.codec || t.n() == 0) continue;
+    const size_t k0 = k->size(), v0 = v->size();
+    k->resize(k0 + size_t(t.n()) * hd);
+    v->resize(v0 + size_t(t.n()) * dv);
+    DecodeStreamFull(t.seg.k, impl_->rope.get(), t.pos.data(), k->data() + k0);
+    DecodeStreamFull(t.seg.v, nullptr, nullptr, v->data() + v0);
+    seq->insert(seq->end(), t.seq.begin(), t.seq.end());
+    pos->insert(pos->end(), t.pos.begin(), t.pos.end());
   }
 }
 
@@ -765,6 +1012,10 @@ static void KeepRows(Stream& s, const std::vector<int32_t>& keep) {
 }
 
 Status KvCache::Keep(int layer, int head, const std::vector<int32_t>& keep) {
+  return KeepCells(layer, head, keep, demotes());
+}
+
+Status KvCache::KeepCells(int layer, int head, const std::vector<int32_t>& keep, bool demote) {
   if (layer < 0 || layer >= shape_.n_layer || head < 0 || head >= shape_.n_head_kv) {
     return InvalidArgument("Keep: layer/head out of range");
   }
@@ -780,6 +1031,28 @@ Status KvCache::Keep(int layer, int head, const std::vector<int32_t>& keep) {
                                 "aligned across layers, so eviction is not supported");
     }
     ++impl_->gen;
+  }
+  if (demote && int64_t(keep.size()) < hc.n()) {
+    // MiKV: the cells not kept move to the demoted tier. They are decoded from their current codec
+    // (post-RoPE keys at their positions, values) and re-encoded with the demote codecs, so a
+    // demoted token carries the error of both codecs (the main codec's is small next to ~2 bits).
+    const int hd = shape_.head_dim, dv = shape_.DimV();
+    const int64_t n = hc.n();
+    std::vector<float> ak(size_t(n) * hd), av(size_t(n) * dv);
+    DecodeKeys(layer, head, ak.data());
+    DecodeValues(layer, head, av.data());
+    std::vector<float> dk, dvv;
+    std::vector<int64_t> ds, dp;
+    size_t j = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (j < keep.size() && keep[j] == i) { ++j; continue; }
+      dk.insert(dk.end(), ak.begin() + i * hd, ak.begin() + (i + 1) * hd);
+      dvv.insert(dvv.end(), av.begin() + i * dv, av.begin() + (i + 1) * dv);
+      ds.push_back(hc.seq[i]);
+      dp.push_back(hc.pos[i]);
+    }
+    SideAppend(hc.side[kDemotedTier], *impl_->rope, dk.data(), dvv.data(), ds.data(), dp.data(),
+               int64_t(ds.size()), hd);
   }
   int64_t off = 0;
   for (auto& seg : hc.segs) {
@@ -865,9 +1138,24 @@ Status KvCache::TruncateAfter(int64_t last_seq) {
         std::vector<int32_t> keep(static_cast<size_t>(n_keep));
         std::iota(keep.begin(), keep.end(), 0);
         impl_->truncating = true;
-        const Status st = Keep(l, h, keep);
+        const Status st = KeepCells(l, h, keep, /*demote=*/false);
         impl_->truncating = false;
         KVC_RETURN_IF_ERROR(st);
+      }
+      // Side tiers are in arrival order: filter by seq (the tokens after last_seq never existed).
+      for (auto& t : hc.side) {
+        if (!t.seg.k.codec) continue;
+        std::vector<int32_t> keep;
+        for (int64_t i = 0; i < t.n(); ++i) {
+          if (t.seq[i] <= last_seq) keep.push_back(int32_t(i));
+        }
+        if (int64_t(keep.size()) == t.n()) continue;
+        KeepRows(t.seg.k, keep);
+        KeepRows(t.seg.v, keep);
+        std::vector<int64_t> s2, p2;
+        for (int32_t i : keep) { s2.push_back(t.seq[i]); p2.push_back(t.pos[i]); }
+        t.seq.swap(s2);
+        t.pos.swap(p2);
       }
       // The next token (seq n_consumed_) continues at position (last_seq + 1) - old shift.
       hc.shift += n_consumed_ - (last_seq + 1);
@@ -901,10 +1189,22 @@ void KvCache::Clear() {
       hc.acc.clear(); hc.acc.shrink_to_fit();
       hc.obs.clear(); hc.obs.shrink_to_fit();
       hc.shift = 0;
+      for (auto& t : hc.side) {
+        if (!t.seg.k.codec) continue;
+        t.seg.k.Rebuild(nullptr, 0);
+        t.seg.v.Rebuild(nullptr, 0);
+        t.seg.k.mu.clear();  // a new sequence: centring restarts from its first batch
+        t.seg.v.mu.clear();
+        t.seq.clear(); t.seq.shrink_to_fit();
+        t.pos.clear(); t.pos.shrink_to_fit();
+      }
     }
   }
   ++impl_->gen;
   ReleasePredictiveRecon(*impl_);
+  sink_seqs_.clear();
+  sink_streak_.clear();
+  sink_ref_.clear();
   n_consumed_ = 0;
 }
 
@@ -926,6 +1226,18 @@ MemoryReport KvCache::Memory() const {
       L.cells += (hc.seq.capacity() + hc.pos.capacity()) * sizeof(int64_t) +
                  (hc.acc.capacity() + hc.obs.capacity()) * sizeof(float);
       L.n_cells += hc.n();
+      for (const auto& t : hc.side) {
+        if (!t.seg.k.codec) continue;
+        L.k_packed += t.seg.k.packed_bytes();
+        L.v_packed += t.seg.v.packed_bytes();
+        L.k_tail += t.seg.k.tail_bytes();
+        L.v_tail += t.seg.v.tail_bytes();
+        if (t.seg.k.transform) L.transform += t.seg.k.transform->ParamBytes();
+        if (t.seg.v.transform) L.transform += t.seg.v.transform->ParamBytes();
+        L.transform += (t.seg.k.mu.capacity() + t.seg.v.mu.capacity()) * sizeof(float);
+        L.cells += (t.seq.capacity() + t.pos.capacity()) * sizeof(int64_t);
+        L.n_side_cells += t.n();
+      }
     }
   }
   for (const Recon& rc : impl_->recon) r.scratch += (rc.k.capacity() + rc.v.capacity()) * sizeof(float);
@@ -959,6 +1271,10 @@ std::string KvCache::Describe() const {
   if (seg.k.center) d += " Kcenter";
   if (seg.v.center) d += " Vcenter";
   if (cfg_.sink_tokens > 0) d += fmt::format(" sinks={}@{}", cfg_.sink_tokens, cfg_.sink_codec);
+  if (cfg_.sink_detect > 0) {
+    d += fmt::format(" sink_detect={}@L{}:{}", cfg_.sink_detect, cfg_.sink_detect_layer, cfg_.sink_codec);
+  }
+  if (demotes()) d += fmt::format(" demote=K:{},V:{}", cfg_.demote_k_codec, cfg_.demote_v_codec);
   if (cfg_.position_mode != PositionMode::kOriginal) {
     d += std::string(" pos=") + PositionModeName(cfg_.position_mode);
   }

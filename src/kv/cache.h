@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kv/codec.h"
@@ -58,6 +59,19 @@ struct KvCacheConfig {
   std::string v_transform;
   int sink_tokens = 0;                     // first tokens kept in their own segment ...
   std::string sink_codec = "f16";          // ... with this codec (K and V)
+  // Demotion (MiKV, "No Token Left Behind", arXiv 2402.18096 §3): "" = off. When set, cells an
+  // eviction policy drops through Keep() are re-encoded with these codecs into the head's demoted
+  // tier instead of being deleted; attention still covers them. K and V given separately (config
+  // keys demote=, demote_k=, demote_v=). Needs position_mode original.
+  std::string demote_k_codec;
+  std::string demote_v_codec;
+  // Activation-found sinks (KVSink, arXiv 2508.04257): 0 = off. Otherwise a token whose value
+  // norm (all KV heads) is below the layer's median / sink_detect in 3 consecutive layers >=
+  // sink_detect_layer is written to the pinned tier of that and every later layer at sink_codec
+  // precision and is never evicted or demoted. See DetectSinks (cache.cc) for the rule and its
+  // evidence. Also public: sink_seqs() lists the tokens found.
+  float sink_detect = 0;
+  int sink_detect_layer = 2;
   PositionMode position_mode = PositionMode::kOriginal;
   // true: position_mode was given explicitly (--kv-positions / pos=) and wins over the eviction
   // policy's default (StreamingLLM: in-cache), even when it is kOriginal.
@@ -94,6 +108,9 @@ struct MemoryReport {
     size_t cells = 0;                   // bookkeeping
     size_t transform = 0;               // projection parameters
     int64_t n_cells = 0;                // Σ over heads
+    // Side tiers (demoted / pinned cells) are included in the byte fields above; their cells are
+    // counted here and not in n_cells (n_cells stays what policies see).
+    int64_t n_side_cells = 0;
   };
   std::vector<Layer> layers;
   // Working buffers a cache keeps between calls, outside the KV bytes: the predictive cache's
@@ -105,6 +122,7 @@ struct MemoryReport {
   size_t PackedBytes() const;
   size_t TailBytes() const;
   int64_t Cells() const;
+  int64_t SideCells() const;
 };
 
 // Optional observer of the raw vectors the cache receives (calibration tools: Palu bases, ThinK
@@ -168,7 +186,24 @@ class KvCache {
   // Keeps only cells `keep` (sorted ascending, unique, indices into the current cells) of one
   // head. Per-token formats move packed rows; block formats re-encode the kept tokens (documented
   // re-quantization). Frees memory (storage shrinks to the next grow step).
+  // With demotion configured (demote_*_codec), the cells not kept are decoded from their current
+  // codec and re-encoded into the head's demoted tier (appended: per-token codecs add rows, block
+  // codecs fill blocks through their fp16 tail) instead of being deleted; they keep seq and pos.
   Status Keep(int layer, int head, const std::vector<int32_t>& keep);
+  // Side tiers (demoted and pinned cells; see cache_internal.h SideTier): counts and seqs
+  // (arrival order, not sorted) of one head.
+  bool has_side_tiers() const { return demotes() || cfg_.sink_detect > 0; }
+  bool demotes() const { return !cfg_.demote_k_codec.empty(); }
+  int64_t n_demoted(int layer, int head) const;
+  int64_t n_pinned(int layer, int head) const;
+  std::vector<int64_t> demoted_seqs(int layer, int head) const;
+  std::vector<int64_t> pinned_seqs(int layer, int head) const;
+  // Tokens found as sinks so far (sink_detect), sorted.
+  const std::vector<int64_t>& sink_seqs() const { return sink_seqs_; }
+  // Every cell of a head as attention reads it: main cells, then pinned, then demoted.
+  // seq/pos [n_all]; k [n_all, head_dim] post-RoPE at pos; v [n_all, DimV()]. For tests and tools.
+  void DecodeAllTiers(int layer, int head, std::vector<int64_t>* seq, std::vector<int64_t>* pos,
+                      std::vector<float>* k, std::vector<float>* v) const;
   // Re-labels RoPE positions of all cells of one head (new_pos [n_cells]); keys stored after RoPE
   // are re-rotated by the position delta (decode, rotate, re-encode).
   Status Relabel(int layer, int head, const std::vector<int64_t>& new_pos);
@@ -209,6 +244,14 @@ class KvCache {
  private:
   KvCache() = default;
   Status WritePredictive(int layer, const int64_t* seq, int n, const float* k, const float* v);
+  // Keep() without demotion when demote is false (TruncateAfter: dropped tokens never existed).
+  Status KeepCells(int layer, int head, const std::vector<int32_t>& keep, bool demote);
+  // KVSink detection on one layer's write batch (k pre-RoPE [n, n_head_kv, head_dim]): adds the
+  // seqs found to sink_seqs_.
+  void DetectSinks(int layer, const int64_t* seq, int n, const float* k, const float* v);
+  std::vector<int64_t> sink_seqs_;  // sorted: tokens found as sinks (KVSink), all layers
+  std::vector<float> sink_ref_;     // [n_layer] median ||v|| of the last batch >= 16 tokens
+  std::unordered_map<int64_t, int> sink_streak_;  // seq -> consecutive low-||v|| layers
   KvShape shape_;
   KvCacheConfig cfg_;
   AttnStatsRequest stats_;

@@ -76,8 +76,26 @@ struct Segment {
   int64_t n() const { return k.n(); }
 };
 
+// A side tier of one head (MiKV, arXiv 2402.18096 §3; KVSink, arXiv 2508.04257, abstract and Fig. 1): cells that
+// live outside the policy-visible cells, each with its own codecs. Attention covers them exactly
+// like the main cells (causal mask by seq, RoPE at pos, same softmax); eviction policies never see
+// them. Cells are in arrival order, NOT sorted by seq (a cell a policy kept for long may be
+// demoted after a newer one), so every reader masks per cell instead of binary-searching.
+//   kDemoted : cells an eviction policy dropped (KvCache::Keep) with demote_*_codec set;
+//   kPinned  : tokens found as attention sinks by their activations (sink_detect), written here
+//              instead of the main cells at sink_codec precision, never evicted or demoted.
+struct SideTier {
+  Segment seg;                // K and V streams (capacity unlimited)
+  std::vector<int64_t> seq;   // [n] causal clock, arrival order
+  std::vector<int64_t> pos;   // [n] RoPE position
+  int64_t n() const { return int64_t(seq.size()); }
+};
+enum SideKind { kPinnedTier = 0, kDemotedTier = 1, kNumSideTiers = 2 };
+
 struct HeadCache {
   std::vector<Segment> segs;
+  // [kNumSideTiers]; empty when neither demotion nor sink detection is configured.
+  std::vector<SideTier> side;
   std::vector<int64_t> seq;   // [n_cells] causal clock
   std::vector<int64_t> pos;   // [n_cells] RoPE position
   std::vector<float> acc;     // [n_cells] accumulated attention (when requested)
@@ -110,6 +128,9 @@ struct KvCache::Impl {
 const Recon& PredictiveRecon(const KvShape& shape, KvCache::Impl& impl, int layer);
 // Frees both reconstruction buffers (after the last layer's Attend, and on Clear).
 void ReleasePredictiveRecon(KvCache::Impl& impl);
+// Decodes one stream fully into the head_dim domain: reconstructs transforms and centring,
+// applies RoPE for pre-RoPE keys at rope_pos (null for values). out [s.n(), dim_in] f32.
+void DecodeStreamFull(const Stream& s, const Rope* rope, const int64_t* rope_pos, float* out);
 
 // IEEE fp16 conversion with saturation to ±65504 (never produces inf from finite input).
 uint16_t Fp32ToFp16Sat(float f);

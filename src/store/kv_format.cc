@@ -305,12 +305,23 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
   return std::move(w.out);
 }
 
+// The record layout holds the main cells and segments only. A cache with side tiers (demoted cells,
+// demote=; activation-found sinks, sink_detect=; kv/cache_internal.h SideTier) would lose them and
+// be restored silently wrong, so it is refused both ways until the format carries them.
+Status RefuseSideTiers(const kv::KvCache& cache, const char* what) {
+  if (!cache.has_side_tiers()) return Status::Ok();
+  return FailedPrecondition(fmt::format(
+      "{} a KV cache with demotion (demote=) or activation-found sinks (sink_detect=) is not "
+      "supported: the stored-KV format has no place for their side tiers yet", what));
+}
+
 }  // namespace
 
 StatusOr<std::string> EncodeSequence(const kv::KvCache& cache, const kv::EvictionPolicy* policy,
                                      const ModelFingerprint& model, const KvFingerprint& kv,
                                      const std::vector<int32_t>& tokens,
                                      const std::vector<int32_t>& pending) {
+  KVC_RETURN_IF_ERROR(RefuseSideTiers(cache, "saving"));
   if (int64_t(tokens.size()) != cache.n_consumed()) {
     return InvalidArgument(fmt::format("{} token ids given for a cache that consumed {}",
                                        tokens.size(), cache.n_consumed()));
@@ -365,6 +376,7 @@ bool BlockExporter::StartAt(const kv::KvCache& cache, int block_tokens) {
 StatusOr<std::string> BlockExporter::Next(const kv::KvCache& cache, int64_t t1,
                                           const ModelFingerprint& model, const KvFingerprint& kv,
                                           const Digest& key, const std::vector<int32_t>& tokens) {
+  KVC_RETURN_IF_ERROR(RefuseSideTiers(cache, "exporting blocks of"));
   const int64_t t0 = t1_;
   if (t1 <= t0 || t1 > cache.n_consumed() || t1 - t0 != int64_t(tokens.size())) {
     return InvalidArgument(fmt::format("block [{}, {}) of a cache with {} tokens given {} ids", t0,
@@ -590,6 +602,7 @@ namespace {
 // Checks a record's shape and counts against the cache and appends its state. `first` states
 // that the cache is fresh (t0 must be 0).
 Status ApplyOne(const Record& r, kv::KvCache* cache) {
+  KVC_RETURN_IF_ERROR(RefuseSideTiers(*cache, "restoring into"));
   const Record::State& st = *r.state;
   auto& impl = cache->impl();
   if (st.n_layer != impl.layers.size() || st.n_head_kv != impl.layers[0].size() ||

@@ -283,6 +283,16 @@ TEST_F(EngineModel, RefusalsAndCancel) {
     EXPECT_NE(st.message().find("sink"), std::string::npos) << st.ToString();
     EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
   }
+  // Demotion / activation-found sinks: the KV plan does not count their side tiers, so the engine
+  // (and the server behind it: INVALID_ARGUMENT is its 400) refuses them with a message naming them.
+  bad.kv = Kv("q8_0", "tova:ratio=0.5");
+  bad.kv.cache.demote_k_codec = bad.kv.cache.demote_v_codec = "turbo2";
+  st = e->Submit(bad).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("demote="), std::string::npos) << st.ToString();
+  bad.kv = Kv("f16");
+  bad.kv.cache.sink_detect = 4;
+  EXPECT_EQ(e->Submit(bad).status().code(), StatusCode::kInvalidArgument);
   // Can never fit: 250 tokens of f16 need ~6 MB > 4 MiB.
   bad.kv = Kv("f16");
   bad.prompt = Prompt(200, 0);

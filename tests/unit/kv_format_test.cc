@@ -106,6 +106,44 @@ TEST(KvFormat, SequenceRoundTripIsExact) {
   }
 }
 
+// A cache with side tiers (demoted cells, activation-found sinks) cannot be stored yet: saving,
+// exporting blocks and restoring into one are refused with FAILED_PRECONDITION naming them, never
+// silently written or restored without the demoted cells.
+TEST(KvFormat, DemotedCachesAreRefusedBothWays) {
+  ModelFingerprint m;
+  m.text = "test model";
+  m.digest = Sha256(m.text);
+  kv::KvCacheConfig cfg;
+  cfg.demote_k_codec = cfg.demote_v_codec = "q4_0";
+  cfg.rope_table_positions = 1024;
+  auto dc = kv::KvCache::Create(Shape(), cfg);
+  ASSERT_TRUE(dc.ok());
+  kv::KvCache& d = **dc;
+  Feed(d, 0, 40, 1);
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) ASSERT_TRUE(d.Keep(l, h, {0, 1, 2, 39}).ok());
+  }
+  ASSERT_EQ(d.n_demoted(0, 0), 36);
+  std::vector<int32_t> toks(40, 5);
+  auto rec = EncodeSequence(d, nullptr, m, FingerprintOf(d, ""), toks, {});
+  ASSERT_FALSE(rec.ok());
+  EXPECT_EQ(rec.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(rec.status().message().find("demote="), std::string::npos) << rec.status().message();
+  BlockExporter ex;
+  auto blk = ex.Next(d, 16, m, FingerprintOf(d, ""), Digest{}, std::vector<int32_t>(16, 5));
+  EXPECT_EQ(blk.status().code(), StatusCode::kFailedPrecondition);
+  // A plain record restored into a demoting cache: refused as well.
+  auto a = Make("f16");
+  Feed(*a, 0, 20, 3);
+  auto plain = EncodeSequence(*a, nullptr, m, FingerprintOf(*a, ""), std::vector<int32_t>(20, 5), {});
+  ASSERT_TRUE(plain.ok());
+  auto dec = DecodeRecord(*plain);
+  ASSERT_TRUE(dec.ok());
+  auto fresh = kv::KvCache::Create(Shape(), cfg);
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_EQ(ApplySequence(*dec, fresh->get(), nullptr).code(), StatusCode::kFailedPrecondition);
+}
+
 // Blocks cut while tokens arrive (window-free: after the fact; window codecs: at the current
 // length) rebuild the same cache.
 TEST(KvFormat, BlocksRebuildTheCache) {

@@ -49,6 +49,23 @@ TEST(RunConfig, PerLayerCodecErrors) {
 namespace kvc {
 namespace {
 
+TEST(RunConfig, DemoteAndSinkDetectKeys) {
+  auto c = ParseRunConfig("q8_0 evict=tova:ratio=0.75 demote=turbo2 sink_detect=4 sink_detect_layer=3");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->cache.demote_k_codec, "turbo2");
+  EXPECT_EQ(c->cache.demote_v_codec, "turbo2");
+  EXPECT_FLOAT_EQ(c->cache.sink_detect, 4.f);
+  EXPECT_EQ(c->cache.sink_detect_layer, 3);
+  EXPECT_NE(c->Label().find("demote:turbo2"), std::string::npos) << c->Label();
+  auto d = ParseRunConfig("f16 demote_k=turbo:bits=2,center=1 demote_v=q4_0");
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->cache.demote_k_codec, "turbo:bits=2,center=1");
+  EXPECT_EQ(d->cache.demote_v_codec, "q4_0");
+  EXPECT_EQ(ParseRunConfig("f16 sink_detect=0.5").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseRunConfig("f16 sink_detect=x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseRunConfig("f16 sink_detect_layer=-1").status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(RunConfigPreset, ExpandsAndOverrides) {
   ASSERT_GE(KvPresets().size(), 4u);
   for (const char* name : {"kvc4", "kvc3", "kvc2", "kvc-25"}) {

@@ -141,7 +141,10 @@ StatusOr<EvalResult> RunEval(const Model& model, const std::vector<int32_t>& tok
       const auto mem = r.s->cache().Memory();
       r.row.kv_bytes = mem.KvBytes();
       r.row.tail_bytes = mem.TailBytes();
-      const int64_t cells = mem.Cells() / std::max(1, model.config().n_layer * model.config().n_head_kv);
+      // Every token the cache holds, demoted / pinned ones (side tiers, demote= / sink_detect=)
+      // included: their bytes are in KvBytes().
+      const int64_t cells = (mem.Cells() + mem.SideCells()) /
+                            std::max(1, model.config().n_layer * model.config().n_head_kv);
       r.row.kv_bytes_per_token = cells > 0 ? double(mem.KvBytes()) / cells : 0;
     }
     prog.Step(1, "decode " + r.row.method);

@@ -35,7 +35,13 @@ std::string KvRunConfig::Label() const {
   }
   if (cache.sink_tokens > 0) l += fmt::format(" sinks:{}", cache.sink_tokens);
   if (!cache.predict.empty()) l += " predict";
+  if (cache.sink_detect > 0) l += fmt::format(" sink_detect:{}@L{}", cache.sink_detect, cache.sink_detect_layer);
   if (!evict.empty()) l += " evict:" + evict;
+  if (!cache.demote_k_codec.empty()) {
+    l += cache.demote_k_codec == cache.demote_v_codec
+             ? " demote:" + cache.demote_k_codec
+             : " demote:K=" + cache.demote_k_codec + ",V=" + cache.demote_v_codec;
+  }
   return l;
 }
 
@@ -185,6 +191,22 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
     else if (key == "vt") c.cache.v_transform = val;
     else if (key == "evict") c.evict = val;
     else if (key == "sink_codec") c.cache.sink_codec = val;
+    else if (key == "demote") c.cache.demote_k_codec = c.cache.demote_v_codec = val;
+    else if (key == "demote_k") c.cache.demote_k_codec = val;
+    else if (key == "demote_v") c.cache.demote_v_codec = val;
+    else if (key == "sink_detect") {
+      char* end = nullptr;
+      const double v = std::strtod(val.c_str(), &end);
+      if (*end || !(v == 0 || v > 1)) {
+        return InvalidArgument(fmt::format("sink_detect must be 0 (off) or a ratio > 1, got '{}'", val));
+      }
+      c.cache.sink_detect = float(v);
+    } else if (key == "sink_detect_layer") {
+      char* end = nullptr;
+      const long v = std::strtol(val.c_str(), &end, 10);
+      if (*end || v < 0 || v > 4096) return InvalidArgument("sink_detect_layer must be a layer index >= 0");
+      c.cache.sink_detect_layer = int(v);
+    }
     else if (key == "name") c.name = val;
     else if (key == "predict") c.cache.predict = val;
     else if (key == "sinks") {
@@ -197,7 +219,7 @@ StatusOr<KvRunConfig> ParseRunConfig(const std::string& text) {
       c.cache.position_mode_set = true;
     } else {
       return InvalidArgument(fmt::format("unknown key '{}' in config '{}' (preset, k, v, kt, vt, "
-                                         "evict, sinks, sink_codec, pos, predict, name, k@L, v@L, kv@L)", key, text));
+                                         "evict, sinks, sink_codec, demote, demote_k, demote_v, sink_detect, sink_detect_layer, pos, predict, name, k@L, v@L, kv@L)", key, text));
     }
   }
   if (!any) return InvalidArgument("empty KV configuration");
