@@ -1275,6 +1275,7 @@ std::string KvCache::Describe() const {
     d += fmt::format(" sink_detect={}@L{}:{}", cfg_.sink_detect, cfg_.sink_detect_layer, cfg_.sink_codec);
   }
   if (demotes()) d += fmt::format(" demote=K:{},V:{}", cfg_.demote_k_codec, cfg_.demote_v_codec);
+  if (impl_->pred) d += " predict=" + cfg_.predict;
   if (cfg_.position_mode != PositionMode::kOriginal) {
     d += std::string(" pos=") + PositionModeName(cfg_.position_mode);
   }

@@ -837,9 +837,10 @@ int CmdServe(Common& c, const ServeArgs& a) {
   if (!rc->cache.predict.empty()) {
     // The engine's KV plan does not count the reconstruction buffers ([n, D_k + D_v] f32 per layer
     // pair and sequence) and decode rebuilds every cell per layer and step (kv/predictive.h).
-    return Fail(InvalidArgument("predictive coding (predict=, in presets kvc3 / kvc2) is for "
+    return Fail(InvalidArgument("predictive coding (predict=, in presets kvc4 / kvc3 / kvc2) is for "
                                 "generate, perplexity, eval and retrieval; kvcrunch serve does not "
-                                "offer it yet: choose another --kv-preset or -ctk/-ctv"));
+                                "offer it yet: use --kv-preset kvc4-serve / kvc3-serve / kvc2-serve "
+                                "(the best recipes without it) or -ctk/-ctv"));
   }
   if (Status cs = CheckRunConfigCalibration(*rc, model); !cs.ok()) return Fail(cs);
   auto kvp = server::KvPolicy::Make(*rc, a.kv_allow);
