@@ -309,6 +309,14 @@ std::string Encode(RecordKind kind, const kv::KvCache& cache, const kv::Eviction
 // demote=; activation-found sinks, sink_detect=; kv/cache_internal.h SideTier) would lose them and
 // be restored silently wrong, so it is refused both ways until the format carries them.
 Status RefuseSideTiers(const kv::KvCache& cache, const char* what) {
+  // Predictive caches (predict=) store residuals that only mean something with the same predictor
+  // file and every layer's cells; the record does not carry the predictor's identity yet.
+  if (!cache.config().predict.empty()) {
+    return FailedPrecondition(fmt::format(
+        "{} a predictive KV cache (predict=, presets kvc4 / kvc3 / kvc2) is not supported: the "
+        "stored-KV format does not record the predictor file yet (use the -serve presets or other "
+        "codecs with --session / the prefix cache)", what));
+  }
   if (!cache.has_side_tiers()) return Status::Ok();
   return FailedPrecondition(fmt::format(
       "{} a KV cache with demotion (demote=) or activation-found sinks (sink_detect=) is not "

@@ -10,7 +10,12 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
+#include <filesystem>
+
 #include "kv/cache.h"
+#include "kv/calibration_file.h"
 #include "store/kv_format.h"
 #include "store/prefix_cache.h"
 
@@ -142,6 +147,50 @@ TEST(KvFormat, DemotedCachesAreRefusedBothWays) {
   auto fresh = kv::KvCache::Create(Shape(), cfg);
   ASSERT_TRUE(fresh.ok());
   EXPECT_EQ(ApplySequence(*dec, fresh->get(), nullptr).code(), StatusCode::kFailedPrecondition);
+}
+
+// A predictive cache (predict=) stores residuals against a predictor file the record does not
+// name: saving, exporting blocks and restoring into one are refused (FAILED_PRECONDITION).
+TEST(KvFormat, PredictiveCachesAreRefusedBothWays) {
+  ModelFingerprint m;
+  m.text = "test model";
+  m.digest = Sha256(m.text);
+  const kv::KvShape s = Shape();
+  const int dk = s.n_head_kv * s.head_dim, dv = s.n_head_kv * s.DimV();
+  kv::CalibrationFile f;  // zero predictors: valid, predicts the bias (0)
+  f.meta = {{"kind", "kv-predict"}, {"n_layer", "2"}, {"n_head_kv", "2"}, {"head_dim", "64"},
+            {"head_dim_v", "64"}};
+  f.tensors["predict.v.L0"] = {{dk + 1, dv}, std::vector<float>(size_t(dk + 1) * dv, 0.f)};
+  f.tensors["predict.k.L1"] = {{dk + dv + 1, dk}, std::vector<float>(size_t(dk + dv + 1) * dk, 0.f)};
+  f.tensors["predict.v.L1"] = {{2 * dk + dv + 1, dv}, std::vector<float>(size_t(2 * dk + dv + 1) * dv, 0.f)};
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("kvf_predict_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(kv::WriteCalibrationFile(path, f).ok());
+  kv::KvCacheConfig cfg;
+  cfg.k_codec = cfg.v_codec = "q8_0";
+  cfg.predict = path;
+  cfg.rope_table_positions = 1024;
+  auto pc = kv::KvCache::Create(s, cfg);
+  ASSERT_TRUE(pc.ok()) << pc.status().ToString();
+  Feed(**pc, 0, 20, 1);
+  auto rec = EncodeSequence(**pc, nullptr, m, FingerprintOf(**pc, ""), std::vector<int32_t>(20, 5), {});
+  ASSERT_FALSE(rec.ok());
+  EXPECT_EQ(rec.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(rec.status().message().find("predict"), std::string::npos) << rec.status().message();
+  BlockExporter ex;
+  auto blk = ex.Next(**pc, 16, m, FingerprintOf(**pc, ""), Digest{}, std::vector<int32_t>(16, 5));
+  EXPECT_EQ(blk.status().code(), StatusCode::kFailedPrecondition);
+  auto a = Make("q8_0");
+  Feed(*a, 0, 20, 3);
+  auto plain = EncodeSequence(*a, nullptr, m, FingerprintOf(*a, ""), std::vector<int32_t>(20, 5), {});
+  ASSERT_TRUE(plain.ok());
+  auto dec = DecodeRecord(*plain);
+  ASSERT_TRUE(dec.ok());
+  auto fresh = kv::KvCache::Create(s, cfg);
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_EQ(ApplySequence(*dec, fresh->get(), nullptr).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*fresh)->n_cells(0, 0), 0);
+  std::remove(path.c_str());
 }
 
 // Blocks cut while tokens arrive (window-free: after the fact; window codecs: at the current
