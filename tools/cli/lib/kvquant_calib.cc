@@ -83,7 +83,13 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
                                                const std::vector<KvRunConfig>& configs) {
   bool need = false;
   for (const auto& c : configs) need = need || c.cache.predict == "auto";
-  if (!need || std::getenv("KVC_PREDICT_AUTO")) return std::string();
+  // KVC_PREDICT_AUTO set by the user wins. Set by an earlier call (this process, maybe for another
+  // model: the Python package loads several), it is resolved again for this model: the earlier
+  // model's predictors would be used otherwise (refused when the shapes differ, silently wrong
+  // when they match).
+  static std::string set_here;
+  const char* env = std::getenv("KVC_PREDICT_AUTO");
+  if (!need || (env && *env && set_here != env)) return std::string();
   const std::string path = PredictCalibrationPath(model_path);
   if (std::filesystem::exists(path)) {
     std::shared_ptr<const kv::CalibrationFile> f;
@@ -109,6 +115,7 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
     KVC_RETURN_IF_ERROR(kv::WriteCalibrationFile(path, f));
   }
   setenv("KVC_PREDICT_AUTO", path.c_str(), 1);
+  set_here = path;
   return path;
 }
 
