@@ -92,8 +92,12 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
   if (!need || (env && *env && set_here != env)) return std::string();
   const std::string path = PredictCalibrationPath(model_path);
   if (std::filesystem::exists(path)) {
-    std::shared_ptr<const kv::CalibrationFile> f;
-    KVC_ASSIGN_OR_RETURN(f, kv::LoadCalibrationFileShared(path));
+    auto loaded = kv::LoadCalibrationFileShared(path);
+    if (!loaded.ok()) {  // truncated or corrupt (an interrupted copy): say how to get a good one
+      return Status(loaded.status().code(),
+                    loaded.status().message() + " (predict=auto: delete it to recalibrate)");
+    }
+    std::shared_ptr<const kv::CalibrationFile> f = std::move(loaded).value();
     if (f->MetaOr("model_id", "") != ModelIdentity(m) || f->MetaOr("kind", "") != "kv-predict") {
       return InvalidArgument(fmt::format("predict=auto: {} was made for another model or is not a "
                                          "predictor file; delete it to recalibrate", path));
