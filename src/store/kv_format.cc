@@ -210,6 +210,18 @@ KvFingerprint FingerprintOf(const kv::KvCache& cache, const std::string& policy_
     }
     t += "\ncalib_sha256=" + DigestHex(Sha256(c));
   }
+  if (impl.pred) {
+    // Stored rows of a predictive cache are residuals against these predictors: a session saved
+    // with one predictor file must not be restored with another (it would decode to garbage).
+    std::string c;
+    for (const auto* ws : {&impl.pred->wk, &impl.pred->wv}) {
+      for (const auto& w : *ws) {
+        c.append(reinterpret_cast<const char*>(w.data()), w.size() * sizeof(float));
+        c.push_back('\0');
+      }
+    }
+    t += "\npredict_sha256=" + DigestHex(Sha256(c));
+  }
   t += "\npolicy=" + (policy_name.empty() ? std::string("none") : policy_name);
   if (!extra.empty()) t += "\n" + extra;
   KvFingerprint fp;

@@ -171,5 +171,16 @@ check "key channels only"  "$BIN" generate -m "$MODEL" -p hi -n 1 --kv-transform
 out=$(timeout 300 "$BIN" generate -m "$MODEL" -c 9000 -p hi -n 1 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -q "exceeds the model's trained context" <<<"$out"; then pass=$((pass+1));
 else echo "FAIL: -c 9000 should warn and run (rc=$rc)"; echo "   $out" | head -3; fail=$((fail+1)); fi
+# A truncated predictor file beside the model (an interrupted copy): predict=auto says to delete it.
+ln -s "$(readlink -f "$MODEL")" "$tmp/pm.gguf"
+printf 'KVCCALIB\001\000\000\000\000\000\000\000\377\377\000\000\000\000\000\000' > "$tmp/pm.predict.kvc"
+check "delete it to recalibrate" "$BIN" generate -m "$tmp/pm.gguf" --kv-preset kvc3 -p hi -n 1
+# retrieval prepares predict=auto like eval does (it used to refuse presets kvc4/kvc3/kvc2 with
+# "no predictor file was prepared"); only when the predictor file exists (else it takes minutes).
+if [ -f "${MODEL%.gguf}.predict.kvc" ]; then
+  out=$(timeout 300 "$BIN" retrieval -m "$MODEL" --task passkey --config preset=kvc4 --lengths 128 --seeds 1 2>&1); rc=$?
+  if [ $rc -eq 0 ] && grep -q "accuracy=" <<<"$out"; then pass=$((pass+1));
+  else echo "FAIL: retrieval with preset=kvc4 (rc=$rc)"; echo "   $out" | head -3; fail=$((fail+1)); fi
+fi
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

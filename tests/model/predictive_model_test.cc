@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "../../tools/cli/lib/calibrate.h"
+#include "../../tools/cli/lib/kvquant_calib.h"
 #include "../../tools/cli/lib/runner.h"
 #include "kv/calibration_file.h"
 #include "model/model.h"
@@ -172,6 +173,40 @@ TEST(PredictiveModel, CalibratesAndCodesTheRealModel) {
               kld_raw, kld_pred);
   EXPECT_LT(kld_pred * 2, kld_raw);
   std::remove(path.c_str());
+}
+
+// predict=auto resolves per model: a second model in the same process (the Python package loads
+// several) gets its own predictor file, not the one KVC_PREDICT_AUTO was pointed at for the first;
+// a KVC_PREDICT_AUTO set by the user still wins.
+TEST(PredictiveModel, AutoResolvesPerModel) {
+  const std::string own = PredictCalibrationPath(kModel);
+  if (!std::filesystem::exists(kModel) || !std::filesystem::exists(own)) {
+    GTEST_SKIP() << "model or its predictor file not found";
+  }
+  auto m = Model::Load(kModel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const auto dir = std::filesystem::temp_directory_path() / ("kvc_pauto_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string other = (dir / "other.gguf").string();
+  std::filesystem::create_symlink(std::filesystem::absolute(kModel), other);
+  std::filesystem::copy_file(own, PredictCalibrationPath(other));
+  auto rc = ParseRunConfig("preset=kvc4");
+  ASSERT_TRUE(rc.ok()) << rc.status().ToString();
+  unsetenv("KVC_PREDICT_AUTO");
+  auto a = EnsurePredictCalibration(**m, kModel, {*rc});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(*a, own);
+  auto b = EnsurePredictCalibration(**m, other, {*rc});
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(*b, PredictCalibrationPath(other));
+  EXPECT_EQ(std::string(std::getenv("KVC_PREDICT_AUTO")), PredictCalibrationPath(other));
+  setenv("KVC_PREDICT_AUTO", own.c_str(), 1);  // as a user would: kept
+  auto c = EnsurePredictCalibration(**m, other, {*rc});
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(*c, "");
+  EXPECT_EQ(std::string(std::getenv("KVC_PREDICT_AUTO")), own);
+  unsetenv("KVC_PREDICT_AUTO");
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "kv/cache.h"
 #include "kv/calibration_file.h"
 #include "kv/predictive.h"
+#include "store/kv_format.h"
 
 namespace kvc::kv {
 namespace {
@@ -168,6 +169,29 @@ TEST(Predictive, LosslessCodecAttendsLikeAPlainCache) {
     EXPECT_LT(MaxAbsDiff(ka, kb), 2e-3) << "sinks " << sinks;
     EXPECT_EQ((*a)->Memory().KvBytes(), (*b)->Memory().KvBytes());
   }
+}
+
+// A session or stored record of a predictive cache holds residuals against its predictors: its
+// fingerprint names the predictor weights, so restoring it with another predictor file is
+// refused (same weights under another path: same fingerprint).
+TEST(Predictive, FingerprintNamesThePredictor) {
+  const World w(0.05f);
+  CalibrationFile f = w.File(Shape());
+  TempFile a(f), a2(f);
+  f.tensors["predict.v.L1"].data[3] += 0.25f;
+  TempFile b(f);
+  auto fp = [](const std::string& path) {
+    KvCacheConfig c;
+    c.k_codec = c.v_codec = "turbo3";
+    c.predict = path;
+    auto cache = KvCache::Create(Shape(), c);
+    EXPECT_TRUE(cache.ok()) << cache.status().ToString();
+    return store::FingerprintOf(**cache, "").text;
+  };
+  const std::string fa = fp(a.path), fa2 = fp(a2.path), fb = fp(b.path);
+  EXPECT_NE(fa.find("predict_sha256="), std::string::npos) << fa;
+  EXPECT_EQ(fa, fa2);
+  EXPECT_NE(fa, fb);
 }
 
 // Closed loop: each layer's key error is the codec's error on its (small) residual, not the error

@@ -684,6 +684,16 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
 int CmdRetrieval(Common& c, const RetrievalArgs& a) {
   auto m = LoadModel(c);
   if (!m.ok()) return Fail(m.status());
+  {
+    // predict=auto (presets kvc4/kvc3/kvc2) and KVQuant without calib= need their calibration
+    // files made (or checked) first, as eval does; configs that do not parse fail in RunRetrieval.
+    std::vector<KvRunConfig> rcs;
+    for (const auto& cs : a.configs) {
+      if (cs.empty() || cs == "full") continue;
+      if (auto rc = ParseRunConfig(cs); rc.ok()) rcs.push_back(*rc);
+    }
+    if (auto kq = EnsureKvQuantCalibration(**m, c.model, rcs); !kq.ok()) return Fail(kq.status());
+  }
   auto r = RunRetrieval(**m, a);
   if (!r.ok()) return Fail(r.status());
   r->emplace("model", c.model);

@@ -83,11 +83,21 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
                                                const std::vector<KvRunConfig>& configs) {
   bool need = false;
   for (const auto& c : configs) need = need || c.cache.predict == "auto";
-  if (!need || std::getenv("KVC_PREDICT_AUTO")) return std::string();
+  // KVC_PREDICT_AUTO set by the user wins. Set by an earlier call (this process, maybe for another
+  // model: the Python package loads several), it is resolved again for this model: the earlier
+  // model's predictors would be used otherwise (refused when the shapes differ, silently wrong
+  // when they match).
+  static std::string set_here;
+  const char* env = std::getenv("KVC_PREDICT_AUTO");
+  if (!need || (env && *env && set_here != env)) return std::string();
   const std::string path = PredictCalibrationPath(model_path);
   if (std::filesystem::exists(path)) {
-    std::shared_ptr<const kv::CalibrationFile> f;
-    KVC_ASSIGN_OR_RETURN(f, kv::LoadCalibrationFileShared(path));
+    auto loaded = kv::LoadCalibrationFileShared(path);
+    if (!loaded.ok()) {  // truncated or corrupt (an interrupted copy): say how to get a good one
+      return Status(loaded.status().code(),
+                    loaded.status().message() + " (predict=auto: delete it to recalibrate)");
+    }
+    std::shared_ptr<const kv::CalibrationFile> f = std::move(loaded).value();
     if (f->MetaOr("model_id", "") != ModelIdentity(m) || f->MetaOr("kind", "") != "kv-predict") {
       return InvalidArgument(fmt::format("predict=auto: {} was made for another model or is not a "
                                          "predictor file; delete it to recalibrate", path));
@@ -109,6 +119,7 @@ StatusOr<std::string> EnsurePredictCalibration(const Model& m, const std::string
     KVC_RETURN_IF_ERROR(kv::WriteCalibrationFile(path, f));
   }
   setenv("KVC_PREDICT_AUTO", path.c_str(), 1);
+  set_here = path;
   return path;
 }
 

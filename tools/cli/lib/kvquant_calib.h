@@ -35,7 +35,8 @@ StatusOr<std::string> EnsureKvQuantCalibration(const Model& m, const std::string
 // The predictive-coding file beside the model: <model path without .gguf>.predict.kvc.
 std::string PredictCalibrationPath(const std::string& model_path);
 
-// If any configuration says `predict=auto` (the presets do) and KVC_PREDICT_AUTO is unset: uses
+// If any configuration says `predict=auto` (the presets do) and KVC_PREDICT_AUTO is unset (or was
+// set by an earlier call of this function, maybe for another model): uses
 // the predictor file beside the model, creating it first when missing (what `kvcrunch calibrate
 // --method predict -f <PG-19 Pride and Prejudice> -c 1024 --max-tokens 32768` writes: 32 × 1,024
 // tokens, disjoint from the WikiText-2 evaluation text; 2.5 min on 2 idle cores), then points KVC_PREDICT_AUTO at it (KvCache resolves "auto" there).
