@@ -462,8 +462,9 @@ StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvShape& shape, const K
           if (st->block_tokens() != 1 || st->has_window() || st->center || st->transform) {
             return InvalidArgument(fmt::format(
                 "predict=: layer {} {} codec '{}' must be a per-token codec without an fp16 window, "
-                "centring or rotation transform (e.g. turbo3, turbo:bits=2.5,nc=1, q8_0, f16); "
-                "KIVI, KVQuant and center=1 are not supported with predictive coding",
+                "centring or rotation transform (e.g. turbo3, turbo:bits=2.5,nc=1, nsn3, q8_0, f16; "
+                "q4_0/q4_1/q5_0 only with rot=0); KIVI, KVQuant and center=1 are not supported "
+                "with predictive coding",
                 l, st == &seg.k ? "K" : "V", st->codec->Name()));
           }
         }

@@ -52,6 +52,12 @@ StatusOr<std::shared_ptr<const KvPredictor>> KvPredictor::FromFile(const Calibra
           return InvalidArgument(fmt::format("predict file '{}': tensor {} holds a non-finite "
                                              "weight ({})", path, name, x));
         }
+        // A least-squares fit on activations of O(10) gives weights of O(10) (SmolLM2: |w| <= 13);
+        // 1e6 means a corrupt or hand-edited file, and predictions would overflow to garbage.
+        if (std::fabs(x) > 1e6f) {
+          return InvalidArgument(fmt::format("predict file '{}': tensor {} holds an implausible "
+                                             "weight {} (|w| > 1e6); recalibrate", path, name, x));
+        }
       }
       (kv == 0 ? p->wk : p->wv)[l] = t->data;
     }

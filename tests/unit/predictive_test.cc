@@ -321,6 +321,16 @@ TEST(Predictive, RefusesWhatItCannotServe) {
   }
   {
     CalibrationFile f = w.File(s);
+    f.tensors["predict.k.L1"].data[7] = 1e30f;  // finite, implausible: predictions would overflow
+    TempFile t(f, "huge");
+    KvCacheConfig x = c;
+    x.predict = t.path;
+    auto r = make(x);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("implausible"), std::string::npos) << r.status().ToString();
+  }
+  {
+    CalibrationFile f = w.File(s);
     f.tensors.erase("predict.k.L3");
     TempFile t(f, "missing");
     KvCacheConfig x = c;

@@ -273,11 +273,17 @@ StatusOr<AllInBits> MeasureAllInBits(const kv::KvShape& shape, const kv::KvCache
   // so the predictor file (maybe "auto", resolved only by the CLI) is not needed here.
   kv::KvCacheConfig c = cfg;
   c.predict.clear();
-  KVC_ASSIGN_OR_RETURN(auto cache, kv::KvCache::Create(shape, c));
+  // One KV head per layer: every head is stored alike (same codecs, sinks, windows), so the ratio
+  // to f16 is the same and the measurement (encoding n_tokens × n_layer vectors, slow for the VQ
+  // codecs' brute-force search) is n_head_kv times cheaper.
+  kv::KvShape one = shape;
+  one.n_head_kv = 1;
+  one.n_head = std::max(1, shape.n_head / std::max(1, shape.n_head_kv));
+  KVC_ASSIGN_OR_RETURN(auto cache, kv::KvCache::Create(one, c));
   std::mt19937 rng(1);
   std::normal_distribution<float> nd;
-  std::vector<float> k(size_t(n_tokens) * shape.n_head_kv * shape.head_dim);
-  std::vector<float> v(size_t(n_tokens) * shape.n_head_kv * shape.DimV());
+  std::vector<float> k(size_t(n_tokens) * shape.head_dim);
+  std::vector<float> v(size_t(n_tokens) * shape.DimV());
   for (auto& x : k) x = nd(rng);
   for (auto& x : v) x = nd(rng);
   std::vector<int64_t> seq(n_tokens);
@@ -290,10 +296,10 @@ StatusOr<AllInBits> MeasureAllInBits(const kv::KvShape& shape, const kv::KvCache
   r.f16_bytes = 2.0 * shape.n_layer * shape.n_head_kv * (shape.head_dim + shape.DimV()) * double(n_tokens);
   const auto mem = cache->Memory();
   for (const auto& l : mem.layers) {
-    r.k_bytes.push_back(double(l.k_packed + l.k_tail));
-    r.v_bytes.push_back(double(l.v_packed + l.v_tail));
+    r.k_bytes.push_back(double(l.k_packed + l.k_tail) * shape.n_head_kv);
+    r.v_bytes.push_back(double(l.v_packed + l.v_tail) * shape.n_head_kv);
   }
-  r.bits = 16.0 * double(mem.KvBytes()) / r.f16_bytes;
+  r.bits = 16.0 * double(mem.KvBytes()) * shape.n_head_kv / r.f16_bytes;
   return r;
 }
 
