@@ -652,7 +652,10 @@ std::string Eval(ModelHandle& mh, const std::string& text, const std::string& te
     Check(CheckRunConfigCalibration(r, model));
     cfgs.push_back(r);
   }
-  if (cfgs.empty()) cfgs = DefaultRunConfigs();
+  if (cfgs.empty()) {
+    cfgs = DefaultRunConfigs();  // presets name per-layer codecs: fit them like parsed configs
+    for (auto& r : cfgs) Check(FitLayerOverrides(&r, model.kv_shape()));
+  }
   Take(EnsureKvQuantCalibration(model, mh.path, cfgs));
   for (const auto& c : cfgs) {  // every configuration builds before anything runs (as the CLI)
     auto probe = kv::KvCache::Create(model.kv_shape(), c.cache);

@@ -650,7 +650,12 @@ int CmdEval(Common& c, const std::string& file, int64_t chunks, const std::vecto
     if (Status cs = CheckRunConfigCalibration(*r, **m); !cs.ok()) return Fail(cs);
     configs.push_back(*r);
   }
-  if (configs.empty()) configs = DefaultRunConfigs();
+  if (configs.empty()) {
+    configs = DefaultRunConfigs();  // presets name per-layer codecs: fit them like parsed configs
+    for (auto& r : configs) {
+      if (Status fs = FitLayerOverrides(&r, (*m)->kv_shape()); !fs.ok()) return Fail(fs);
+    }
+  }
   auto kq = EnsureKvQuantCalibration(**m, c.model, configs);
   WarnEvictionBatch(configs, std::min<int64_t>(c.batch, opt.ppl.n_ctx), opt.ppl.n_ctx);
   WarnKvQuantWithoutSink(configs);
