@@ -29,7 +29,11 @@ cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE=
 cmake --build "$BUILD_DIR" -j"$jobs" --target kvc_unit_tests kvcrunch
 
 echo "== sanitized unit tests (ASan + LSan + UBSan)"
-ctest --test-dir "$BUILD_DIR" -L unit --output-on-failure -j "$jobs" --timeout 900
+# Left out here (run in the plain unit suite): the all-in-bits check of every preset encodes
+# 4,096 tokens x 30 layers per preset, and the VQ presets' brute-force search takes ~3 min under ASan.
+ctest --test-dir "$BUILD_DIR" -L unit --output-on-failure -j "$jobs" --timeout 900 \
+  -E '^RunConfigPreset\.AllInBitsWithinClassAt4096$'
+
 
 if [[ "${SMOKE:-1}" == 0 ]]; then exit 0; fi
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
