@@ -4,7 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -13,6 +18,7 @@
 #include "cpu/kv_kernels.h"
 #include "gguf/types.h"
 #include "kv/cache_internal.h"
+#include "kv/calibration_file.h"
 #include "kv/codecs/bitpack.h"
 #include "kv/transforms/hadamard.h"
 #include "util/check.h"
@@ -173,6 +179,94 @@ VqCodebook Train(int dim, int bits) {
 
 }  // namespace
 
+namespace {
+
+// Training is deterministic but costs seconds (11 s for the 2048-entry codebook on one core, a
+// minute under ASan) in every process that builds an nsn codec, so a trained codebook is kept in
+// the user's cache directory ($KVC_CACHE_DIR, else $XDG_CACHE_HOME/kvcrunch, else
+// ~/.cache/kvcrunch): "KVCNSNCB", u32 version, i32 dim, bits, entries, f32 c[entries·dim],
+// f64 train_mse, test_mse, u64 FNV-1a of everything before it. Anything that does not verify
+// (size, header, checksum, non-finite values) is ignored and the codebook is retrained; write
+// errors are ignored (the cache is an optimisation only). Bump kCacheVersion when Train changes.
+constexpr uint32_t kCacheVersion = 1;
+
+std::string CodebookCachePath(int dim, int bits) {
+  std::string dir;
+  if (const char* d = std::getenv("KVC_CACHE_DIR"); d && *d) {
+    dir = d;
+  } else if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) {
+    dir = std::string(x) + "/kvcrunch";
+  } else if (const char* h = std::getenv("HOME"); h && *h) {
+    dir = std::string(h) + "/.cache/kvcrunch";
+  } else {
+    return "";
+  }
+  return fmt::format("{}/nsn-codebook-d{}-b{}-v{}.bin", dir, dim, bits, kCacheVersion);
+}
+
+std::string SerializeCodebook(const VqCodebook& cb, int bits) {
+  std::string b("KVCNSNCB");
+  auto put = [&](const void* p, size_t n) { b.append(static_cast<const char*>(p), n); };
+  const uint32_t v = kCacheVersion;
+  const int32_t hdr[3] = {cb.dim, bits, cb.entries};
+  put(&v, 4);
+  put(hdr, sizeof(hdr));
+  put(cb.c.data(), cb.c.size() * sizeof(float));
+  put(&cb.train_mse, 8);
+  put(&cb.test_mse, 8);
+  const uint64_t h = Fnv1a64(b.data(), b.size());
+  put(&h, 8);
+  return b;
+}
+
+bool LoadCodebook(const std::string& path, int dim, int bits, VqCodebook* cb) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  const std::string b((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const int entries = 1 << bits;
+  const size_t want = 8 + 4 + 12 + size_t(entries) * dim * sizeof(float) + 16 + 8;
+  if (b.size() != want || b.compare(0, 8, "KVCNSNCB") != 0) return false;
+  uint64_t h = 0;
+  std::memcpy(&h, b.data() + want - 8, 8);
+  if (h != Fnv1a64(b.data(), want - 8)) return false;
+  uint32_t v = 0;
+  int32_t hdr[3] = {0, 0, 0};
+  std::memcpy(&v, b.data() + 8, 4);
+  std::memcpy(hdr, b.data() + 12, sizeof(hdr));
+  if (v != kCacheVersion || hdr[0] != dim || hdr[1] != bits || hdr[2] != entries) return false;
+  cb->dim = dim;
+  cb->entries = entries;
+  cb->c.resize(size_t(entries) * dim);
+  std::memcpy(cb->c.data(), b.data() + 24, cb->c.size() * sizeof(float));
+  std::memcpy(&cb->train_mse, b.data() + 24 + cb->c.size() * sizeof(float), 8);
+  std::memcpy(&cb->test_mse, b.data() + 32 + cb->c.size() * sizeof(float), 8);
+  for (float x : cb->c) if (!std::isfinite(x)) return false;
+  if (!std::isfinite(cb->train_mse) || !std::isfinite(cb->test_mse)) return false;
+  cb->norm2.assign(entries, 0.f);
+  for (int k = 0; k < entries; ++k) {
+    for (int j = 0; j < dim; ++j) cb->norm2[k] += cb->c[size_t(k) * dim + j] * cb->c[size_t(k) * dim + j];
+  }
+  return true;
+}
+
+void SaveCodebook(const std::string& path, int bits, const VqCodebook& cb) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  if (ec) return;
+  const std::string tmp = fmt::format("{}.tmp.{}", path, uint64_t(::getpid()));
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return;
+    const std::string b = SerializeCodebook(cb, bits);
+    out.write(b.data(), std::streamsize(b.size()));
+    if (!out) { std::filesystem::remove(tmp, ec); return; }
+  }
+  std::filesystem::rename(tmp, path, ec);  // atomic: readers see the old file or the new one
+  if (ec) std::filesystem::remove(tmp, ec);
+}
+
+}  // namespace
+
 const VqCodebook& GaussianVqCodebook(int dim, int code_bits) {
   KVC_CHECK(dim == 1 || dim == 2 || dim == 4 || dim == 8);
   KVC_CHECK(code_bits >= 1 && code_bits <= 12);
@@ -180,7 +274,15 @@ const VqCodebook& GaussianVqCodebook(int dim, int code_bits) {
   static std::map<std::pair<int, int>, std::unique_ptr<VqCodebook>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[{dim, code_bits}];
-  if (!slot) slot = std::make_unique<VqCodebook>(Train(dim, code_bits));
+  if (!slot) {
+    const std::string path = std::getenv("KVC_NO_CODEBOOK_CACHE") ? "" : CodebookCachePath(dim, code_bits);
+    auto cb = std::make_unique<VqCodebook>();
+    if (path.empty() || !LoadCodebook(path, dim, code_bits, cb.get())) {
+      *cb = Train(dim, code_bits);
+      if (!path.empty()) SaveCodebook(path, code_bits, *cb);
+    }
+    slot = std::move(cb);
+  }
   return *slot;
 }
 
